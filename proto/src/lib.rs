@@ -1,0 +1,17 @@
+//! Stoker's protobuf messages.
+//!
+//! # Layout
+//! - [`guest`]: the guest ABI messages (plan, run, finish, revert). This part
+//!   depends only on `prost` and builds for `wasm32-wasip1`, so the guest SDK
+//!   and hand-written guests in other languages share one definition.
+
+/// The guest ABI, version 1 (see `docs/guest-abi.md`).
+pub mod guest {
+    include!(concat!(env!("OUT_DIR"), "/stoker.guest.v1.rs"));
+
+    /// The ABI version this crate describes; a module marks the version it
+    /// targets by exporting `stoker_abi_v<N>`.
+    pub const ABI_VERSION: u32 = 1;
+}
+
+pub use prost::Message;

@@ -1,0 +1,2 @@
+//! Stoker runtime.
+pub mod sandbox;
