@@ -1,2 +1,13 @@
-//! Stoker runtime.
+//! Stoker: a distributed task execution platform whose task logic is
+//! WebAssembly.
+//!
+//! # Layout
+//! - [`sandbox`]: the wasmtime engine, module validation and cache, limits,
+//!   host functions, and typed calls into a guest.
+//! - [`blob`]: tenant-confined blob storage over `object_store`.
+//! - [`exec`]: running tasks; the local runner drives a whole task on one machine.
+//! - `cli`: the `stoker` command line (in the binary).
+
+pub mod blob;
+pub mod exec;
 pub mod sandbox;
