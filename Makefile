@@ -1,0 +1,19 @@
+# The entry points: `make demo`, `make test`, and `make check` (what CI runs).
+.PHONY: demo test check lint bench
+
+demo:
+	bash scripts/demo.sh
+
+test:
+	bash scripts/test.sh
+
+lint:
+	bash scripts/setup.sh
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --target wasm32-wasip1 -p stoker-guest -p wordcount -p primes -p sort -p misbehave -- -D warnings
+
+check: lint test
+
+bench:
+	cargo bench -p stoker
