@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use wasmtime::{Engine, Instance, Store};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use super::config::CallLimits;
+use super::config::{CallLimits, SandboxConfig};
 use super::error::{classify, ErrorKind, SandboxError, TrapContext};
 use super::host::HostState;
 use super::log::LogBuffer;
@@ -52,7 +52,7 @@ impl<T> CallReport<T> {
 
 pub(crate) async fn invoke(
     engine: &Engine,
-    yield_interval: u64,
+    config: &SandboxConfig,
     module: &TaskModule,
     env: &CallEnv,
     entry: &str,
@@ -71,9 +71,13 @@ pub(crate) async fn invoke(
     let state = HostState::new(wasi, log.clone(), env.blobs.clone(), limits.clone());
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
-    let setup = store
-        .set_fuel(limits.fuel)
-        .and_then(|()| store.fuel_async_yield_interval(Some(yield_interval)));
+    let setup = if config.consume_fuel {
+        store
+            .set_fuel(limits.fuel)
+            .and_then(|()| store.fuel_async_yield_interval(Some(config.fuel_yield_interval)))
+    } else {
+        Ok(())
+    };
     let result = match setup {
         Err(e) => Err(SandboxError::new(
             ErrorKind::Trap,
@@ -100,11 +104,14 @@ pub(crate) async fn invoke(
             }
         }
     };
-    let fuel_left = store.get_fuel().unwrap_or(0);
+    let fuel_used = match store.get_fuel() {
+        Ok(left) => limits.fuel.saturating_sub(left),
+        Err(_) => 0, // metering is off
+    };
     let state = store.into_data();
     CallReport {
         result,
-        fuel_used: limits.fuel.saturating_sub(fuel_left),
+        fuel_used,
         log: log.contents(),
         progress: state.progress,
         checkpoint: state.checkpoint,

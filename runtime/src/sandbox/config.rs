@@ -24,6 +24,10 @@ pub struct SandboxConfig {
     /// Fuel a guest burns between two yields to the executor (the quantum the
     /// fuel governor hands out). Default: 1,000,000 (about a millisecond).
     pub fuel_yield_interval: u64,
+    /// Meter fuel. Turning it off removes fuel limits, `fuel_exhausted` and
+    /// yielding to the executor, so it is only for measuring what metering
+    /// costs. Default: true.
+    pub consume_fuel: bool,
     /// Host stack for a running guest (must exceed `max_wasm_stack`), in
     /// bytes. Default: 2 MiB.
     pub async_stack_size: usize,
@@ -37,6 +41,7 @@ impl Default for SandboxConfig {
             max_memory_bytes: 4 << 30,
             max_wasm_stack: 1 << 20,
             fuel_yield_interval: 1_000_000,
+            consume_fuel: true,
             async_stack_size: 2 << 20,
         }
     }

@@ -85,7 +85,7 @@ impl Sandbox {
             // instance of the same module reuses its memory mapping.
             .max_unused_warm_slots(config.max_instances.min(64));
         let mut wasm = wasmtime::Config::new();
-        wasm.consume_fuel(true)
+        wasm.consume_fuel(config.consume_fuel)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_init_cow(true)
             .max_wasm_stack(config.max_wasm_stack)
