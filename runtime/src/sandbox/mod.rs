@@ -152,7 +152,7 @@ impl Sandbox {
         let bytes = request.encode_to_vec();
         call::invoke(
             &self.engine,
-            self.config.fuel_yield_interval,
+            &self.config,
             module,
             env,
             entry,
