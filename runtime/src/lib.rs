@@ -6,8 +6,14 @@
 //!   host functions, and typed calls into a guest.
 //! - [`blob`]: tenant-confined blob storage over `object_store`.
 //! - [`exec`]: running tasks; the local runner drives a whole task on one machine.
+//! - [`model`]: task and subtask states and transitions, rank, node and task
+//!   views: the pure data model every role shares.
+//! - [`sched`]: the owner's scheduling: eligible nodes, admission, assignment,
+//!   preemption.
 //! - `cli`: the `stoker` command line (in the binary).
 
 pub mod blob;
 pub mod exec;
+pub mod model;
 pub mod sandbox;
+pub mod sched;

@@ -1,0 +1,498 @@
+//! Where tasks may run and how many of their subtasks run where: pure
+//! functions of a cluster view, driven by the owner's scheduling loop.
+//!
+//! 1. [`eligible_nodes`]: the nodes a task may use (up, `role=dist_worker`
+//!    rule, scope, label selector, placement rules, max node count).
+//! 2. [`admit`]: in rank order, which tasks get their stripes (concurrency
+//!    slots on each eligible node) after higher-ranked tasks reserved theirs.
+//! 3. [`assign`]: which pending subtasks go to which node now.
+//! 4. [`preempt`]: which running subtasks give their slots back because a
+//!    higher-ranked task now holds them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::model::{NodeId, NodeView, TaskId, TaskPlacement, BACKGROUND_SCOPE, DIST_WORKER_LABEL};
+
+/// The nodes that may run a task, in preference order.
+///
+/// `allowed` is the placement rules' verdict on a node for this task;
+/// `in_use` are the nodes already running the task's subtasks, kept first
+/// when `max_nodes` trims the list so a limit does not shuffle work around.
+pub fn eligible_nodes(
+    nodes: &[NodeView],
+    task: &TaskPlacement,
+    allowed: impl Fn(&NodeView) -> bool,
+    in_use: &BTreeSet<NodeId>,
+) -> Vec<NodeId> {
+    let up: Vec<&NodeView> = nodes.iter().filter(|n| n.up).collect();
+    let (key, value) = DIST_WORKER_LABEL;
+    let dist_only = up.iter().any(|n| n.has_label(key, value));
+    let workers: Vec<&NodeView> = up
+        .into_iter()
+        .filter(|n| !dist_only || n.has_label(key, value))
+        .collect();
+    let scope: &str =
+        if task.scope.is_empty() && workers.iter().any(|n| n.scope == BACKGROUND_SCOPE) {
+            BACKGROUND_SCOPE
+        } else {
+            &task.scope
+        };
+    let mut eligible: Vec<&NodeView> = workers
+        .into_iter()
+        .filter(|n| n.scope == scope && n.matches(&task.selector) && allowed(n))
+        .collect();
+    eligible.sort_by_key(|n| (!in_use.contains(&n.id), n.id));
+    if task.max_nodes > 0 {
+        eligible.truncate(task.max_nodes as usize);
+    }
+    eligible.into_iter().map(|n| n.id).collect()
+}
+
+/// A task as admission sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub placement: TaskPlacement,
+    pub eligible: Vec<NodeId>,
+}
+
+/// The outcome of admission.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Admitted tasks in rank order, with the slots each may use per node.
+    pub admitted: Vec<(TaskId, BTreeMap<NodeId, u32>)>,
+    /// Tasks that wait for slots (or for any eligible node), in rank order.
+    pub waiting: Vec<TaskId>,
+}
+
+impl Admission {
+    /// Slots `task` may use on `node` (0 if it is not admitted there).
+    pub fn allowance(&self, task: TaskId, node: NodeId) -> u32 {
+        self.admitted
+            .iter()
+            .find(|(t, _)| *t == task)
+            .and_then(|(_, per_node)| per_node.get(&node).copied())
+            .unwrap_or(0)
+    }
+}
+
+/// Admits tasks in rank order. A task gets a stripe of `concurrency` slots
+/// (at most the node's slots) on each of its eligible nodes when they fit
+/// in what higher-ranked tasks left. A task that does not fit still reserves
+/// what is left on its nodes, so lower-ranked tasks cannot starve it; they
+/// may still run on nodes it does not need.
+pub fn admit(nodes: &[NodeView], mut candidates: Vec<Candidate>) -> Admission {
+    candidates.sort_by_key(|c| c.placement.rank);
+    let mut free: BTreeMap<NodeId, u32> = nodes.iter().map(|n| (n.id, n.slots)).collect();
+    let capacity: BTreeMap<NodeId, u32> = free.clone();
+    let mut out = Admission::default();
+    for c in candidates {
+        let id = c.placement.rank.id;
+        let need: BTreeMap<NodeId, u32> = c
+            .eligible
+            .iter()
+            .filter_map(|n| {
+                capacity
+                    .get(n)
+                    .map(|cap| (*n, c.placement.concurrency.min(*cap)))
+            })
+            .filter(|(_, need)| *need > 0)
+            .collect();
+        let fits = !need.is_empty() && need.iter().all(|(n, k)| free[n] >= *k);
+        for (n, k) in &need {
+            let f = free.get_mut(n).expect("known node");
+            *f = f.saturating_sub(*k);
+        }
+        if fits {
+            out.admitted.push((id, need));
+        } else {
+            out.waiting.push(id);
+        }
+    }
+    out
+}
+
+/// Slots in use: per node, and per (task, node). A subtask holds its slot
+/// from assignment until it finishes or is requeued.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub per_node: BTreeMap<NodeId, u32>,
+    pub per_task_node: BTreeMap<(TaskId, NodeId), u32>,
+}
+
+impl Usage {
+    pub fn add(&mut self, task: TaskId, node: NodeId) {
+        *self.per_node.entry(node).or_default() += 1;
+        *self.per_task_node.entry((task, node)).or_default() += 1;
+    }
+
+    fn on(&self, task: TaskId, node: NodeId) -> u32 {
+        self.per_task_node.get(&(task, node)).copied().unwrap_or(0)
+    }
+}
+
+/// Assigns pending subtasks (per task, in the order given) to nodes with
+/// room: within the task's allowance on the node and the node's slots,
+/// spreading each task evenly (fewest of its subtasks first, then the least
+/// loaded node, then the lowest id). Returns (task, subtask, node) triples.
+pub fn assign<S: Copy>(
+    nodes: &[NodeView],
+    admission: &Admission,
+    pending: &BTreeMap<TaskId, Vec<S>>,
+    usage: &mut Usage,
+) -> Vec<(TaskId, S, NodeId)> {
+    let slots: BTreeMap<NodeId, u32> = nodes
+        .iter()
+        .filter(|n| n.up)
+        .map(|n| (n.id, n.slots))
+        .collect();
+    let mut out = Vec::new();
+    for (task, per_node) in &admission.admitted {
+        let Some(subtasks) = pending.get(task) else {
+            continue;
+        };
+        for subtask in subtasks {
+            let best = per_node
+                .iter()
+                .filter(|(n, allow)| {
+                    let node_used = usage.per_node.get(n).copied().unwrap_or(0);
+                    usage.on(*task, **n) < **allow && slots.get(n).is_some_and(|s| node_used < *s)
+                })
+                .min_by_key(|(n, _)| {
+                    (
+                        usage.on(*task, **n),
+                        usage.per_node.get(n).copied().unwrap_or(0),
+                        **n,
+                    )
+                })
+                .map(|(n, _)| *n);
+            let Some(node) = best else {
+                break; // no room left for this task
+            };
+            usage.add(*task, node);
+            out.push((*task, *subtask, node));
+        }
+    }
+    out
+}
+
+/// A running (or assigned) subtask, for preemption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<S> {
+    pub task: TaskId,
+    pub subtask: S,
+    pub node: NodeId,
+    /// When it started; the newest are preempted first (least work lost).
+    pub started_ms: u64,
+    /// Only idempotent subtasks can be requeued.
+    pub idempotent: bool,
+}
+
+/// The subtasks to send back to pending because their task holds more slots
+/// on their node than admission now allows it (a higher-ranked task took
+/// them, or the node is no longer eligible for the task).
+pub fn preempt<S: Copy>(admission: &Admission, held: &[Held<S>]) -> Vec<Held<S>> {
+    let mut by_slot: BTreeMap<(TaskId, NodeId), Vec<Held<S>>> = BTreeMap::new();
+    for h in held.iter().filter(|h| h.idempotent) {
+        by_slot.entry((h.task, h.node)).or_default().push(*h);
+    }
+    let mut out = Vec::new();
+    for ((task, node), mut list) in by_slot {
+        let allow = admission.allowance(task, node) as usize;
+        let total = held
+            .iter()
+            .filter(|h| h.task == task && h.node == node)
+            .count();
+        if total <= allow {
+            continue;
+        }
+        list.sort_by_key(|h| std::cmp::Reverse(h.started_ms));
+        out.extend(list.into_iter().take(total - allow));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{parse_labels, Rank};
+
+    fn node(id: NodeId, slots: u32, scope: &str, labels: &str) -> NodeView {
+        NodeView {
+            id,
+            labels: parse_labels(labels).unwrap(),
+            scope: scope.into(),
+            slots,
+            up: true,
+        }
+    }
+
+    fn task(id: TaskId, priority: u32, concurrency: u32) -> TaskPlacement {
+        TaskPlacement {
+            rank: Rank {
+                priority,
+                create_time_ms: id,
+                id,
+            },
+            concurrency,
+            max_nodes: 0,
+            scope: String::new(),
+            selector: BTreeMap::new(),
+        }
+    }
+
+    fn eligible(nodes: &[NodeView], t: &TaskPlacement) -> Vec<NodeId> {
+        eligible_nodes(nodes, t, |_| true, &BTreeSet::new())
+    }
+
+    #[test]
+    fn dist_worker_label_restricts_when_present() {
+        let mut nodes = vec![
+            node(1, 2, "", ""),
+            node(2, 2, "", "role=dist_worker"),
+            node(3, 2, "", ""),
+        ];
+        assert_eq!(eligible(&nodes, &task(1, 1, 1)), vec![2]);
+        nodes[1].labels.clear();
+        assert_eq!(eligible(&nodes, &task(1, 1, 1)), vec![1, 2, 3]);
+        // A labelled node that is down does not keep the others idle.
+        nodes[1] = node(2, 2, "", "role=dist_worker");
+        nodes[1].up = false;
+        assert_eq!(eligible(&nodes, &task(1, 1, 1)), vec![1, 3]);
+    }
+
+    #[test]
+    fn empty_scope_prefers_background() {
+        let nodes = vec![
+            node(1, 2, "", ""),
+            node(2, 2, "background", ""),
+            node(3, 2, "etl", ""),
+        ];
+        assert_eq!(eligible(&nodes, &task(1, 1, 1)), vec![2]);
+        let mut etl = task(1, 1, 1);
+        etl.scope = "etl".into();
+        assert_eq!(eligible(&nodes, &etl), vec![3]);
+        let no_bg = vec![node(1, 2, "", ""), node(3, 2, "etl", "")];
+        assert_eq!(eligible(&no_bg, &task(1, 1, 1)), vec![1]);
+    }
+
+    #[test]
+    fn selector_rules_and_max_nodes() {
+        let nodes: Vec<_> = (1..=5)
+            .map(|i| node(i, 2, "", if i % 2 == 0 { "disk=ssd" } else { "" }))
+            .collect();
+        let mut t = task(1, 1, 1);
+        t.selector = parse_labels("disk=ssd").unwrap();
+        assert_eq!(eligible(&nodes, &t), vec![2, 4]);
+        t.selector.clear();
+        assert_eq!(
+            eligible_nodes(&nodes, &t, |n| n.id != 3, &BTreeSet::new()),
+            vec![1, 2, 4, 5]
+        );
+        t.max_nodes = 2;
+        assert_eq!(eligible(&nodes, &t), vec![1, 2]);
+        // Nodes already in use are kept.
+        assert_eq!(
+            eligible_nodes(&nodes, &t, |_| true, &BTreeSet::from([5])),
+            vec![5, 1]
+        );
+    }
+
+    #[test]
+    fn higher_ranked_tasks_reserve_their_stripes() {
+        let nodes = vec![node(1, 4, "", ""), node(2, 4, "", "")];
+        let cands = vec![
+            Candidate {
+                placement: task(3, 512, 2),
+                eligible: vec![1, 2],
+            },
+            Candidate {
+                placement: task(1, 512, 3),
+                eligible: vec![1, 2],
+            },
+            Candidate {
+                placement: task(2, 1, 1),
+                eligible: vec![1],
+            },
+        ];
+        let a = admit(&nodes, cands);
+        // Rank: task 2 (priority 1), then 1, then 3.
+        assert_eq!(
+            a.admitted.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert_eq!(a.waiting, vec![3]);
+        assert_eq!(a.allowance(1, 2), 3);
+        assert_eq!(a.allowance(3, 1), 0);
+    }
+
+    #[test]
+    fn waiting_task_blocks_only_its_own_nodes() {
+        let nodes = vec![node(1, 2, "", ""), node(2, 2, "", ""), node(3, 2, "", "")];
+        let cands = vec![
+            Candidate {
+                placement: task(1, 1, 2),
+                eligible: vec![1],
+            },
+            Candidate {
+                placement: task(2, 2, 2),
+                eligible: vec![1],
+            }, // node 1 is full: waits
+            Candidate {
+                placement: task(3, 3, 2),
+                eligible: vec![1, 2],
+            }, // waits, reserves node 2
+            Candidate {
+                placement: task(4, 4, 2),
+                eligible: vec![2],
+            }, // node 2 is reserved
+            Candidate {
+                placement: task(5, 5, 2),
+                eligible: vec![3],
+            }, // nobody above needs node 3
+        ];
+        let a = admit(&nodes, cands);
+        assert_eq!(
+            a.admitted.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            vec![1, 5]
+        );
+        assert_eq!(a.waiting, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn concurrency_is_capped_by_node_slots() {
+        let nodes = vec![node(1, 2, "", "")];
+        let a = admit(
+            &nodes,
+            vec![Candidate {
+                placement: task(1, 1, 64),
+                eligible: vec![1],
+            }],
+        );
+        assert_eq!(a.allowance(1, 1), 2);
+    }
+
+    #[test]
+    fn assignment_spreads_within_allowance() {
+        let nodes = vec![node(1, 2, "", ""), node(2, 2, "", "")];
+        let a = admit(
+            &nodes,
+            vec![Candidate {
+                placement: task(1, 1, 2),
+                eligible: vec![1, 2],
+            }],
+        );
+        let pending = BTreeMap::from([(1, (0..10).collect::<Vec<u32>>())]);
+        let mut usage = Usage::default();
+        let got = assign(&nodes, &a, &pending, &mut usage);
+        assert_eq!(got, vec![(1, 0, 1), (1, 1, 2), (1, 2, 1), (1, 3, 2)]);
+        // Full: nothing more.
+        assert!(assign(&nodes, &a, &pending, &mut usage).is_empty());
+    }
+
+    #[test]
+    fn preemption_takes_the_newest_idempotent_subtasks() {
+        let nodes = vec![node(1, 2, "", "")];
+        // Task 2 (higher priority) arrives while task 1 holds both slots.
+        let a = admit(
+            &nodes,
+            vec![
+                Candidate {
+                    placement: task(1, 500, 2),
+                    eligible: vec![1],
+                },
+                Candidate {
+                    placement: task(2, 1, 1),
+                    eligible: vec![1],
+                },
+            ],
+        );
+        assert_eq!(a.allowance(2, 1), 1);
+        assert_eq!(a.allowance(1, 1), 0, "task 1 no longer fits");
+        let held = [
+            Held {
+                task: 1,
+                subtask: 10,
+                node: 1,
+                started_ms: 100,
+                idempotent: true,
+            },
+            Held {
+                task: 1,
+                subtask: 11,
+                node: 1,
+                started_ms: 200,
+                idempotent: true,
+            },
+        ];
+        let out = preempt(&a, &held);
+        assert_eq!(
+            out.iter().map(|h| h.subtask).collect::<Vec<_>>(),
+            vec![11, 10]
+        );
+        let not_idem = [Held {
+            idempotent: false,
+            ..held[0]
+        }];
+        assert!(preempt(&a, &not_idem).is_empty());
+    }
+
+    /// Random clusters: assignments never exceed node slots or a task's
+    /// allowance, use only eligible nodes, and are deterministic.
+    #[test]
+    fn invariants_hold_on_random_clusters() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..300 {
+            let nodes: Vec<NodeView> = (1..=1 + rnd(6))
+                .map(|id| {
+                    let mut n = node(
+                        id,
+                        1 + rnd(4) as u32,
+                        if rnd(4) == 0 { "background" } else { "" },
+                        "",
+                    );
+                    n.up = rnd(8) != 0;
+                    if rnd(5) == 0 {
+                        n.labels.insert("role".into(), "dist_worker".into());
+                    }
+                    n
+                })
+                .collect();
+            let tasks: Vec<TaskPlacement> = (1..=1 + rnd(5))
+                .map(|id| {
+                    let mut t = task(id, 1 + rnd(3) as u32, 1 + rnd(4) as u32);
+                    t.max_nodes = rnd(3) as u32;
+                    t
+                })
+                .collect();
+            let cands: Vec<Candidate> = tasks
+                .iter()
+                .map(|t| Candidate {
+                    placement: t.clone(),
+                    eligible: eligible(&nodes, t),
+                })
+                .collect();
+            let a = admit(&nodes, cands.clone());
+            assert_eq!(a, admit(&nodes, cands.clone()), "deterministic");
+            let pending: BTreeMap<TaskId, Vec<u64>> = tasks
+                .iter()
+                .map(|t| (t.rank.id, (0..rnd(12)).collect()))
+                .collect();
+            let mut usage = Usage::default();
+            let got = assign(&nodes, &a, &pending, &mut usage);
+            for n in &nodes {
+                assert!(usage.per_node.get(&n.id).copied().unwrap_or(0) <= n.slots);
+            }
+            for (t, _, n) in &got {
+                let c = cands.iter().find(|c| c.placement.rank.id == *t).unwrap();
+                assert!(c.eligible.contains(n), "task {t} on ineligible node {n}");
+                assert!(usage.per_task_node[&(*t, *n)] <= a.allowance(*t, *n));
+            }
+        }
+    }
+}
