@@ -15,7 +15,7 @@
 //!
 //! | payload | behaviour |
 //! | --- | --- |
-//! | `ok`, empty | output the payload itself |
+//! | `ok`, anything starting with `ok` (`ok-7`), empty | output the payload itself |
 //! | `echo:<text>` | output `<text>` |
 //! | `loop` | spin forever (fuel or deadline stops it) |
 //! | `oom` | allocate 1 MiB chunks forever (memory limit) |
@@ -60,7 +60,9 @@ pub fn behave(behaviour: &str, ctx: &RunCtx) -> Result<Vec<u8>, Error> {
             .map_err(|e| Error::fatal(format!("{name}: bad number {arg:?}: {e}")))
     };
     match name {
-        "" | "ok" => Ok(behaviour.as_bytes().to_vec()),
+        _ if behaviour.is_empty() || behaviour.starts_with("ok") => {
+            Ok(behaviour.as_bytes().to_vec())
+        }
         "echo" => Ok(arg.as_bytes().to_vec()),
         "loop" => spin(),
         "oom" => exhaust_memory(),
@@ -261,6 +263,7 @@ mod tests {
     #[test]
     fn well_behaved_payloads() {
         assert_eq!(run_one("ok").unwrap(), b"ok");
+        assert_eq!(run_one("ok-07").unwrap(), b"ok-07");
         assert_eq!(run_one("echo:hi there").unwrap(), b"hi there");
         assert_eq!(run_one("big:5").unwrap(), b"xxxxx");
         assert_eq!(run_one("log:3").unwrap(), b"logged 3");
