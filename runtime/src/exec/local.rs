@@ -175,6 +175,8 @@ impl LocalRunner {
                 .with_retries(opts, totals, |_| self.sandbox.plan(module, &env, &request))
                 .await?;
             let Plan::Step { subtasks, .. } = plan else {
+                // The outputs of the last step that ran go to finish.
+                previous = request.previous_outputs;
                 break;
             };
             totals.steps += 1;

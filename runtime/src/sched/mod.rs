@@ -1,7 +1,13 @@
-//! The owner side: scheduling tasks onto nodes.
+//! The owner side: scheduling tasks onto nodes. The decision logic is pure
+//! (functions of a cluster view), driven by the owner's loop.
 //!
 //! # Layout
 //! - `placement`: eligible nodes, admission by rank with stripes, assignment
-//!   of pending subtasks, preemption — pure functions of a cluster view.
+//!   of pending subtasks, preemption.
+//! - `task`: a task scheduler's next action from its state and its step's
+//!   subtask states.
+//! - `balance`: the balancer's moves and the node manager's liveness rule.
 
+pub mod balance;
 pub mod placement;
+pub mod task;

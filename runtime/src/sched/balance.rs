@@ -1,0 +1,141 @@
+//! The balancer and the node manager's liveness rule, as pure functions.
+//!
+//! The balancer evens a task's queued (assigned, not yet running) subtasks
+//! over its eligible nodes and takes every subtask off nodes the task may no
+//! longer use. Running subtasks stay where they are unless their node is
+//! gone (then the node manager requeues them) — moving a running subtask
+//! throws its work away.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::model::NodeId;
+
+/// A queued subtask of one task on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queued<S> {
+    pub subtask: S,
+    pub node: NodeId,
+}
+
+/// One balancing move: `subtask` leaves `from` for `to`, or goes back to the
+/// unassigned pool when `to` is `None` (no eligible node has room).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move<S> {
+    pub subtask: S,
+    pub from: NodeId,
+    pub to: Option<NodeId>,
+}
+
+/// Moves for one task: off ineligible nodes first, then from the node with
+/// the most queued subtasks to the one with the fewest until they differ by
+/// at most one. Deterministic (ties go to the lowest node id).
+pub fn balance<S: Copy>(queued: &[Queued<S>], eligible: &[NodeId]) -> Vec<Move<S>> {
+    let allowed: BTreeSet<NodeId> = eligible.iter().copied().collect();
+    let mut per_node: BTreeMap<NodeId, Vec<S>> =
+        eligible.iter().map(|n| (*n, Vec::new())).collect();
+    let mut moves = Vec::new();
+    let mut homeless = Vec::new();
+    for q in queued {
+        if allowed.contains(&q.node) {
+            per_node.entry(q.node).or_default().push(q.subtask);
+        } else {
+            homeless.push(*q);
+        }
+    }
+    for q in homeless {
+        let to = per_node
+            .iter()
+            .min_by_key(|(n, list)| (list.len(), **n))
+            .map(|(n, _)| *n);
+        if let Some(to) = to {
+            per_node.get_mut(&to).expect("known node").push(q.subtask);
+        }
+        moves.push(Move {
+            subtask: q.subtask,
+            from: q.node,
+            to,
+        });
+    }
+    loop {
+        let (Some((max_node, max_len)), Some((min_node, min_len))) = (
+            per_node
+                .iter()
+                .map(|(n, l)| (*n, l.len()))
+                .max_by_key(|(n, len)| (*len, std::cmp::Reverse(*n))),
+            per_node
+                .iter()
+                .map(|(n, l)| (*n, l.len()))
+                .min_by_key(|(n, len)| (*len, *n)),
+        ) else {
+            break;
+        };
+        if max_len <= min_len + 1 {
+            break;
+        }
+        let subtask = per_node
+            .get_mut(&max_node)
+            .expect("known node")
+            .pop()
+            .expect("non-empty");
+        per_node
+            .get_mut(&min_node)
+            .expect("known node")
+            .push(subtask);
+        moves.push(Move {
+            subtask,
+            from: max_node,
+            to: Some(min_node),
+        });
+    }
+    moves
+}
+
+/// A node is down when its last heartbeat is older than `timeout`.
+pub fn is_down(since_last_heartbeat: Duration, timeout: Duration) -> bool {
+    since_last_heartbeat > timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(subtask: u32, node: NodeId) -> Queued<u32> {
+        Queued { subtask, node }
+    }
+
+    #[test]
+    fn evens_queued_subtasks() {
+        let queued: Vec<_> = (0..6).map(|i| q(i, 1)).collect();
+        let moves = balance(&queued, &[1, 2, 3]);
+        assert_eq!(moves.len(), 4);
+        let mut counts = BTreeMap::from([(1, 6), (2, 0), (3, 0)]);
+        for m in &moves {
+            *counts.get_mut(&m.from).unwrap() -= 1;
+            *counts.get_mut(&m.to.unwrap()).unwrap() += 1;
+        }
+        assert_eq!(counts, BTreeMap::from([(1, 2), (2, 2), (3, 2)]));
+        // Already even: nothing moves.
+        let even = [q(0, 1), q(1, 2), q(2, 3), q(3, 1)];
+        assert!(balance(&even, &[1, 2, 3]).is_empty());
+    }
+
+    #[test]
+    fn moves_everything_off_disallowed_nodes() {
+        let queued = [q(0, 9), q(1, 9), q(2, 1)];
+        let moves = balance(&queued, &[1, 2]);
+        assert!(moves.iter().all(|m| m.to != Some(9)));
+        assert!(moves.iter().any(|m| m.subtask == 0 && m.from == 9));
+        assert!(moves.iter().any(|m| m.subtask == 1 && m.from == 9));
+        // No eligible node at all: back to the unassigned pool.
+        let moves = balance(&queued, &[]);
+        assert_eq!(moves.len(), 2);
+        assert!(moves.iter().all(|m| m.to.is_none()));
+    }
+
+    #[test]
+    fn liveness() {
+        assert!(!is_down(Duration::from_secs(2), Duration::from_secs(5)));
+        assert!(is_down(Duration::from_secs(6), Duration::from_secs(5)));
+    }
+}
