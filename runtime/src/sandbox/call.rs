@@ -185,6 +185,9 @@ fn read_response(
 ) -> Result<Vec<u8>, CallError> {
     let packed = packed as u64;
     let (ptr, len) = ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize);
+    if len == 0 {
+        return Ok(Vec::new());
+    }
     let max = store.data().limits.max_output_bytes;
     if len > max {
         return Err(CallError::Classified(SandboxError::abi(format!(
