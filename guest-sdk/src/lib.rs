@@ -9,7 +9,7 @@
 //! with `cargo build --release --target wasm32-wasip1` (crate type
 //! `cdylib`), and upload the `.wasm`.
 //!
-//! Natively the host calls are served in memory (see [`testing`]), so the
+//! Natively the host calls are served in memory (see `testing`), so the
 //! same code is unit tested with `cargo test`.
 //!
 //! # Example
@@ -79,7 +79,7 @@
 //! - `abi`: the code behind [`export!`] (memory exports, message coding,
 //!   panic hook).
 //! - `sys`: the raw host imports on `wasm32`, an in-memory host elsewhere.
-//! - [`testing`]: native only; the in-memory host's state and a local task
+//! - `testing`: native only; the in-memory host's state and a local task
 //!   driver.
 
 mod abi;

@@ -23,8 +23,8 @@
 //!   records that *start* in its range and writes them to
 //!   `tasks/<task_id>/run-<ordinal>`; output `{"key": ..., "records": n}`.
 //!   In blob mode each subtask reads the whole input blob (the ABI has no
-//!   ranged read) and keeps its range; inline, the plan puts the range's
-//!   records in the payload.
+//!   ranged read) and keeps its part, so the plan itself touches no blob;
+//!   inline, the plan puts the part's records in the payload.
 //! - step 1 (merge): one subtask merges the runs with a binary heap into the
 //!   output blob, then deletes the runs. It is marked non-idempotent: after
 //!   deleting the runs it cannot run again.
@@ -47,6 +47,8 @@ stoker_guest::export!(Sort);
 /// Tags the first byte of a step-0 payload.
 const TAG_BLOB: u8 = b'B';
 const TAG_INLINE: u8 = b'I';
+/// At most this many runs, however large the cluster or the request.
+const MAX_PARTS: u64 = 4096;
 
 /// The input in blob mode.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -81,13 +83,15 @@ struct Run {
     records: u64,
 }
 
-/// The payload of a blob-mode step-0 subtask.
+/// The payload of a blob-mode step-0 subtask: part `part` of `parts` of the
+/// input blob. The plan does not need the blob's size (and so no blob access
+/// at plan time): the subtask, which reads the blob anyway, cuts its part.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct BlobRange {
+struct BlobPart {
     key: String,
-    start: u64,
-    end: u64,
+    part: u64,
+    parts: u64,
 }
 
 /// The payload of the merge subtask.
@@ -191,16 +195,21 @@ pub fn merge_runs(runs: &[Vec<u8>]) -> (Vec<u8>, u64) {
     (out, count)
 }
 
-/// `n` record-aligned ranges covering `data` (some may be empty).
-fn ranges(data_len: u64, n: u64) -> impl Iterator<Item = (u64, u64)> {
-    let n = n.clamp(1, data_len.max(1));
-    let at = move |i: u64| (u128::from(data_len) * u128::from(i) / u128::from(n)) as u64;
-    (0..n).map(move |i| (at(i), at(i + 1)))
+/// The records of part `part` of `parts` equal byte ranges of `data`: those
+/// that start inside the range. The parts of `data` hold each record once.
+pub fn part(data: &[u8], part: u64, parts: u64) -> &[u8] {
+    let parts = u128::from(parts.max(1));
+    let at = |i: u64| {
+        let at = u128::from(i).min(parts) * data.len() as u128 / parts;
+        align(data, at as usize)
+    };
+    &data[at(part)..at(part.saturating_add(1))]
 }
 
-fn chunks(ctx: &PlanCtx, requested: Option<u64>) -> u64 {
-    requested
-        .unwrap_or_else(|| u64::from(ctx.node_count.max(1)) * u64::from(ctx.concurrency.max(1)) * 2)
+/// How many parts step 0 cuts the input into.
+fn parts(ctx: &PlanCtx, requested: Option<u64>) -> u64 {
+    let default = || u64::from(ctx.node_count.max(1)) * u64::from(ctx.concurrency.max(1)) * 2;
+    requested.unwrap_or_else(default).clamp(1, MAX_PARTS)
 }
 
 fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -214,27 +223,24 @@ fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
 fn plan_runs(ctx: &PlanCtx) -> Result<Plan, Error> {
     match Input::parse(&ctx.input)? {
         Input::Blob(config) => {
-            let size = blob::size(&config.input_key)?.ok_or_else(|| {
-                Error::fatal(format!("input blob {:?} not found", config.input_key))
-            })?;
-            let payloads = ranges(size, chunks(ctx, config.chunks))
-                .map(|(start, end)| {
-                    let range = BlobRange {
+            let parts = parts(ctx, config.chunks);
+            let payloads = (0..parts)
+                .map(|part| {
+                    let body = BlobPart {
                         key: config.input_key.clone(),
-                        start,
-                        end,
+                        part,
+                        parts,
                     };
-                    serde_json::to_vec(&range).map(|body| tagged(TAG_BLOB, &body))
+                    serde_json::to_vec(&body).map(|body| tagged(TAG_BLOB, &body))
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .fatal()?;
             Ok(Plan::subtasks(payloads))
         }
         Input::Inline(data) => {
-            let payloads = ranges(data.len() as u64, chunks(ctx, None)).map(|(start, end)| {
-                let (start, end) = (align(data, start as usize), align(data, end as usize));
-                tagged(TAG_INLINE, &data[start..end])
-            });
+            // Tiny inputs are not worth more parts than bytes.
+            let parts = parts(ctx, None).min(data.len().max(1) as u64);
+            let payloads = (0..parts).map(|i| tagged(TAG_INLINE, part(data, i, parts)));
             Ok(Plan::subtasks(payloads))
         }
     }
@@ -262,12 +268,10 @@ fn run_sort(ctx: &RunCtx) -> Result<Vec<u8>, Error> {
     let (sorted, records) = match *tag {
         TAG_INLINE => sort_records(body),
         TAG_BLOB => {
-            let range: BlobRange = serde_json::from_slice(body).fatal()?;
-            let data = blob::get(&range.key)?
-                .ok_or_else(|| Error::fatal(format!("input blob {:?} not found", range.key)))?;
-            let start = align(&data, usize::try_from(range.start)?);
-            let end = align(&data, usize::try_from(range.end)?);
-            sort_records(&data[start..end])
+            let body: BlobPart = serde_json::from_slice(body).fatal()?;
+            let data = blob::get(&body.key)?
+                .ok_or_else(|| Error::fatal(format!("input blob {:?} not found", body.key)))?;
+            sort_records(part(&data, body.part, body.parts))
         }
         other => return Err(Error::fatal(format!("unknown payload tag {other:#x}"))),
     };
@@ -389,9 +393,8 @@ mod tests {
         let data = sample(500);
         for n in [1, 2, 7, 64, 5000] {
             let mut all = Vec::new();
-            for (start, end) in ranges(data.len() as u64, n) {
-                let (start, end) = (align(&data, start as usize), align(&data, end as usize));
-                all.extend(records(&data[start..end]));
+            for i in 0..n {
+                all.extend(records(part(&data, i, n)));
             }
             assert_eq!(all, records(&data).collect::<Vec<_>>(), "n = {n}");
         }
@@ -444,6 +447,15 @@ mod tests {
             expected(&data)
         );
         assert_eq!(testing::blobs().len(), 2);
+
+        // More parts than bytes: most runs are empty.
+        blob::put("in/tiny", b"b\na").unwrap();
+        let input = br#"{"input_key": "in/tiny", "output_key": "out/tiny", "chunks": 50}"#;
+        assert_eq!(
+            result(&testing::run_task::<Sort>(input).unwrap()).records,
+            2
+        );
+        assert_eq!(blob::get("out/tiny").unwrap().unwrap(), b"a\nb\n");
     }
 
     #[test]
