@@ -104,9 +104,9 @@ pub fn progress(done: u64, total: u64) {
     sys::progress(clamp(done), clamp(total));
 }
 
-/// Saves `data` for later attempts of this subtask: when this attempt fails
-/// (retryable error, trap, lost node) the next one receives the last saved
-/// bytes in [`RunCtx::checkpoint`].
+/// Saves `data` for later attempts of this subtask: when it runs again (after
+/// a retryable error, or a deadline) the next attempt receives the last saved
+/// bytes in [`RunCtx::checkpoint`]. Meaningful in `run` only.
 ///
 /// # Errors
 /// A fatal error when `data` is larger than [`CHECKPOINT_LIMIT`].
