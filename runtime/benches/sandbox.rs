@@ -26,14 +26,21 @@ const NOOP_WAT: &str = r#"(module
 const PRIMES_END: u64 = 300_000;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn noop_subtask(c: &mut Criterion) {
     let rt = runtime();
     let sandbox = Sandbox::new(SandboxConfig::default()).unwrap();
     let env = CallEnv::default();
-    let request = RunRequest { attempt: 1, payload: b"ok".to_vec(), ..RunRequest::default() };
+    let request = RunRequest {
+        attempt: 1,
+        payload: b"ok".to_vec(),
+        ..RunRequest::default()
+    };
     let mut group = c.benchmark_group("noop_subtask");
     for (name, bytes) in [
         ("wat", wat::parse_str(NOOP_WAT).unwrap()),
@@ -65,16 +72,29 @@ fn primes_wasm(rt: &tokio::runtime::Runtime, runner: &LocalRunner, module: &[u8]
 fn primes_kernel(c: &mut Criterion) {
     let rt = runtime();
     let module = stoker_test_artifacts::read("primes");
-    let metered = LocalRunner::new(Arc::new(Sandbox::new(SandboxConfig::default()).unwrap()), None);
+    let metered = LocalRunner::new(
+        Arc::new(Sandbox::new(SandboxConfig::default()).unwrap()),
+        None,
+    );
     let unmetered = LocalRunner::new(
-        Arc::new(Sandbox::new(SandboxConfig { consume_fuel: false, ..SandboxConfig::default() }).unwrap()),
+        Arc::new(
+            Sandbox::new(SandboxConfig {
+                consume_fuel: false,
+                ..SandboxConfig::default()
+            })
+            .unwrap(),
+        ),
         None,
     );
     let expected = serde_json::json!({ "count": primes::count_primes(0, PRIMES_END) });
     let count = |bytes: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&bytes).unwrap();
     let mut group = c.benchmark_group("primes_kernel");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
-    group.bench_function("native", |b| b.iter(|| primes::count_primes(std::hint::black_box(0), PRIMES_END)));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    group.bench_function("native", |b| {
+        b.iter(|| primes::count_primes(std::hint::black_box(0), PRIMES_END))
+    });
     group.bench_function("wasm_fuel", |b| {
         b.iter(|| assert_eq!(count(primes_wasm(&rt, &metered, &module)), expected))
     });

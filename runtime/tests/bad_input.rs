@@ -43,8 +43,16 @@ fn limits() -> CallLimits {
     }
 }
 
-async fn run_payload(sandbox: &Sandbox, module: &TaskModule, payload: &str, limits: CallLimits) -> Result<Vec<u8>, SandboxError> {
-    let env = CallEnv { limits, blobs: None };
+async fn run_payload(
+    sandbox: &Sandbox,
+    module: &TaskModule,
+    payload: &str,
+    limits: CallLimits,
+) -> Result<Vec<u8>, SandboxError> {
+    let env = CallEnv {
+        limits,
+        blobs: None,
+    };
     let request = RunRequest {
         payload: payload.as_bytes().to_vec(),
         attempt: 1,
@@ -56,14 +64,18 @@ async fn run_payload(sandbox: &Sandbox, module: &TaskModule, payload: &str, limi
 
 /// After a failure the same sandbox still runs a healthy subtask.
 async fn assert_still_healthy(sandbox: &Sandbox, module: &TaskModule) {
-    let out = run_payload(sandbox, module, "ok", limits()).await.expect("healthy call succeeds");
+    let out = run_payload(sandbox, module, "ok", limits())
+        .await
+        .expect("healthy call succeeds");
     assert_eq!(out, b"ok");
 }
 
 async fn expect_kind(payload: &str, limits: CallLimits, kind: ErrorKind) -> SandboxError {
     let sandbox = sandbox();
     let module = sandbox.load(&misbehave()).await.expect("misbehave loads");
-    let err = run_payload(&sandbox, &module, payload, limits).await.expect_err("call must fail");
+    let err = run_payload(&sandbox, &module, payload, limits)
+        .await
+        .expect_err("call must fail");
     assert_eq!(err.kind, kind, "payload {payload:?}: {err}");
     assert_still_healthy(&sandbox, &module).await;
     err
@@ -71,11 +83,17 @@ async fn expect_kind(payload: &str, limits: CallLimits, kind: ErrorKind) -> Sand
 
 #[tokio::test]
 async fn not_wasm_at_all() {
-    let err = sandbox().load(b"this is not a wasm module").await.unwrap_err();
+    let err = sandbox()
+        .load(b"this is not a wasm module")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidModule);
     assert!(err.message.contains("not a WebAssembly module"), "{err}");
     // Right header, broken body.
-    let err = sandbox().load(b"\0asm\x01\0\0\0\x99garbage").await.unwrap_err();
+    let err = sandbox()
+        .load(b"\0asm\x01\0\0\0\x99garbage")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidModule, "{err}");
 }
 
@@ -84,14 +102,26 @@ async fn valid_wasm_without_the_exports() {
     let bytes = wat::parse_str("(module (func (export \"hello\")))").unwrap();
     let err = sandbox().load(&bytes).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidModule);
-    for name in ["memory", "stoker_abi_v1", "stoker_alloc", "stoker_plan", "stoker_run"] {
-        assert!(err.message.contains(&format!("`{name}`")), "{name} not named in: {err}");
+    for name in [
+        "memory",
+        "stoker_abi_v1",
+        "stoker_alloc",
+        "stoker_plan",
+        "stoker_run",
+    ] {
+        assert!(
+            err.message.contains(&format!("`{name}`")),
+            "{name} not named in: {err}"
+        );
     }
 }
 
 #[tokio::test]
 async fn mistyped_export_is_named() {
-    let bytes = wat_module("stoker_abi_v1", r#"(func (export "stoker_finish") (param i32) (result i32) i32.const 0)"#);
+    let bytes = wat_module(
+        "stoker_abi_v1",
+        r#"(func (export "stoker_finish") (param i32) (result i32) i32.const 0)"#,
+    );
     let err = sandbox().load(&bytes).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidModule);
     assert!(err.message.contains("stoker_finish"), "{err}");
@@ -99,21 +129,33 @@ async fn mistyped_export_is_named() {
 
 #[tokio::test]
 async fn wrong_abi_version() {
-    let err = sandbox().load(&wat_module("stoker_abi_v7", "")).await.unwrap_err();
+    let err = sandbox()
+        .load(&wat_module("stoker_abi_v7", ""))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Abi);
-    assert!(err.message.contains("v7") && err.message.contains("v1"), "{err}");
+    assert!(
+        err.message.contains("v7") && err.message.contains("v1"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn unknown_host_function_is_a_link_error_naming_it() {
-    let bytes = wat_module("stoker_abi_v1", r#"(import "stoker" "launch_missiles" (func))"#);
+    let bytes = wat_module(
+        "stoker_abi_v1",
+        r#"(import "stoker" "launch_missiles" (func))"#,
+    );
     let err = sandbox().load(&bytes).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidModule);
     assert!(err.message.contains("stoker::launch_missiles"), "{err}");
     let bytes = wat_module("stoker_abi_v1", r#"(import "env" "abort" (func))"#);
     let err = sandbox().load(&bytes).await.unwrap_err();
     assert!(err.message.contains("env::abort"), "{err}");
-    let bytes = wat_module("stoker_abi_v1", r#"(import "wasi_snapshot_preview1" "no_such_call" (func))"#);
+    let bytes = wat_module(
+        "stoker_abi_v1",
+        r#"(import "wasi_snapshot_preview1" "no_such_call" (func))"#,
+    );
     let err = sandbox().load(&bytes).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidModule);
     assert!(err.message.contains("no_such_call"), "{err}");
@@ -123,8 +165,13 @@ async fn unknown_host_function_is_a_link_error_naming_it() {
 async fn start_function_that_loops_forever() {
     let bytes = wat_module("stoker_abi_v1", r#"(func $spin (loop br 0)) (start $spin)"#);
     let sandbox = sandbox();
-    let module = sandbox.load(&bytes).await.expect("loads: the start function runs per call");
-    let err = run_payload(&sandbox, &module, "", limits()).await.unwrap_err();
+    let module = sandbox
+        .load(&bytes)
+        .await
+        .expect("loads: the start function runs per call");
+    let err = run_payload(&sandbox, &module, "", limits())
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::FuelExhausted, "{err}");
     // With fuel to spare, the wall-clock deadline stops it.
     let tight = CallLimits {
@@ -192,11 +239,16 @@ async fn output_larger_than_the_limit() {
         ..limits()
     };
     let err = expect_kind("big:5000", small.clone(), ErrorKind::Abi).await;
-    assert!(err.message.contains("exceeds the limit of 1000 bytes"), "{err}");
+    assert!(
+        err.message.contains("exceeds the limit of 1000 bytes"),
+        "{err}"
+    );
     // Just under the limit is fine.
     let sandbox = sandbox();
     let module = sandbox.load(&misbehave()).await.unwrap();
-    let out = run_payload(&sandbox, &module, "big:900", small).await.unwrap();
+    let out = run_payload(&sandbox, &module, "big:900", small)
+        .await
+        .unwrap();
     assert_eq!(out.len(), 900);
 }
 
@@ -253,7 +305,9 @@ async fn blobs_are_confined_to_the_tenant() {
         ..RunRequest::default()
     };
     let report = sandbox.run(&module, &env, &request).await;
-    let out = report.result.unwrap_or_else(|e| panic!("blob round trip failed: {e}\nlog:\n{}", report.log));
+    let out = report
+        .result
+        .unwrap_or_else(|e| panic!("blob round trip failed: {e}\nlog:\n{}", report.log));
     assert!(!out.is_empty());
     // Nothing was written outside the tenant's prefix.
     for entry in std::fs::read_dir(dir.path()).unwrap() {
@@ -298,11 +352,18 @@ async fn plan_splits_input_lines() {
         concurrency: 1,
         ..PlanRequest::default()
     };
-    let plan = sandbox.plan(&module, &CallEnv::default(), &request).await.result.unwrap();
+    let plan = sandbox
+        .plan(&module, &CallEnv::default(), &request)
+        .await
+        .result
+        .unwrap();
     let Plan::Step { subtasks, .. } = plan else {
         panic!("step 0 has subtasks")
     };
-    assert_eq!(subtasks, vec![b"ok".to_vec(), b"trap".to_vec(), b"ok".to_vec()]);
+    assert_eq!(
+        subtasks,
+        vec![b"ok".to_vec(), b"trap".to_vec(), b"ok".to_vec()]
+    );
 }
 
 #[tokio::test]
@@ -317,14 +378,25 @@ async fn modules_compile_once_and_are_cached_on_disk() {
     let a = first.load(&bytes).await.unwrap();
     let b = first.load(&bytes).await.unwrap();
     assert!(Arc::ptr_eq(&a, &b), "same hash, same compiled module");
-    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(files.len(), 1);
-    assert!(files[0].file_name().unwrap().to_str().unwrap().starts_with(&a.hash));
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with(&a.hash));
 
     // A new process (sandbox) reuses the compiled code.
     let second = Sandbox::new(config.clone()).unwrap();
     let module = second.load(&bytes).await.unwrap();
-    assert_eq!(run_payload(&second, &module, "ok", limits()).await.unwrap(), b"ok");
+    assert_eq!(
+        run_payload(&second, &module, "ok", limits()).await.unwrap(),
+        b"ok"
+    );
 
     // A corrupted cache file is detected and replaced, never trusted.
     let mut data = std::fs::read(&files[0]).unwrap();
@@ -333,6 +405,13 @@ async fn modules_compile_once_and_are_cached_on_disk() {
     std::fs::write(&files[0], &data).unwrap();
     let third = Sandbox::new(config).unwrap();
     let module = third.load(&bytes).await.unwrap();
-    assert_eq!(run_payload(&third, &module, "ok", limits()).await.unwrap(), b"ok");
-    assert_ne!(std::fs::read(&files[0]).unwrap(), data, "the corrupt file was rewritten");
+    assert_eq!(
+        run_payload(&third, &module, "ok", limits()).await.unwrap(),
+        b"ok"
+    );
+    assert_ne!(
+        std::fs::read(&files[0]).unwrap(),
+        data,
+        "the corrupt file was rewritten"
+    );
 }

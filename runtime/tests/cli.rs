@@ -25,12 +25,30 @@ fn json_of(out: &Output) -> serde_json::Value {
 #[test]
 fn run_local_prints_one_json_object() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("in.json"), r#"{"start": 0, "end": 1000, "chunks": 4}"#).unwrap();
+    std::fs::write(
+        dir.path().join("in.json"),
+        r#"{"start": 0, "end": 1000, "chunks": 4}"#,
+    )
+    .unwrap();
     let out = stoker(
         dir.path(),
-        &["run-local", "--module", stoker_test_artifacts::PRIMES, "--input", "in.json", "--slots", "2", "-o", "json"],
+        &[
+            "run-local",
+            "--module",
+            stoker_test_artifacts::PRIMES,
+            "--input",
+            "in.json",
+            "--slots",
+            "2",
+            "-o",
+            "json",
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = json_of(&out);
     assert_eq!(v["state"], "succeed");
     assert_eq!(v["result"], serde_json::json!({"count": 168}));
@@ -47,8 +65,15 @@ fn run_local_failure_exits_non_zero_with_a_classified_error() {
     let out = stoker(
         dir.path(),
         &[
-            "run-local", "--module", stoker_test_artifacts::MISBEHAVE, "--input", "in.txt",
-            "--fuel-per-subtask", "50000000", "-o", "json",
+            "run-local",
+            "--module",
+            stoker_test_artifacts::MISBEHAVE,
+            "--input",
+            "in.txt",
+            "--fuel-per-subtask",
+            "50000000",
+            "-o",
+            "json",
         ],
     );
     assert!(!out.status.success());
@@ -64,9 +89,19 @@ fn run_local_text_output_shows_progress_and_result() {
     std::fs::write(dir.path().join("in.txt"), "a b a c a b").unwrap();
     let out = stoker(
         dir.path(),
-        &["run-local", "--module", stoker_test_artifacts::WORDCOUNT, "--input", "in.txt"],
+        &[
+            "run-local",
+            "--module",
+            stoker_test_artifacts::WORDCOUNT,
+            "--input",
+            "in.txt",
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("step 0:"), "{stderr}");
     assert!(stderr.contains("task succeed"), "{stderr}");
@@ -79,11 +114,20 @@ fn missing_input_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = stoker(
         dir.path(),
-        &["run-local", "--module", stoker_test_artifacts::PRIMES, "--input", "nope.json"],
+        &[
+            "run-local",
+            "--module",
+            stoker_test_artifacts::PRIMES,
+            "--input",
+            "nope.json",
+        ],
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot read input file nope.json"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read input file nope.json"),
+        "{stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
 
@@ -91,7 +135,10 @@ fn missing_input_file_is_a_clear_error() {
 fn missing_module_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("in.txt"), "x").unwrap();
-    let out = stoker(dir.path(), &["run-local", "--module", "nope.wasm", "--input", "in.txt"]);
+    let out = stoker(
+        dir.path(),
+        &["run-local", "--module", "nope.wasm", "--input", "in.txt"],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read module file nope.wasm"));
 }

@@ -2,8 +2,8 @@
 //! against answers computed here independently.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use stoker::blob::BlobStore;
 use stoker::exec::local::{Event, LocalOptions, LocalRunner, RetryPolicy, Summary};
@@ -29,12 +29,20 @@ fn opts(slots: usize) -> LocalOptions {
 
 async fn run(name: &str, input: &[u8], slots: usize, blobs: Option<&BlobStore>) -> Summary {
     runner(blobs)
-        .run(&stoker_test_artifacts::read(name), input.to_vec(), &opts(slots), &|_| {})
+        .run(
+            &stoker_test_artifacts::read(name),
+            input.to_vec(),
+            &opts(slots),
+            &|_| {},
+        )
         .await
 }
 
 fn json(summary: &Summary) -> serde_json::Value {
-    let bytes = summary.result.as_ref().unwrap_or_else(|e| panic!("task failed: {e}"));
+    let bytes = summary
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("task failed: {e}"));
     serde_json::from_slice(bytes).expect("result is JSON")
 }
 
@@ -42,7 +50,10 @@ fn json(summary: &Summary) -> serde_json::Value {
 /// by count desc, then word asc.
 fn expected_top20(text: &str) -> Vec<(String, u64)> {
     let mut counts: HashMap<String, u64> = HashMap::new();
-    for word in text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+    for word in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
         *counts.entry(word.to_lowercase()).or_default() += 1;
     }
     let mut all: Vec<_> = counts.into_iter().collect();
@@ -105,7 +116,10 @@ async fn sort_sorts_records_through_the_blob_store() {
         .collect();
     let input = records.join("\n");
     let tenant = store.tenant("test").unwrap();
-    tenant.put("inputs/records.txt", input.clone().into()).await.unwrap();
+    tenant
+        .put("inputs/records.txt", input.clone().into())
+        .await
+        .unwrap();
     let task = serde_json::json!({"input_key": "inputs/records.txt", "chunks": 6}).to_string();
     let summary = run("sort", task.as_bytes(), 2, Some(&store)).await;
     let result = json(&summary);

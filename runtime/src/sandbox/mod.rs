@@ -150,20 +150,13 @@ impl Sandbox {
         request: &Req,
     ) -> CallReport<Resp> {
         let bytes = request.encode_to_vec();
-        call::invoke(
-            &self.engine,
-            &self.config,
-            module,
-            env,
-            entry,
-            &bytes,
-        )
-        .await
-        .and_then(|raw| {
-            Resp::decode(raw.as_slice()).map_err(|e| {
-                SandboxError::abi(format!("{entry} returned bytes that do not decode: {e}"))
+        call::invoke(&self.engine, &self.config, module, env, entry, &bytes)
+            .await
+            .and_then(|raw| {
+                Resp::decode(raw.as_slice()).map_err(|e| {
+                    SandboxError::abi(format!("{entry} returned bytes that do not decode: {e}"))
+                })
             })
-        })
     }
 
     /// Plans one step.
