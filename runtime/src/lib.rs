@@ -10,10 +10,13 @@
 //!   views: the pure data model every role shares.
 //! - [`sched`]: the owner's scheduling: eligible nodes, admission, assignment,
 //!   preemption.
+//! - [`resource`]: the node's resource manager: the fuel governor (a token
+//!   bucket every sandbox takes its fuel from) and pluggable tuning schedulers.
 //! - `cli`: the `stoker` command line (in the binary).
 
 pub mod blob;
 pub mod exec;
 pub mod model;
+pub mod resource;
 pub mod sandbox;
 pub mod sched;

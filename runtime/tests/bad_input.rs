@@ -52,6 +52,7 @@ async fn run_payload(
     let env = CallEnv {
         limits,
         blobs: None,
+        gate: None,
     };
     let request = RunRequest {
         payload: payload.as_bytes().to_vec(),
@@ -277,6 +278,7 @@ async fn chatty_guest_log_is_bounded() {
             ..limits()
         },
         blobs: None,
+        gate: None,
     };
     let request = RunRequest {
         payload: b"log:10000".to_vec(),
@@ -298,6 +300,7 @@ async fn blobs_are_confined_to_the_tenant() {
     let env = CallEnv {
         limits: limits(),
         blobs: Some(store.tenant("acme").unwrap()),
+        gate: None,
     };
     let request = RunRequest {
         payload: b"blob".to_vec(),

@@ -14,6 +14,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::blob::TenantBlobs;
+use crate::model::{Rank, DEFAULT_PRIORITY};
+use crate::resource::{Governor, TaskInfo};
 use crate::sandbox::{
     CallEnv, CallLimits, CallReport, ErrorKind, Plan, Sandbox, SandboxError, TaskModule,
 };
@@ -93,7 +95,11 @@ pub struct Summary {
 pub struct LocalRunner {
     sandbox: Arc<Sandbox>,
     blobs: Option<TenantBlobs>,
+    governor: Option<Governor>,
 }
+
+/// The tenant of local runs in the fuel governor's accounting.
+const LOCAL_TENANT: &str = "local";
 
 struct Totals {
     steps: u32,
@@ -104,13 +110,27 @@ struct Totals {
 
 impl LocalRunner {
     pub fn new(sandbox: Arc<Sandbox>, blobs: Option<TenantBlobs>) -> Self {
-        LocalRunner { sandbox, blobs }
+        LocalRunner {
+            sandbox,
+            blobs,
+            governor: None,
+        }
+    }
+
+    /// Runs every subtask under `governor`: each takes its fuel quanta from
+    /// it and may be suspended by it, so the governor (and the resource
+    /// manager driving it) decides how many of the `slots` really run.
+    /// Plan and finish calls stay ungoverned.
+    pub fn with_governor(mut self, governor: Governor) -> Self {
+        self.governor = Some(governor);
+        self
     }
 
     fn env(&self, limits: &CallLimits) -> CallEnv {
         CallEnv {
             limits: limits.clone(),
             blobs: self.blobs.clone(),
+            gate: None,
         }
     }
 
@@ -240,6 +260,16 @@ impl LocalRunner {
         let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut running = JoinSet::new();
         let count = payloads.len();
+        let task = TaskInfo {
+            tenant: LOCAL_TENANT.into(),
+            // A local run is the only task of its runner.
+            rank: Rank {
+                priority: DEFAULT_PRIORITY,
+                create_time_ms: 0,
+                id: 0,
+            },
+            concurrency: opts.slots as u32,
+        };
         for (ordinal, payload) in payloads.into_iter().enumerate() {
             let subtask = Subtask {
                 sandbox: self.sandbox.clone(),
@@ -252,11 +282,17 @@ impl LocalRunner {
                 payload,
             };
             let (slots, events) = (slots.clone(), events_tx.clone());
+            let governed = self.governor.clone().map(|g| (g, task.clone()));
             running.spawn(async move {
                 let _slot = slots
                     .acquire_owned()
                     .await
                     .expect("semaphore is never closed");
+                let mut subtask = subtask;
+                if let Some((governor, task)) = governed {
+                    let lease = governor.lease(&subtask.task_id, &task);
+                    subtask.env.gate = Some(lease);
+                }
                 subtask.run(&events).await
             });
         }

@@ -2,6 +2,7 @@
 //! memory, the entry point run under fuel, memory and deadline limits, the
 //! response read back (see `docs/guest-abi.md`, "Calling convention").
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, Instance, Store};
@@ -13,6 +14,7 @@ use super::host::HostState;
 use super::log::LogBuffer;
 use super::module::TaskModule;
 use crate::blob::TenantBlobs;
+use crate::resource::{FuelGate, Governed};
 
 /// What a call may use and reach.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +22,9 @@ pub struct CallEnv {
     pub limits: CallLimits,
     /// The tenant's blobs; `None` denies every blob import.
     pub blobs: Option<TenantBlobs>,
+    /// Where the call takes every fuel quantum from (the node's fuel
+    /// governor); `None` runs it ungoverned.
+    pub gate: Option<Arc<dyn FuelGate>>,
 }
 
 /// The outcome of one call and what the host observed while it ran.
@@ -84,9 +89,12 @@ pub(crate) async fn invoke(
             format!("cannot set up the store: {e:#}"),
         )),
         Ok(()) => {
-            match tokio::time::timeout(limits.deadline, call(&mut store, module, entry, request))
-                .await
-            {
+            let governed = Governed::new(
+                call(&mut store, module, entry, request),
+                env.gate.clone(),
+                config.fuel_yield_interval,
+            );
+            match tokio::time::timeout(limits.deadline, governed).await {
                 Ok(Ok(bytes)) => Ok(bytes),
                 Ok(Err(CallError::Wasm(e))) => {
                     let contents = log.contents();
