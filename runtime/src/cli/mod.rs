@@ -1,6 +1,7 @@
 //! The `stoker` command line. Each subcommand lives in its own file; errors
 //! become one actionable line on stderr and a non-zero exit code.
 
+mod bench;
 mod run_local;
 
 use std::process::ExitCode;
@@ -21,6 +22,11 @@ enum Command {
     ///
     /// Example: stoker run-local --module target/wasm32-wasip1/release/wordcount.wasm --input book.txt
     RunLocal(run_local::Args),
+    /// End-to-end benchmarks.
+    ///
+    /// Example: stoker bench governor --module target/wasm32-wasip1/release/primes.wasm
+    #[command(subcommand_required = true)]
+    Bench(bench::Args),
 }
 
 /// How results are printed.
@@ -49,6 +55,7 @@ pub fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::RunLocal(args) => run_local::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match outcome {

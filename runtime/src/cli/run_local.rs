@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use stoker::blob::BlobStore;
 use stoker::exec::local::{Event, LocalOptions, LocalRunner, RetryPolicy, Summary};
+use stoker::resource::{Governor, GovernorConfig, ManagerConfig, ResourceManager};
 use stoker::sandbox::{CallLimits, Sandbox, SandboxConfig};
 
 use super::Output;
@@ -47,6 +48,20 @@ pub struct Args {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
+    /// How the fuel governor tunes while the task runs.
+    #[arg(long, value_enum, default_value_t = GovernorChoice::Fixed)]
+    governor: GovernorChoice,
+}
+
+/// The tuning scheduler of `--governor`. `fixed` is the default because a
+/// local run is work someone is waiting for in the foreground.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum GovernorChoice {
+    /// Keep node CPU between 50 and 70 %: subtasks are slowed or suspended
+    /// while other processes need the machine (calibrates for ~0.4 s first).
+    Cpu,
+    /// Every slot at full speed.
+    Fixed,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -73,7 +88,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ..SandboxConfig::default()
     })?;
     let blobs = BlobStore::local(&args.blob_dir)?.tenant("local")?;
-    let runner = LocalRunner::new(Arc::new(sandbox), Some(blobs));
+    let governor = Governor::new(GovernorConfig::for_sandbox(&sandbox, slots))?;
+    let manager = match args.governor {
+        GovernorChoice::Cpu => Some(
+            ResourceManager::for_sandbox(&sandbox, governor.clone(), ManagerConfig::default())
+                .await?,
+        ),
+        GovernorChoice::Fixed => None,
+    };
+    let runner = LocalRunner::new(Arc::new(sandbox), Some(blobs)).with_governor(governor.clone());
     let opts = LocalOptions {
         slots,
         limits: CallLimits {
@@ -94,9 +117,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await;
     display.finish();
     let ok = summary.result.is_ok();
+    let governed = governor_json(&governor, manager.as_ref());
     match args.output {
-        Output::Json => println!("{}", summary_json(&summary)),
-        Output::Text => print_summary(&summary),
+        Output::Json => {
+            let mut json = summary_json(&summary);
+            json["governor"] = governed;
+            println!("{json}");
+        }
+        Output::Text => {
+            print_summary(&summary);
+            eprintln!("governor: {governed}");
+        }
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -109,6 +140,23 @@ fn unix_millis() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
+}
+
+/// The governor's final state: the manager's with `--governor cpu`.
+fn governor_json(governor: &Governor, manager: Option<&ResourceManager>) -> serde_json::Value {
+    match manager {
+        Some(m) => serde_json::to_value(m.state()).unwrap_or_default(),
+        None => {
+            let snap = governor.snapshot();
+            json!({
+                "scheduler": "fixed",
+                "slots": snap.slots,
+                "allowed": snap.allowed,
+                "fuel_rate": snap.fuel_rate,
+                "fuel_granted": snap.fuel_granted,
+            })
+        }
+    }
 }
 
 /// The one JSON object of `-o json`.
