@@ -1,8 +1,8 @@
 //! Start-up calibration: how much fuel one core of this machine burns per
 //! second, so that fuel rates can be configured in cores.
 //!
-//! A small CPU-bound wasm loop (integer arithmetic with a division, like the
-//! kernels tasks usually run) is run on the node's engine until a known
+//! A small CPU-bound wasm loop (trial division, like the kernels tasks
+//! usually run) is run on the node's engine until a known
 //! amount of fuel is spent; the fastest of a few runs is kept, since other
 //! load on the machine can only make a run slower. Fuel per second differs a
 //! little between guests (fuel counts instructions, not time), which is why
@@ -14,17 +14,26 @@ use wasmtime::{Engine, Instance, Module, Store, Trap};
 
 use super::ResourceError;
 
+/// Trial division, the shape of the CPU-bound kernels tasks usually run:
+/// for odd `n` from a million up, divide by odd `i` while `i * i <= n`.
+/// Runs until its fuel is spent.
 const SPIN_WAT: &str = r#"
 (module
-  (func (export "spin") (param $n i64) (result i64)
-    (local $i i64) (local $acc i64)
+  (func (export "spin") (param $limit i64) (result i64)
+    (local $n i64) (local $i i64) (local $acc i64) (local $k i64)
+    (local.set $n (i64.const 1000003))
+    (local.set $i (i64.const 3))
     (loop $again
+      (if (i64.gt_u (i64.mul (local.get $i) (local.get $i)) (local.get $n))
+        (then
+          (local.set $n (i64.add (local.get $n) (i64.const 2)))
+          (local.set $i (i64.const 3))))
       (local.set $acc
         (i64.add (local.get $acc)
-          (i64.rem_u (i64.mul (local.get $i) (i64.const 2654435761))
-                     (i64.or (local.get $i) (i64.const 3)))))
-      (local.set $i (i64.add (local.get $i) (i64.const 1)))
-      (br_if $again (i64.lt_u (local.get $i) (local.get $n))))
+          (i64.extend_i32_u (i64.eqz (i64.rem_u (local.get $n) (local.get $i))))))
+      (local.set $i (i64.add (local.get $i) (i64.const 2)))
+      (local.set $k (i64.add (local.get $k) (i64.const 1)))
+      (br_if $again (i64.lt_u (local.get $k) (local.get $limit))))
     (local.get $acc)))
 "#;
 

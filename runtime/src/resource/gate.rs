@@ -7,6 +7,10 @@
 //! guest again awaits the next quantum from a [`FuelGate`]. A `Pending`
 //! without a synchronous wake (a host function waiting on I/O) is passed
 //! through: no fuel was burnt for it.
+//!
+//! The call's wall-clock deadline is kept here too, because time spent
+//! waiting for the gate must not count: a subtask the governor suspends is
+//! paused, and must not be killed by its deadline for being paused.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use futures::future::BoxFuture;
+use tokio::time::{Instant, Sleep};
 
 /// Hands out fuel quanta to one running sandbox.
 pub trait FuelGate: Send + Sync + std::fmt::Debug {
@@ -24,21 +29,54 @@ pub trait FuelGate: Send + Sync + std::fmt::Debug {
     fn acquire(self: Arc<Self>, fuel: u64) -> BoxFuture<'static, ()>;
 }
 
+/// The call ran out of wall-clock time (time waiting for the gate excluded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlineExceeded;
+
 /// A call's future whose every fuel quantum, the first included, comes from
-/// a gate. Without a gate it is the inner future unchanged.
+/// a gate, under a deadline that stops while the gate makes it wait. Without
+/// a gate it is the inner future under a plain deadline.
 pub struct Governed<F> {
     inner: Pin<Box<F>>,
     gate: Option<Arc<dyn FuelGate>>,
     quantum: u64,
-    /// The quantum being waited for; the guest is not polled meanwhile.
-    waiting: Option<BoxFuture<'static, ()>>,
+    /// The quantum being waited for (and since when); the guest is not
+    /// polled meanwhile.
+    waiting: Option<(BoxFuture<'static, ()>, Instant)>,
     started: bool,
     probe: Arc<YieldProbe>,
+    deadline: Option<Deadline>,
+}
+
+struct Deadline {
+    /// When it would fire had the call never waited for the gate.
+    base: Instant,
+    waited: std::time::Duration,
+    timer: Pin<Box<Sleep>>,
 }
 
 impl<F: Future> Governed<F> {
-    /// `quantum` is the store's fuel yield interval.
-    pub fn new(inner: F, gate: Option<Arc<dyn FuelGate>>, quantum: u64) -> Self {
+    /// `quantum` is the store's fuel yield interval; `deadline` the call's
+    /// wall-clock limit (`None`: none).
+    pub fn new(
+        inner: F,
+        gate: Option<Arc<dyn FuelGate>>,
+        quantum: u64,
+        deadline: Option<std::time::Duration>,
+    ) -> Self {
+        let deadline = deadline.map(|limit| {
+            let now = Instant::now();
+            // Like `tokio::time::timeout`, a deadline too far to represent
+            // is about thirty years away.
+            let base = now
+                .checked_add(limit)
+                .unwrap_or_else(|| now + std::time::Duration::from_secs(86400 * 365 * 30));
+            Deadline {
+                base,
+                waited: std::time::Duration::ZERO,
+                timer: Box::pin(tokio::time::sleep_until(base)),
+            }
+        });
         Governed {
             inner: Box::pin(inner),
             gate,
@@ -46,28 +84,41 @@ impl<F: Future> Governed<F> {
             waiting: None,
             started: false,
             probe: Arc::new(YieldProbe::default()),
+            deadline,
         }
     }
 }
 
 impl<F: Future> Future for Governed<F> {
-    type Output = F::Output;
+    type Output = Result<F::Output, DeadlineExceeded>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let Some(gate) = &this.gate else {
-            return this.inner.as_mut().poll(cx);
-        };
-        if !this.started {
-            this.started = true;
-            this.waiting = Some(gate.clone().acquire(this.quantum));
+        if let Some(gate) = &this.gate {
+            if !this.started {
+                this.started = true;
+                this.waiting = Some((gate.clone().acquire(this.quantum), Instant::now()));
+            }
         }
-        if let Some(waiting) = &mut this.waiting {
+        if let Some((waiting, since)) = &mut this.waiting {
             if waiting.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+            let since = *since;
             this.waiting = None;
+            if let Some(d) = &mut this.deadline {
+                d.waited += since.elapsed();
+                d.timer.as_mut().reset(d.base + d.waited);
+            }
         }
+        if let Some(d) = &mut this.deadline {
+            if d.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(DeadlineExceeded));
+            }
+        }
+        let Some(gate) = &this.gate else {
+            return this.inner.as_mut().poll(cx).map(Ok);
+        };
         this.probe.arm(cx.waker());
         let waker = Waker::from(this.probe.clone());
         let polled = this.inner.as_mut().poll(&mut Context::from_waker(&waker));
@@ -81,10 +132,10 @@ impl<F: Future> Future for Governed<F> {
             if next.as_mut().poll(cx).is_ready() {
                 cx.waker().wake_by_ref();
             } else {
-                this.waiting = Some(next);
+                this.waiting = Some((next, Instant::now()));
             }
         }
-        polled
+        polled.map(Ok)
     }
 }
 
@@ -138,6 +189,7 @@ impl Wake for YieldProbe {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
 
     use super::*;
 
@@ -186,7 +238,14 @@ mod tests {
     #[tokio::test]
     async fn every_fuel_yield_takes_a_quantum_from_the_gate() {
         let gate = Arc::new(Counting::default());
-        let out = Governed::new(guest(5, 3), Some(gate.clone() as Arc<dyn FuelGate>), 10).await;
+        let out = Governed::new(
+            guest(5, 3),
+            Some(gate.clone() as Arc<dyn FuelGate>),
+            10,
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(out, 7);
         // The first quantum plus one per yield; the I/O waits take none.
         assert_eq!(gate.quanta.load(Ordering::SeqCst), 6);
@@ -201,7 +260,8 @@ mod tests {
         let mut fut = std::pin::pin!(Governed::new(
             guest(3, 0),
             Some(gate.clone() as Arc<dyn FuelGate>),
-            10
+            10,
+            None
         ));
         let woken = Arc::new(Flag::default());
         let waker = Waker::from(woken.clone());
@@ -229,7 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_gate_the_future_is_unchanged() {
-        assert_eq!(Governed::new(guest(3, 1), None, 10).await, 7);
+        assert_eq!(Governed::new(guest(3, 1), None, 10, None).await, Ok(7));
     }
 
     /// Grants only after a signal: the guest must not run meanwhile.
@@ -256,12 +316,41 @@ mod tests {
             },
             Some(Arc::new(Held(rx)) as Arc<dyn FuelGate>),
             1,
+            None,
         );
         let handle = tokio::spawn(fut);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!ran.load(Ordering::SeqCst), "ran before the first quantum");
         tx.send(true).unwrap();
-        handle.await.unwrap();
+        handle.await.unwrap().unwrap();
         assert!(ran.load(Ordering::SeqCst));
+    }
+
+    /// Time waiting for the gate does not count against the deadline;
+    /// time the guest itself takes does.
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_stops_while_the_gate_makes_the_call_wait() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let gate = Some(Arc::new(Held(rx)) as Arc<dyn FuelGate>);
+        let limit = Some(Duration::from_secs(10));
+        // Held back 60 s, then 1 ms of I/O: finishes.
+        let handle = tokio::spawn(Governed::new(guest(0, 1), gate.clone(), 1, limit));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        tx.send(true).unwrap();
+        assert_eq!(handle.await.unwrap(), Ok(7));
+        // Granted at once, then 20 s of I/O: past the deadline.
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        };
+        assert_eq!(
+            Governed::new(slow, gate, 1, limit).await,
+            Err(DeadlineExceeded)
+        );
+        // Ungoverned calls have a plain deadline.
+        let slow = tokio::time::sleep(Duration::from_secs(20));
+        assert_eq!(
+            Governed::new(slow, None, 1, limit).await,
+            Err(DeadlineExceeded)
+        );
     }
 }

@@ -31,7 +31,7 @@ pub mod hog;
 pub mod manager;
 pub mod scheduler;
 
-pub use gate::{FuelGate, Governed};
+pub use gate::{DeadlineExceeded, FuelGate, Governed};
 pub use governor::{Governor, GovernorConfig, GovernorSnapshot, Lease, TaskInfo};
 pub use manager::{ManagerConfig, ManagerState, ResourceManager, TickReport};
 pub use scheduler::{Command, Scheduler, Stats};

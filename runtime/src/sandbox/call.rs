@@ -89,12 +89,14 @@ pub(crate) async fn invoke(
             format!("cannot set up the store: {e:#}"),
         )),
         Ok(()) => {
+            // The deadline stops while the governor makes the call wait.
             let governed = Governed::new(
                 call(&mut store, module, entry, request),
                 env.gate.clone(),
                 config.fuel_yield_interval,
+                Some(limits.deadline),
             );
-            match tokio::time::timeout(limits.deadline, governed).await {
+            match governed.await {
                 Ok(Ok(bytes)) => Ok(bytes),
                 Ok(Err(CallError::Wasm(e))) => {
                     let contents = log.contents();
