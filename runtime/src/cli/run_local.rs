@@ -126,7 +126,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Output::Text => {
             print_summary(&summary);
-            eprintln!("governor: {governed}");
+            eprintln!("{}", governor_line(&governed));
         }
     }
     Ok(if ok {
@@ -157,6 +157,27 @@ fn governor_json(governor: &Governor, manager: Option<&ResourceManager>) -> serd
             })
         }
     }
+}
+
+/// The governor's final state for people, e.g. `governor cpu: level 0.62
+/// cores, 1/2 slots allowed, last command hold at 64% node cpu`.
+fn governor_line(g: &serde_json::Value) -> String {
+    let mut line = format!(
+        "governor {}: {}/{} slots allowed",
+        g["scheduler"].as_str().unwrap_or("?"),
+        g["allowed"],
+        g["slots"]
+    );
+    if let Some(level) = g["level"].as_f64() {
+        line.push_str(&format!(", level {level:.2} cores"));
+    }
+    if let (Some(cmd), Some(cpu)) = (g["last_command"].as_str(), g["cpu"].as_f64()) {
+        line.push_str(&format!(
+            ", last command {cmd} at {:.0}% node cpu",
+            cpu * 100.0
+        ));
+    }
+    line
 }
 
 /// The one JSON object of `-o json`.
