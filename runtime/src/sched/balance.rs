@@ -57,22 +57,9 @@ pub fn balance<S: Copy>(queued: &[Queued<S>], eligible: &[NodeId]) -> Vec<Move<S
             to,
         });
     }
-    loop {
-        let (Some((max_node, max_len)), Some((min_node, min_len))) = (
-            per_node
-                .iter()
-                .map(|(n, l)| (*n, l.len()))
-                .max_by_key(|(n, len)| (*len, std::cmp::Reverse(*n))),
-            per_node
-                .iter()
-                .map(|(n, l)| (*n, l.len()))
-                .min_by_key(|(n, len)| (*len, *n)),
-        ) else {
-            break;
-        };
-        if max_len <= min_len + 1 {
-            break;
-        }
+    // Move one subtask at a time from the fullest node to the emptiest
+    // until they differ by at most one.
+    while let Some((max_node, min_node)) = fullest_and_emptiest(&per_node) {
         let subtask = per_node
             .get_mut(&max_node)
             .expect("known node")
@@ -89,6 +76,14 @@ pub fn balance<S: Copy>(queued: &[Queued<S>], eligible: &[NodeId]) -> Vec<Move<S
         });
     }
     moves
+}
+
+/// The fullest and the emptiest node when they differ by more than one.
+fn fullest_and_emptiest<S>(per_node: &BTreeMap<NodeId, Vec<S>>) -> Option<(NodeId, NodeId)> {
+    let lens = || per_node.iter().map(|(n, l)| (*n, l.len()));
+    let (max_node, max_len) = lens().max_by_key(|(n, len)| (*len, std::cmp::Reverse(*n)))?;
+    let (min_node, min_len) = lens().min_by_key(|(n, len)| (*len, *n))?;
+    (max_len > min_len + 1).then_some((max_node, min_node))
 }
 
 /// A node is down when its last heartbeat is older than `timeout`.
