@@ -1,1 +1,7 @@
-fn main() {}
+//! The `stoker` binary.
+
+mod cli;
+
+fn main() -> anyhow::Result<()> {
+    cli::run()
+}
