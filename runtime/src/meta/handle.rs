@@ -282,7 +282,16 @@ impl MetaNode {
         self.retry("propose", |left| {
             let cmd = cmd.clone();
             async move {
-                match self.propose_local(cmd.clone(), left).await {
+                // Known follower: forward at once rather than ask the Raft
+                // loop, which may be busy syncing the log.
+                let known = *self.inner.leader.borrow();
+                let local = match known.leader_id {
+                    Some(l) if !known.is_leader && l != self.inner.id => {
+                        Err(MetaError::NotLeader { leader: Some(l) })
+                    }
+                    _ => self.propose_local(cmd.clone(), left).await,
+                };
+                match local {
                     Err(MetaError::NotLeader { leader: Some(l) }) if l != self.inner.id => {
                         match self.inner.forwarder.get() {
                             Some(f) => tokio::time::timeout(left, f.propose(l, cmd))

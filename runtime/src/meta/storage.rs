@@ -262,7 +262,8 @@ impl RedbStorage {
     }
 
     /// Persists one Ready's snapshot, entries and hard state in a single
-    /// synced transaction (the `sync` of the Ready contract).
+    /// synced transaction (the `sync` of the Ready contract). When only the
+    /// commit index changed, the write is not synced (see the body).
     ///
     /// # Errors
     /// [`MetaError::Invalid`] for entries that would leave a hole or rewrite
@@ -274,7 +275,19 @@ impl RedbStorage {
         hard_state: Option<&HardState>,
     ) -> Result<(), MetaError> {
         let mut next = self.cached();
-        let txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        let mut txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        // A Ready that only moves the commit index needs no sync: a lost
+        // commit index is learnt again from the leader. Entries, snapshots,
+        // terms and votes are always synced.
+        let commit_only = snapshot.is_none()
+            && entries.is_empty()
+            && hard_state.is_some_and(|hs| {
+                hs.term == next.hard_state.term && hs.vote == next.hard_state.vote
+            });
+        if commit_only {
+            txn.set_durability(Durability::None)
+                .map_err(|e| self.err(redb::Error::from(e)))?;
+        }
         if let Some(snap) = snapshot {
             self.install_snapshot(&txn, snap, &mut next)?;
         }
