@@ -3,7 +3,7 @@
 //! sender task per peer.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use protobuf::Message as PbMessage;
@@ -53,6 +53,8 @@ struct Peer {
 /// The client half: implements [`Transport`] for the Raft loop.
 pub struct GrpcTransport {
     me: u64,
+    /// This node's gRPC address, sent along with every batch.
+    advertise: String,
     config: TransportConfig,
     peers: Mutex<HashMap<u64, Peer>>,
     reporter: OnceLock<Reporter>,
@@ -60,14 +62,31 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    /// A transport whose peer tasks run on `runtime`.
-    pub fn new(me: u64, config: TransportConfig, runtime: tokio::runtime::Handle) -> Self {
+    /// A transport for node `me` reachable at `advertise`, whose peer tasks
+    /// run on `runtime`.
+    pub fn new(
+        me: u64,
+        advertise: String,
+        config: TransportConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         GrpcTransport {
             me,
+            advertise,
             config,
             peers: Mutex::new(HashMap::new()),
             reporter: OnceLock::new(),
             runtime,
+        }
+    }
+
+    /// Registers a peer's address learnt from its messages, unless the
+    /// replicated membership already gave one.
+    pub fn learn_peer(&self, id: u64, addr: &str) {
+        let known = self.peers.lock().expect("peers lock").contains_key(&id);
+        if !known && id != self.me && !addr.is_empty() {
+            debug!(peer = id, addr, "learnt peer address from its messages");
+            self.set_peer(id, addr);
         }
     }
 
@@ -135,6 +154,7 @@ impl Transport for GrpcTransport {
         let channel = endpoint.connect_lazy();
         let sender = PeerSender {
             me: self.me,
+            advertise: self.advertise.clone(),
             to: id,
             client: RaftTransportClient::new(channel)
                 .max_decoding_message_size(usize::MAX)
@@ -160,6 +180,7 @@ impl Transport for GrpcTransport {
 
 struct PeerSender {
     me: u64,
+    advertise: String,
     to: u64,
     client: RaftTransportClient<Channel>,
     reporter: Reporter,
@@ -201,6 +222,7 @@ impl PeerSender {
             from: self.me,
             to: self.to,
             messages: encoded,
+            from_addr: self.advertise.clone(),
         };
         if let Err(status) = self.client.send(req).await {
             debug!(to = self.to, error = %status.message(), "raft send failed");
@@ -246,14 +268,17 @@ impl PeerSender {
 /// The server half: hands received messages to the local Raft loop.
 pub struct RaftService {
     node: MetaNode,
+    transport: Arc<GrpcTransport>,
     max_snapshot_bytes: usize,
 }
 
 impl RaftService {
-    /// Serves messages for `node`.
-    pub fn new(node: MetaNode, config: &TransportConfig) -> Self {
+    /// Serves messages for `node`, teaching `transport` the addresses of
+    /// senders it does not know yet.
+    pub fn new(node: MetaNode, transport: Arc<GrpcTransport>, config: &TransportConfig) -> Self {
         RaftService {
             node,
+            transport,
             max_snapshot_bytes: config.max_snapshot_bytes,
         }
     }
@@ -274,6 +299,7 @@ impl RaftTransport for RaftService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let batch = request.into_inner();
         self.check_to(batch.to)?;
+        self.transport.learn_peer(batch.from, &batch.from_addr);
         for bytes in batch.messages {
             let msg = Message::parse_from_bytes(&bytes)
                 .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;

@@ -157,6 +157,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
     let tcfg = TransportConfig::default();
     let transport = Arc::new(GrpcTransport::new(
         cfg.id,
+        addr.to_string(),
         tcfg.clone(),
         tokio::runtime::Handle::current(),
     ));
@@ -165,10 +166,16 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
     } else {
         parse_peers(&cfg.peers)?
     };
-    let node = MetaNode::start(cfg.id, cfg.meta.clone(), storage, &initial, transport)?;
+    let node = MetaNode::start(
+        cfg.id,
+        cfg.meta.clone(),
+        storage,
+        &initial,
+        transport.clone(),
+    )?;
     let timeout = cfg.meta.request_timeout();
     node.set_forwarder(Arc::new(GrpcForwarder::new(node.clone(), timeout)));
-    let raft_svc = RaftTransportServer::new(RaftService::new(node.clone(), &tcfg))
+    let raft_svc = RaftTransportServer::new(RaftService::new(node.clone(), transport, &tcfg))
         .max_decoding_message_size(usize::MAX);
     let meta_svc = MetaServer::new(MetaService::new(node.clone(), timeout));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

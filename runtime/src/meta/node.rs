@@ -84,7 +84,12 @@ pub(crate) struct Driver {
     conf_changes: HashMap<u64, Reply<()>>,
     next_id: u64,
     last_compact: u64,
+    /// Peer → consecutive rejects saying its log ends before what it acked.
+    lost_log_strikes: HashMap<u64, u32>,
 }
+
+/// Rejects in a row after which a peer is taken to have lost its log.
+const LOST_LOG_STRIKES: u32 = 3;
 
 impl Driver {
     pub(crate) fn new(
@@ -117,6 +122,7 @@ impl Driver {
             conf_changes: HashMap::new(),
             next_id,
             last_compact,
+            lost_log_strikes: HashMap::new(),
         }
     }
 
@@ -248,13 +254,28 @@ impl Driver {
                 }
                 true
             }
-            MessageType::MsgAppendResponse if m.reject && self.is_leader() => {
+            MessageType::MsgAppendResponse if !m.reject => {
+                self.lost_log_strikes.remove(&m.from);
+                true
+            }
+            MessageType::MsgAppendResponse if self.is_leader() => {
                 let Some(pr) = self.raw.raft.mut_prs().get_mut(m.from) else {
                     return true;
                 };
                 if m.reject_hint >= pr.matched {
                     return true;
                 }
+                // One such reject may be a stale message that overtook newer
+                // ones; a peer that really lost its log rejects every append.
+                let strikes = self.lost_log_strikes.entry(m.from).or_insert(0);
+                *strikes += 1;
+                if *strikes < LOST_LOG_STRIKES {
+                    return true;
+                }
+                self.lost_log_strikes.remove(&m.from);
+                let Some(pr) = self.raw.raft.mut_prs().get_mut(m.from) else {
+                    return true;
+                };
                 warn!(
                     node_id = self.id,
                     peer = m.from,
