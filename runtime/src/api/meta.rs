@@ -18,7 +18,7 @@ use stoker_proto::meta::{
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
-use crate::meta::{Consistency, Forwarder, MetaError, MetaNode, NodeStatus};
+use crate::meta::{Consistency, Forwarder, MetaError, MetaNode, NodeStatus, RedbStorage};
 
 /// The one mapping from metadata errors to gRPC status codes.
 pub fn to_status(e: MetaError) -> Status {
@@ -64,16 +64,18 @@ pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<MetaClient<Channel>
 
 /// Forwards over gRPC, to the address the replicated membership records.
 pub struct GrpcForwarder {
-    node: MetaNode,
+    /// The membership's addresses. Not the node itself: the node owns its
+    /// forwarder, and a handle here would keep the node alive forever.
+    storage: RedbStorage,
     timeout: Duration,
     clients: Mutex<HashMap<u64, (String, MetaClient<Channel>)>>,
 }
 
 impl GrpcForwarder {
     /// Forwards on behalf of `node`; each call is bounded by `timeout`.
-    pub fn new(node: MetaNode, timeout: Duration) -> Self {
+    pub fn new(node: &MetaNode, timeout: Duration) -> Self {
         GrpcForwarder {
-            node,
+            storage: node.storage().clone(),
             timeout,
             clients: Mutex::new(HashMap::new()),
         }
@@ -81,8 +83,7 @@ impl GrpcForwarder {
 
     fn client(&self, leader: u64) -> Result<MetaClient<Channel>, MetaError> {
         let addr = self
-            .node
-            .storage()
+            .storage
             .members()?
             .into_iter()
             .find(|(id, _)| *id == leader)

@@ -16,19 +16,24 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use crate::meta::{MetaNode, Reporter, Transport};
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{MetaError, MetaNode, Reporter, Transport};
 
 /// Tunables of the gRPC Raft transport.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TransportConfig {
-    /// Messages queued per peer; more are dropped. Default 4096.
+    /// Messages queued per peer; more are dropped (Raft retransmits), so a
+    /// down peer costs bounded memory. Default 4096.
     pub queue_capacity: usize,
     /// Most messages in one `Send` call. Default 256.
     pub max_batch: usize,
-    /// Snapshot chunk size in bytes. Default 1 MiB.
+    /// Snapshot chunk size, in bytes. Default 1 MiB.
     pub chunk_bytes: usize,
-    /// Timeout of one `Send` call. Default 2 s.
-    pub send_timeout: Duration,
+    /// Timeout of one `Send` call, in milliseconds (a snapshot gets 30
+    /// times this). Default 2000.
+    pub send_timeout_ms: u64,
     /// Largest snapshot accepted, in bytes. Default 1 GiB.
     pub max_snapshot_bytes: usize,
 }
@@ -39,9 +44,33 @@ impl Default for TransportConfig {
             queue_capacity: 4096,
             max_batch: 256,
             chunk_bytes: 1 << 20,
-            send_timeout: Duration::from_secs(2),
+            send_timeout_ms: 2000,
             max_snapshot_bytes: 1 << 30,
         }
+    }
+}
+
+impl TransportConfig {
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// [`MetaError::Config`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), MetaError> {
+        if self.queue_capacity == 0 || self.max_batch == 0 || self.chunk_bytes == 0 {
+            return Err(MetaError::Config(
+                "transport queue_capacity, max_batch and chunk_bytes must be > 0".into(),
+            ));
+        }
+        if self.send_timeout_ms == 0 {
+            return Err(MetaError::Config(
+                "transport send_timeout_ms must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.send_timeout_ms)
     }
 }
 
@@ -142,7 +171,7 @@ impl Transport for GrpcTransport {
         let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(1))
-                .timeout(self.config.send_timeout)
+                .timeout(self.config.send_timeout())
                 .tcp_nodelay(true),
             Err(e) => {
                 warn!(peer = id, addr, error = %e, "bad peer address");
@@ -251,7 +280,7 @@ impl PeerSender {
             .collect();
         let mut req = Request::new(futures::stream::iter(chunks));
         // A snapshot may take longer than a batch.
-        req.set_timeout(self.config.send_timeout * 30);
+        req.set_timeout(self.config.send_timeout() * 30);
         let ok = match self.client.snapshot(req).await {
             Ok(_) => true,
             Err(status) => {
@@ -327,3 +356,7 @@ impl RaftTransport for RaftService {
         Ok(Response::new(RaftAck {}))
     }
 }
+
+#[cfg(test)]
+#[path = "raft_tests.rs"]
+mod tests;

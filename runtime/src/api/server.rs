@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub join: bool,
     /// Raft tunables.
     pub meta: MetaConfig,
+    /// Raft transport tunables.
+    pub transport: TransportConfig,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +51,7 @@ impl Default for ServerConfig {
             peers: String::new(),
             join: false,
             meta: MetaConfig::default(),
+            transport: TransportConfig::default(),
         }
     }
 }
@@ -87,6 +90,7 @@ impl ServerConfig {
     /// [`MetaError::Config`] naming the problem.
     pub fn validate(&self) -> Result<(), MetaError> {
         self.meta.validate()?;
+        self.transport.validate()?;
         if self.id == 0 {
             return Err(MetaError::Config("id must be > 0".into()));
         }
@@ -154,7 +158,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         what: "read listen address".into(),
         source,
     })?;
-    let tcfg = TransportConfig::default();
+    let tcfg = cfg.transport.clone();
     let transport = Arc::new(GrpcTransport::new(
         cfg.id,
         addr.to_string(),
@@ -174,7 +178,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         transport.clone(),
     )?;
     let timeout = cfg.meta.request_timeout();
-    node.set_forwarder(Arc::new(GrpcForwarder::new(node.clone(), timeout)));
+    node.set_forwarder(Arc::new(GrpcForwarder::new(&node, timeout)));
     let raft_svc = RaftTransportServer::new(RaftService::new(node.clone(), transport, &tcfg))
         .max_decoding_message_size(usize::MAX);
     let meta_svc = MetaServer::new(MetaService::new(node.clone(), timeout));

@@ -15,7 +15,7 @@ pub mod config;
 pub mod error;
 pub mod handle;
 mod logger;
-mod node;
+pub(crate) mod node;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;
