@@ -205,3 +205,88 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         task: Some(task),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_config_parses_validates_and_rejects_unknown_fields() {
+        let cfg: ServerConfig = toml::from_str(
+            r#"
+            id = 2
+            listen = "127.0.0.1:7402"
+            data_dir = "/var/lib/stoker"
+            peers = "1=127.0.0.1:7401, 2=127.0.0.1:7402"
+            [meta]
+            tick_ms = 20
+            [transport]
+            chunk_bytes = 4096
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.meta.tick_ms, 20);
+        assert_eq!(
+            cfg.meta.election_ticks,
+            MetaConfig::default().election_ticks
+        );
+        assert_eq!(cfg.transport.chunk_bytes, 4096);
+        assert_eq!(
+            parse_peers(&cfg.peers).unwrap(),
+            vec![(1, "127.0.0.1:7401".into()), (2, "127.0.0.1:7402".into())]
+        );
+        let err = toml::from_str::<ServerConfig>("id = 1\nlisten_addr = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected_with_a_reason() {
+        let base = ServerConfig {
+            id: 1,
+            peers: "1=a:1,2=b:2".into(),
+            ..ServerConfig::default()
+        };
+        base.validate().unwrap();
+        let cases = [
+            ServerConfig {
+                id: 0,
+                ..base.clone()
+            },
+            ServerConfig {
+                id: 3,
+                ..base.clone()
+            },
+            ServerConfig {
+                peers: "1=a:1,1=b:2".into(),
+                ..base.clone()
+            },
+            ServerConfig {
+                peers: "x=a:1".into(),
+                ..base.clone()
+            },
+            ServerConfig {
+                peers: "1".into(),
+                ..base.clone()
+            },
+            ServerConfig {
+                meta: MetaConfig {
+                    heartbeat_ticks: 10,
+                    ..MetaConfig::default()
+                },
+                ..base.clone()
+            },
+        ];
+        for c in cases {
+            assert!(matches!(c.validate(), Err(MetaError::Config(_))), "{c:?}");
+        }
+        // A joining node need not be in the peer list.
+        ServerConfig {
+            id: 3,
+            join: true,
+            ..base
+        }
+        .validate()
+        .unwrap();
+    }
+}
