@@ -60,10 +60,17 @@ pub(super) async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut running = server::start(&cfg).await?;
     // Scripts and tests read this line to learn the bound address.
     println!("listening on {}", running.addr);
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("interrupted, shutting down"),
-        _ = running.wait() => info!("server stopped"),
-    }
+    // The leadership watch closes when the Raft loop ends (fatal error).
+    let mut raft = running.node.leader_watch();
+    let raft_stopped = async move { while raft.changed().await.is_ok() {} };
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            info!("interrupted, shutting down");
+            Ok(())
+        }
+        _ = running.wait() => Err(anyhow::anyhow!("grpc server stopped")),
+        _ = raft_stopped => Err(anyhow::anyhow!("raft loop stopped; see the log for the cause")),
+    };
     running.shutdown().await;
-    Ok(())
+    outcome
 }
