@@ -235,8 +235,8 @@ impl Driver {
 
     /// Copes with a peer that lost its log (its data directory was wiped)
     /// and came back under the same id, which Raft itself does not allow
-    /// for: the follower does not take a commit index beyond its log from a
-    /// heartbeat, and the leader, told that the peer's log ends before what
+    /// for: the follower ignores a heartbeat's commit index beyond its log,
+    /// and the leader, told that the peer's log ends before what
     /// it had replicated there, forgets that progress so the peer is probed
     /// from scratch and sent a snapshot. Returns whether to step `m`.
     fn guard_lost_log(&mut self, m: &mut Message) -> bool {
@@ -244,13 +244,15 @@ impl Driver {
             MessageType::MsgHeartbeat => {
                 let last = self.raw.raft.raft_log.last_index();
                 if m.commit > last {
+                    // Commit nothing on its word: our log may not match the
+                    // leader's at all.
                     warn!(
                         node_id = self.id,
                         commit = m.commit,
                         last,
-                        "heartbeat commit beyond local log, clamped"
+                        "heartbeat commit beyond local log, ignored"
                     );
-                    m.commit = last;
+                    m.commit = self.raw.raft.raft_log.committed;
                 }
                 true
             }
