@@ -176,3 +176,28 @@ fn config_and_cluster_commands() {
         "removal\n"
     );
 }
+
+#[test]
+fn server_refuses_a_corrupt_data_file_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.redb");
+    std::fs::write(&db, vec![0x5Au8; 32 * 1024]).unwrap();
+    let out = Command::new(exe())
+        .args([
+            "server",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--peers",
+            "1=127.0.0.1:1",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(db.to_str().unwrap()), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

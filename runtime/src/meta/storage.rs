@@ -158,10 +158,27 @@ impl RedbStorage {
             c.conf_state =
                 ConfState::parse_from_bytes(v.value()).map_err(|_| corrupt("bad conf state"))?;
         }
-        c.last_index = match log.last().map_err(|e| err(e.into()))? {
-            Some((k, _)) => k.value(),
-            None => c.snap_index,
-        };
+        // Check every entry now: raft-rs treats a storage error on the log
+        // as fatal, so a bad record must stop the node here, with its name.
+        c.last_index = c.snap_index;
+        for row in log.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = row.map_err(|e| err(e.into()))?;
+            let index = k.value();
+            if index != c.last_index + 1 {
+                return Err(corrupt(&format!(
+                    "log entry {} follows {} (the log starts after {})",
+                    index, c.last_index, c.snap_index
+                )));
+            }
+            let bytes = v.value();
+            let ok = bytes.len() >= 8
+                && Entry::parse_from_bytes(&bytes[8..])
+                    .is_ok_and(|e| e.index == index && e.term.to_be_bytes() == bytes[..8]);
+            if !ok {
+                return Err(corrupt(&format!("bad log entry {index}")));
+            }
+            c.last_index = index;
+        }
         if c.applied_index < c.snap_index || c.applied_index > c.last_index {
             return Err(corrupt(&format!(
                 "applied index {} outside the log [{}, {}]",

@@ -217,3 +217,36 @@ fn truncated_file_is_a_clear_error_naming_it() {
     let err = RedbStorage::open(&path).unwrap_err();
     assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
 }
+
+#[test]
+fn corrupt_log_entry_is_a_clear_error_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    {
+        let s = RedbStorage::open(&path).unwrap();
+        let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
+        s.persist(None, &ents, None).unwrap();
+    }
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(LOG)
+            .unwrap()
+            .insert(3u64, b"garbage!garbage".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = RedbStorage::open(&path).unwrap_err().to_string();
+    assert!(
+        err.contains(path.to_str().unwrap()) && err.contains("log entry 3"),
+        "{err}"
+    );
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(LOG).unwrap().remove(3u64).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = RedbStorage::open(&path).unwrap_err().to_string();
+    assert!(err.contains("log entry 4 follows 2"), "{err}");
+}
