@@ -1,7 +1,7 @@
-//! The `stoker` binary.
+//! The `stoker` binary: see `stoker --help`.
 
 mod cli;
 
-fn main() -> anyhow::Result<()> {
-    cli::run()
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

@@ -15,7 +15,7 @@ fn exe() -> &'static Path {
 fn stoker(args: &[&str]) -> Output {
     Command::new(exe())
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("STOKER_LOG", "warn")
         .output()
         .expect("stoker runs")
 }

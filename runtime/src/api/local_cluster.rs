@@ -116,7 +116,7 @@ impl LocalCluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(["--peers", &self.peers])
-            .env("RUST_LOG", "info,raft=warn")
+            .env("STOKER_LOG", "info,raft=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,5 +1,6 @@
 //! `stoker cluster status|add|remove|transfer-leader`.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -77,7 +78,11 @@ async fn node_status(addr: &str) -> Option<StatusResponse> {
         .map(|r| r.into_inner())
 }
 
-pub(super) async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
+pub(super) async fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
+    run_inner(cmd).await.map(|()| ExitCode::SUCCESS)
+}
+
+async fn run_inner(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Status { endpoint, output } => {
             let first = endpoint

@@ -1,5 +1,7 @@
 //! `stoker config set|get|list`: cluster-wide settings in the replicated state.
 
+use std::process::ExitCode;
+
 use stoker_proto::meta::{
     command, command_result, query, query_result, Command, GetConfig, ListConfig, ProposeRequest,
     Query, QueryRequest, SetConfig,
@@ -34,7 +36,11 @@ pub(super) enum ConfigCommand {
     },
 }
 
-pub(super) async fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
+pub(super) async fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
+    run_inner(cmd).await.map(|()| ExitCode::SUCCESS)
+}
+
+async fn run_inner(cmd: ConfigCommand) -> anyhow::Result<()> {
     match cmd {
         ConfigCommand::Set {
             key,

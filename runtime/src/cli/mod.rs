@@ -1,38 +1,64 @@
-//! The `stoker` command line. Each subcommand lives in its own file.
+//! The `stoker` command line. Each subcommand lives in its own file; errors
+//! become one actionable line on stderr and a non-zero exit code.
 
-mod bench;
+mod bench_meta;
 mod cluster;
 mod config;
 mod server;
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use stoker_proto::meta::meta_client::MetaClient;
 use tonic::transport::Channel;
 
-/// Stoker: a distributed task platform whose task logic is WebAssembly.
+/// Stoker: distributed tasks whose logic is WebAssembly.
 #[derive(Debug, Parser)]
-#[command(name = "stoker", version, about)]
-pub struct Cli {
+#[command(name = "stoker", version, about, long_about = None)]
+struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node.
+    /// Run a scheduler node: its Raft metadata and gRPC API.
+    ///
+    /// Example: stoker server --id 1 --listen 127.0.0.1:7401 --data-dir data/1 --peers 1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403
     Server(server::ServerArgs),
-    /// Read and write cluster-wide settings.
+    /// Read and write cluster-wide settings (any node accepts them).
+    ///
+    /// Example: stoker config set scheduler.interval 5s --endpoint 127.0.0.1:7402
     #[command(subcommand)]
     Config(config::ConfigCommand),
     /// Inspect and change the Raft membership.
+    ///
+    /// Example: stoker cluster status --endpoint 127.0.0.1:7401 -o json
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
-    /// Benchmarks.
+    /// End-to-end benchmarks.
+    ///
+    /// Example: stoker bench meta
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(BenchWhat),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhat {
+    /// The replicated metadata: commands/s, latency, failover time.
+    Meta(bench_meta::Args),
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// For people: progress bars and a summary.
+    #[default]
+    Text,
+    /// Exactly one JSON object on stdout, for scripts.
+    Json,
 }
 
 /// Where a client command connects.
@@ -53,40 +79,41 @@ impl Endpoint {
     }
 }
 
-/// Output format of client commands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
-    #[default]
-    Text,
-    Json,
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
-/// Parses the command line and runs it.
-///
-/// # Errors
-/// Whatever the subcommand fails with, for the user to read.
-pub fn run() -> anyhow::Result<()> {
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
         match cli.command {
             Command::Server(args) => server::run(args).await,
             Command::Config(cmd) => config::run(cmd).await,
             Command::Cluster(cmd) => cluster::run(cmd).await,
-            Command::Bench(cmd) => bench::run(cmd).await,
+            Command::Bench(BenchWhat::Meta(args)) => bench_meta::run(args).await,
         }
-    })
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STOKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

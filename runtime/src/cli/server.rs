@@ -1,6 +1,7 @@
 //! `stoker server`: run a node until interrupted.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use stoker::api::server::{self, ServerConfig};
@@ -55,7 +56,7 @@ fn load(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
     Ok(cfg)
 }
 
-pub(super) async fn run(args: ServerArgs) -> anyhow::Result<()> {
+pub(super) async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let cfg = load(&args)?;
     let mut running = server::start(&cfg).await?;
     // Scripts and tests read this line to learn the bound address.
@@ -72,5 +73,5 @@ pub(super) async fn run(args: ServerArgs) -> anyhow::Result<()> {
         _ = raft_stopped => Err(anyhow::anyhow!("raft loop stopped; see the log for the cause")),
     };
     running.shutdown().await;
-    outcome
+    outcome.map(|()| ExitCode::SUCCESS)
 }

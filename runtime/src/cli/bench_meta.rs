@@ -1,6 +1,8 @@
-//! `stoker bench meta`: throughput, latency and failover of a 3-process
-//! cluster on loopback.
+//! `stoker bench meta`: committed commands/s and p50/p99 latency of a
+//! 3-process cluster on loopback for several client counts, then the time
+//! from killing the leader (SIGKILL) to the next committed write.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,15 +13,8 @@ use stoker_proto::meta::meta_client::MetaClient;
 use stoker_proto::meta::{command, Command, ProposeRequest, SetConfig};
 use tonic::transport::Channel;
 
-#[derive(Debug, clap::Subcommand)]
-pub(super) enum BenchCommand {
-    /// Committed commands/s and latency with 1 and 64 clients, then the
-    /// time from killing the leader to the next committed write.
-    Meta(MetaBenchArgs),
-}
-
 #[derive(Debug, clap::Args)]
-pub(super) struct MetaBenchArgs {
+pub struct Args {
     /// Seconds per measured run.
     #[arg(long, default_value_t = 5)]
     secs: u64,
@@ -32,10 +27,9 @@ pub(super) struct MetaBenchArgs {
     leader_only: bool,
 }
 
-pub(super) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    match cmd {
-        BenchCommand::Meta(args) => meta(args).await,
-    }
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    meta(args).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn set(key: String, value: String) -> ProposeRequest {
@@ -55,7 +49,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn meta(args: MetaBenchArgs) -> anyhow::Result<()> {
+async fn meta(args: Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the stoker binary")?;
     let dir = std::env::temp_dir().join(format!("stoker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -67,7 +61,7 @@ async fn meta(args: MetaBenchArgs) -> anyhow::Result<()> {
 async fn run_bench(
     exe: &std::path::Path,
     dir: &std::path::Path,
-    args: &MetaBenchArgs,
+    args: &Args,
 ) -> anyhow::Result<()> {
     let mut cluster = LocalCluster::start(exe, 3, dir).context("cannot start the cluster")?;
     let leader = cluster
