@@ -250,3 +250,62 @@ fn corrupt_log_entry_is_a_clear_error_at_startup() {
     let err = RedbStorage::open(&path).unwrap_err().to_string();
     assert!(err.contains("log entry 4 follows 2"), "{err}");
 }
+
+fn apply_all(s: &RedbStorage, cmds: &[Command]) -> Vec<stoker_proto::meta::CommandResult> {
+    let mut tx = s.begin_apply().unwrap();
+    let out = cmds
+        .iter()
+        .map(|c| state_machine::apply_command(tx.path(), tx.txn(), c).unwrap())
+        .collect();
+    tx.set_applied(cmds.len() as u64, 1);
+    tx.commit().unwrap();
+    out
+}
+
+#[test]
+fn applying_the_same_commands_gives_the_same_results_and_digest() {
+    use stoker_proto::meta::DeleteConfig;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let cmds: Vec<Command> = (0..500)
+        .map(|_| {
+            let key = format!("k{}", next() % 40);
+            let kind = match next() % 5 {
+                0 => command::Kind::DeleteConfig(DeleteConfig { key }),
+                1 => command::Kind::SetConfig(SetConfig {
+                    key: String::new(),
+                    value: "rejected".into(),
+                }),
+                _ => command::Kind::SetConfig(SetConfig {
+                    key,
+                    value: next().to_string(),
+                }),
+            };
+            Command { kind: Some(kind) }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let a = RedbStorage::open(&dir.path().join("a.redb")).unwrap();
+    let b = RedbStorage::open(&dir.path().join("b.redb")).unwrap();
+    let (ra, rb) = (apply_all(&a, &cmds), apply_all(&b, &cmds));
+    assert_eq!(ra, rb);
+    assert!(
+        ra.iter().any(|r| !r.error.is_empty()),
+        "no rejected command"
+    );
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    // The digest sees every change.
+    let one_more = Command {
+        kind: Some(command::Kind::SetConfig(SetConfig {
+            key: "extra".into(),
+            value: "1".into(),
+        })),
+    };
+    apply_all(&b, &[one_more]);
+    assert_ne!(a.digest().unwrap(), b.digest().unwrap());
+}
