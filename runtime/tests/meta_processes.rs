@@ -24,6 +24,7 @@ fn set(key: String, value: String) -> ProposeRequest {
             kind: Some(command::Kind::SetConfig(SetConfig { key, value })),
         }),
         forwarded: false,
+        request_id: Vec::new(),
     }
 }
 

@@ -18,7 +18,9 @@ use stoker_proto::meta::{
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
-use crate::meta::{Consistency, Forwarder, MetaError, MetaNode, NodeStatus, RedbStorage};
+use crate::meta::{
+    Consistency, Forwarder, MetaError, MetaNode, NodeStatus, RedbStorage, RequestId,
+};
 
 /// The one mapping from metadata errors to gRPC status codes.
 pub fn to_status(e: MetaError) -> Status {
@@ -110,6 +112,7 @@ impl Forwarder for GrpcForwarder {
         &self,
         leader: u64,
         cmd: Command,
+        request_id: RequestId,
     ) -> BoxFuture<'static, Result<CommandResult, MetaError>> {
         let client = self.client(leader);
         Box::pin(async move {
@@ -117,6 +120,7 @@ impl Forwarder for GrpcForwarder {
                 .propose(ProposeRequest {
                     command: Some(cmd),
                     forwarded: true,
+                    request_id: request_id.0.to_vec(),
                 })
                 .await
                 .map_err(|s| from_status(leader, s))?;
@@ -204,11 +208,17 @@ impl Meta for MetaService {
         let cmd = req
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))?;
+        let request_id = if req.request_id.is_empty() {
+            RequestId::new(self.node.id())
+        } else {
+            RequestId::from_bytes(&req.request_id)
+                .ok_or_else(|| Status::invalid_argument("request_id must be 16 bytes"))?
+        };
         let result = if req.forwarded {
             // Forwarded once already: never bounce it on.
-            self.node.propose_local(cmd, self.timeout).await
+            self.node.propose_local(cmd, request_id, self.timeout).await
         } else {
-            self.node.propose(cmd).await
+            self.node.propose_with_id(cmd, request_id).await
         }
         .map_err(to_status)?;
         Ok(Response::new(ProposeResponse {

@@ -38,6 +38,7 @@ fn set(key: String, value: String) -> ProposeRequest {
             kind: Some(command::Kind::SetConfig(SetConfig { key, value })),
         }),
         forwarded: false,
+        request_id: Vec::new(),
     }
 }
 

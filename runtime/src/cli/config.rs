@@ -54,6 +54,7 @@ async fn run_inner(cmd: ConfigCommand) -> anyhow::Result<()> {
                         kind: Some(command::Kind::SetConfig(SetConfig { key, value })),
                     }),
                     forwarded: false,
+                    request_id: Vec::new(),
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("config set failed: {}", s.message()))?

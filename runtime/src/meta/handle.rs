@@ -3,6 +3,7 @@
 //! leader, retried within a deadline); reads are linearizable through
 //! ReadIndex or local when staleness is acceptable.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ pub trait Forwarder: Send + Sync + 'static {
         &self,
         leader: u64,
         cmd: Command,
+        request_id: RequestId,
     ) -> BoxFuture<'static, Result<CommandResult, MetaError>>;
     /// Changes membership on `leader`.
     fn change_membership(
@@ -38,6 +40,35 @@ pub trait Forwarder: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), MetaError>>;
     /// Asks `leader` to hand leadership to `to`.
     fn transfer_leader(&self, leader: u64, to: u64) -> BoxFuture<'static, Result<(), MetaError>>;
+}
+
+/// Names one logical write across its retries (16 bytes); the state machine
+/// applies a request id at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId(pub [u8; 16]);
+
+impl RequestId {
+    /// A fresh id: the node id, then a per-process counter started from the
+    /// clock, so ids do not repeat across restarts.
+    pub fn new(node: u64) -> Self {
+        static START: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let start = *START.get_or_init(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+        let n = start.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed));
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&node.to_be_bytes());
+        id[8..].copy_from_slice(&n.to_be_bytes());
+        RequestId(id)
+    }
+
+    /// Parses 16 bytes.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        b.try_into().ok().map(RequestId)
+    }
 }
 
 /// How fresh a read must be.
@@ -272,13 +303,27 @@ impl MetaNode {
     /// Proposes `cmd` and returns its result once applied on this node.
     /// Concurrent proposals share log entries; on a follower the command is
     /// forwarded to the leader. Dropped proposals and leader changes are
-    /// retried until the request timeout, so a command may be applied twice
-    /// when a leader dies after committing it but before answering: commands
-    /// must be idempotent or carry their own request id.
+    /// retried until the request timeout under one [`RequestId`], so a
+    /// command whose first attempt was applied after all is not applied
+    /// again (its first result is returned).
     ///
     /// # Errors
     /// [`MetaError::Timeout`] naming the last failure, or a permanent error.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, MetaError> {
+        self.propose_with_id(cmd, RequestId::new(self.inner.id))
+            .await
+    }
+
+    /// [`Self::propose`] under a caller-chosen request id, for callers that
+    /// retry on their own (e.g. a client whose connection broke).
+    ///
+    /// # Errors
+    /// As [`Self::propose`].
+    pub async fn propose_with_id(
+        &self,
+        cmd: Command,
+        request_id: RequestId,
+    ) -> Result<CommandResult, MetaError> {
         self.retry("propose", |left| {
             let cmd = cmd.clone();
             async move {
@@ -289,12 +334,12 @@ impl MetaNode {
                     Some(l) if !known.is_leader && l != self.inner.id => {
                         Err(MetaError::NotLeader { leader: Some(l) })
                     }
-                    _ => self.propose_local(cmd.clone(), left).await,
+                    _ => self.propose_local(cmd.clone(), request_id, left).await,
                 };
                 match local {
                     Err(MetaError::NotLeader { leader: Some(l) }) if l != self.inner.id => {
                         match self.inner.forwarder.get() {
-                            Some(f) => tokio::time::timeout(left, f.propose(l, cmd))
+                            Some(f) => tokio::time::timeout(left, f.propose(l, cmd, request_id))
                                 .await
                                 .unwrap_or(Err(MetaError::LeaderChanged)),
                             None => Err(MetaError::NotLeader { leader: Some(l) }),
@@ -314,10 +359,18 @@ impl MetaNode {
     pub async fn propose_local(
         &self,
         cmd: Command,
+        request_id: RequestId,
         timeout: Duration,
     ) -> Result<CommandResult, MetaError> {
-        self.call(|reply| Inbound::Propose { cmd, reply }, timeout)
-            .await
+        self.call(
+            |reply| Inbound::Propose {
+                cmd,
+                request_id,
+                reply,
+            },
+            timeout,
+        )
+        .await
     }
 
     /// Waits until this node has applied at least `index`.
@@ -486,5 +539,18 @@ impl MetaNode {
             let wait = leader.wait_for(|s| s.leader_id == Some(to));
             let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), wait).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestId;
+
+    #[test]
+    fn request_ids_do_not_repeat() {
+        let ids: std::collections::HashSet<RequestId> =
+            (0..10_000).map(|_| RequestId::new(7)).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids.iter().all(|id| id.0[..8] == 7u64.to_be_bytes()));
     }
 }

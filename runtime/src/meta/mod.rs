@@ -27,7 +27,7 @@ mod sim;
 
 pub use config::MetaConfig;
 pub use error::MetaError;
-pub use handle::{Consistency, Forwarder, MetaNode};
+pub use handle::{Consistency, Forwarder, MetaNode, RequestId};
 pub use storage::RedbStorage;
 pub use transport::{Reporter, Transport};
 

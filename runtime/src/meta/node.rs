@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 use super::state_machine;
 use super::storage::{ApplyTxn, RedbStorage};
 use super::transport::Transport;
-use super::{LeaderState, MemberStatus, MetaConfig, MetaError, NodeStatus};
+use super::{LeaderState, MemberStatus, MetaConfig, MetaError, NodeStatus, RequestId};
 
 type Reply<T> = oneshot::Sender<Result<T, MetaError>>;
 
@@ -32,6 +32,7 @@ type Reply<T> = oneshot::Sender<Result<T, MetaError>>;
 pub(crate) enum Inbound {
     Propose {
         cmd: Command,
+        request_id: RequestId,
         reply: Reply<CommandResult>,
     },
     Raft(Box<Message>),
@@ -75,7 +76,7 @@ pub(crate) struct Driver {
     config: MetaConfig,
     published: Published,
     /// Proposals waiting in the current group-commit batch.
-    batch: Vec<(Command, Reply<CommandResult>)>,
+    batch: Vec<(Command, RequestId, Reply<CommandResult>)>,
     /// Proposal id → caller, for entries this node proposed as leader.
     pending: HashMap<u64, Reply<CommandResult>>,
     /// ReadIndex context → caller.
@@ -180,8 +181,12 @@ impl Driver {
     /// Handles one request; returns true on shutdown.
     fn handle(&mut self, msg: Inbound) -> bool {
         match msg {
-            Inbound::Propose { cmd, reply } => {
-                self.batch.push((cmd, reply));
+            Inbound::Propose {
+                cmd,
+                request_id,
+                reply,
+            } => {
+                self.batch.push((cmd, request_id, reply));
                 if self.batch.len() >= self.config.max_batch {
                     self.flush_batch();
                 }
@@ -301,19 +306,20 @@ impl Driver {
         let batch = std::mem::take(&mut self.batch);
         if !self.is_leader() {
             let leader = self.leader_hint();
-            for (_, reply) in batch {
+            for (_, _, reply) in batch {
                 let _ = reply.send(Err(MetaError::NotLeader { leader }));
             }
             return;
         }
         let mut proposals = Vec::with_capacity(batch.len());
         let mut ids = Vec::with_capacity(batch.len());
-        for (cmd, reply) in batch {
+        for (cmd, request_id, reply) in batch {
             let id = self.next_id;
             self.next_id += 1;
             proposals.push(Proposal {
                 id,
                 command: Some(cmd),
+                request_id: request_id.0.to_vec(),
             });
             ids.push((id, reply));
         }
@@ -485,6 +491,11 @@ impl Driver {
             }
             tx.set_applied(entry.index, entry.term);
         }
+        state_machine::forget_old_requests(
+            tx.path(),
+            tx.txn(),
+            state_machine::MAX_REMEMBERED_REQUESTS,
+        )?;
         tx.commit()?;
         for (reply, result) in replies {
             let _ = reply.send(Ok(result));
@@ -517,8 +528,7 @@ impl Driver {
             });
         }
         for p in &batch.proposals {
-            let cmd = p.command.clone().unwrap_or_default();
-            let result = state_machine::apply_command(tx.path(), tx.txn(), &cmd)?;
+            let result = state_machine::apply_proposal(tx.path(), tx.txn(), entry.index, p)?;
             if batch.proposer == self.id {
                 if let Some(reply) = self.pending.remove(&p.id) {
                     replies.push((reply, result));
@@ -637,7 +647,7 @@ impl Driver {
     }
 
     fn fail_waiters(&mut self, err: impl Fn() -> MetaError) {
-        for (_, r) in self.batch.drain(..) {
+        for (_, _, r) in self.batch.drain(..) {
             let _ = r.send(Err(err()));
         }
         for (_, r) in self.pending.drain() {

@@ -10,7 +10,9 @@ use raft::eraftpb::{Message, MessageType};
 use stoker_proto::meta::membership_request::Kind as MemberKind;
 use stoker_proto::meta::{Command, CommandResult};
 
-use super::{Forwarder, MetaConfig, MetaError, MetaNode, RedbStorage, Reporter, Transport};
+use super::{
+    Forwarder, MetaConfig, MetaError, MetaNode, RedbStorage, Reporter, RequestId, Transport,
+};
 
 #[derive(Default)]
 struct Faults {
@@ -179,9 +181,14 @@ impl Forwarder for SimForwarder {
         &self,
         leader: u64,
         cmd: Command,
+        request_id: RequestId,
     ) -> BoxFuture<'static, Result<CommandResult, MetaError>> {
         let target = self.target(leader);
-        Box::pin(async move { target?.propose_local(cmd, Duration::from_secs(2)).await })
+        Box::pin(async move {
+            target?
+                .propose_local(cmd, request_id, Duration::from_secs(2))
+                .await
+        })
     }
 
     fn change_membership(

@@ -19,7 +19,7 @@ use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use sha2::{Digest, Sha256};
 use stoker_proto::meta::{
     command, command_result, query, query_result, Command, CommandResult, DeleteConfig,
-    DeleteConfigResult, GetConfigResult, KeyValue, ListConfigResult, MemberRecord, Query,
+    DeleteConfigResult, GetConfigResult, KeyValue, ListConfigResult, MemberRecord, Proposal, Query,
     QueryResult, SetConfig, SetConfigResult, SnapshotData, TableDump, SNAPSHOT_VERSION,
 };
 use stoker_proto::Message;
@@ -35,8 +35,24 @@ pub const CONFIG_TABLE: SmTable = TableDefinition::new("sm_config");
 /// Raft members: big-endian node id → [`MemberRecord`].
 pub const MEMBERS_TABLE: SmTable = TableDefinition::new("sm_members");
 
+/// Applied request ids: request id → 8 bytes big-endian log index, then
+/// the encoded [`CommandResult`].
+pub const REQUESTS_TABLE: SmTable = TableDefinition::new("sm_requests");
+/// The same ids in application order: index ‖ request id → nothing.
+pub const REQUEST_ORDER_TABLE: SmTable = TableDefinition::new("sm_request_order");
+
 /// Every table of the state machine, in the order snapshots list them.
-pub const SM_TABLES: &[SmTable] = &[CONFIG_TABLE, MEMBERS_TABLE];
+pub const SM_TABLES: &[SmTable] = &[
+    CONFIG_TABLE,
+    MEMBERS_TABLE,
+    REQUESTS_TABLE,
+    REQUEST_ORDER_TABLE,
+];
+
+/// Request ids remembered for deduplication; the oldest are forgotten
+/// beyond this. Far more than the requests that can be retried within a
+/// request timeout.
+pub const MAX_REMEMBERED_REQUESTS: u64 = 100_000;
 
 /// Longest accepted config key, in bytes.
 const MAX_CONFIG_KEY: usize = 1024;
@@ -70,6 +86,88 @@ pub fn apply_command(
         }),
         Err(error) => Ok(CommandResult { kind: None, error }),
     }
+}
+
+/// Applies a proposal at log `index`: its command, unless its request id
+/// was applied before, in which case the first result is returned again.
+///
+/// # Errors
+/// Storage failures, an undecodable remembered result.
+pub fn apply_proposal(
+    path: &Path,
+    txn: &WriteTransaction,
+    index: u64,
+    p: &Proposal,
+) -> Result<CommandResult, MetaError> {
+    let cmd = p.command.clone().unwrap_or_default();
+    if p.request_id.is_empty() {
+        return apply_command(path, txn, &cmd);
+    }
+    let err = |e: redb::Error| storage_err(path, e);
+    let id = p.request_id.as_slice();
+    let remembered: Option<Vec<u8>> = txn
+        .open_table(REQUESTS_TABLE)
+        .map_err(|e| err(e.into()))?
+        .get(id)
+        .map_err(|e| err(e.into()))?
+        .map(|v| v.value().to_vec());
+    if let Some(v) = remembered {
+        return v
+            .get(8..)
+            .and_then(|b| CommandResult::decode(b).ok())
+            .ok_or_else(|| MetaError::Corrupt {
+                path: path.to_path_buf(),
+                what: "bad remembered request".into(),
+            });
+    }
+    let result = apply_command(path, txn, &cmd)?;
+    let mut record = index.to_be_bytes().to_vec();
+    result.encode(&mut record).expect("vec grows");
+    let mut order_key = index.to_be_bytes().to_vec();
+    order_key.extend_from_slice(id);
+    txn.open_table(REQUESTS_TABLE)
+        .map_err(|e| err(e.into()))?
+        .insert(id, record.as_slice())
+        .map_err(|e| err(e.into()))?;
+    txn.open_table(REQUEST_ORDER_TABLE)
+        .map_err(|e| err(e.into()))?
+        .insert(order_key.as_slice(), [].as_slice())
+        .map_err(|e| err(e.into()))?;
+    Ok(result)
+}
+
+/// Forgets the oldest request ids beyond `keep` (deterministic: by
+/// application order); the node keeps [`MAX_REMEMBERED_REQUESTS`].
+///
+/// # Errors
+/// Storage failures.
+pub fn forget_old_requests(
+    path: &Path,
+    txn: &WriteTransaction,
+    keep: u64,
+) -> Result<(), MetaError> {
+    let err = |e: redb::Error| storage_err(path, e);
+    let mut order = txn
+        .open_table(REQUEST_ORDER_TABLE)
+        .map_err(|e| err(e.into()))?;
+    let len = redb::ReadableTableMetadata::len(&order).map_err(|e| err(e.into()))?;
+    if len <= keep {
+        return Ok(());
+    }
+    let mut oldest = Vec::new();
+    for row in order
+        .iter()
+        .map_err(|e| err(e.into()))?
+        .take((len - keep) as usize)
+    {
+        oldest.push(row.map_err(|e| err(e.into()))?.0.value().to_vec());
+    }
+    let mut requests = txn.open_table(REQUESTS_TABLE).map_err(|e| err(e.into()))?;
+    for key in oldest {
+        order.remove(key.as_slice()).map_err(|e| err(e.into()))?;
+        requests.remove(&key[8..]).map_err(|e| err(e.into()))?;
+    }
+    Ok(())
 }
 
 type Applied<T> = Result<Result<T, String>, redb::Error>;

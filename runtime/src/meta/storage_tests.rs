@@ -309,3 +309,44 @@ fn applying_the_same_commands_gives_the_same_results_and_digest() {
     apply_all(&b, &[one_more]);
     assert_ne!(a.digest().unwrap(), b.digest().unwrap());
 }
+
+#[test]
+fn a_request_id_is_applied_once_and_old_ids_are_forgotten() {
+    use stoker_proto::meta::{command_result, Proposal};
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let proposal = |id: u8, value: &str| Proposal {
+        id: 0,
+        command: Some(Command {
+            kind: Some(command::Kind::SetConfig(SetConfig {
+                key: "k".into(),
+                value: value.into(),
+            })),
+        }),
+        request_id: vec![id; 16],
+    };
+    let tx = s.begin_apply().unwrap();
+    let first = state_machine::apply_proposal(tx.path(), tx.txn(), 1, &proposal(1, "a")).unwrap();
+    let again = state_machine::apply_proposal(tx.path(), tx.txn(), 2, &proposal(1, "b")).unwrap();
+    assert_eq!(first, again);
+    let other = state_machine::apply_proposal(tx.path(), tx.txn(), 3, &proposal(2, "c")).unwrap();
+    match other.kind {
+        Some(command_result::Kind::SetConfig(r)) => assert_eq!(r.previous.as_deref(), Some("a")),
+        k => panic!("unexpected {k:?}"),
+    }
+    for id in 3..10 {
+        state_machine::apply_proposal(tx.path(), tx.txn(), u64::from(id) + 1, &proposal(id, "d"))
+            .unwrap();
+    }
+    state_machine::forget_old_requests(tx.path(), tx.txn(), 3).unwrap();
+    // Id 1 is forgotten: applying it now changes the state again.
+    let late = state_machine::apply_proposal(tx.path(), tx.txn(), 20, &proposal(1, "e")).unwrap();
+    assert_ne!(late, first);
+    // Id 9 is remembered.
+    let kept = state_machine::apply_proposal(tx.path(), tx.txn(), 21, &proposal(9, "f")).unwrap();
+    match kept.kind {
+        Some(command_result::Kind::SetConfig(r)) => assert_eq!(r.previous.as_deref(), Some("d")),
+        k => panic!("unexpected {k:?}"),
+    }
+    tx.commit().unwrap();
+}
