@@ -4,6 +4,8 @@
 //! - [`guest`]: the guest ABI messages (plan, run, finish, revert). This part
 //!   depends only on `prost` and builds for `wasm32-wasip1`, so the guest SDK
 //!   and hand-written guests in other languages share one definition.
+//! - [`meta`] (feature `grpc`): the replicated metadata commands, snapshot
+//!   format, Raft transport and metadata client services (tonic).
 
 /// The guest ABI, version 1 (see `docs/guest-abi.md`).
 pub mod guest {
@@ -12,6 +14,18 @@ pub mod guest {
     /// The ABI version this crate describes; a module marks the version it
     /// targets by exporting `stoker_abi_v<N>`.
     pub const ABI_VERSION: u32 = 1;
+}
+
+/// Replicated metadata: state machine commands, snapshots, Raft transport and
+/// the client-facing `Meta` service.
+#[cfg(feature = "grpc")]
+pub mod meta {
+    include!(concat!(env!("OUT_DIR"), "/stoker.meta.v1.rs"));
+
+    /// The version of [`EntryBatch`] this build writes and understands.
+    pub const COMMAND_VERSION: u32 = 1;
+    /// The version of [`SnapshotData`] this build writes and understands.
+    pub const SNAPSHOT_VERSION: u32 = 1;
 }
 
 pub use prost::Message;

@@ -2,6 +2,10 @@
 //! WebAssembly.
 //!
 //! # Layout
+//! - [`meta`]: replicated metadata: Raft node, redb log and state machine,
+//!   commands, proposals and reads.
+//! - [`api`]: gRPC services: Raft transport between scheduler nodes, the
+//!   metadata API, starting a node's server.
 //! - [`sandbox`]: the wasmtime engine, module validation and cache, limits,
 //!   host functions, and typed calls into a guest.
 //! - [`blob`]: tenant-confined blob storage over `object_store`.
@@ -14,8 +18,10 @@
 //!   bucket every sandbox takes its fuel from) and pluggable tuning schedulers.
 //! - `cli`: the `stoker` command line (in the binary).
 
+pub mod api;
 pub mod blob;
 pub mod exec;
+pub mod meta;
 pub mod model;
 pub mod resource;
 pub mod sandbox;

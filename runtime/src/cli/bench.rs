@@ -29,6 +29,10 @@ enum What {
     ///
     /// Example: stoker bench governor --module target/wasm32-wasip1/release/primes.wasm
     Governor(GovernorArgs),
+    /// The replicated metadata: commands/s, latency, failover time.
+    ///
+    /// Example: stoker bench meta
+    Meta(super::bench_meta::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +72,7 @@ struct GovernorArgs {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         What::Governor(args) => governor(args).await,
+        What::Meta(args) => super::bench_meta::run(args).await,
     }
 }
 

@@ -2,11 +2,19 @@
 //! become one actionable line on stderr and a non-zero exit code.
 
 mod bench;
+mod bench_meta;
+mod cluster;
+mod config;
 mod run_local;
+mod server;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use stoker_proto::meta::meta_client::MetaClient;
+use tonic::transport::Channel;
 
 /// Stoker: distributed tasks whose logic is WebAssembly.
 #[derive(Debug, Parser)]
@@ -22,6 +30,20 @@ enum Command {
     ///
     /// Example: stoker run-local --module target/wasm32-wasip1/release/wordcount.wasm --input book.txt
     RunLocal(run_local::Args),
+    /// Run a scheduler node: its Raft metadata and gRPC API.
+    ///
+    /// Example: stoker server --id 1 --listen 127.0.0.1:7401 --data-dir data/1 --peers 1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403
+    Server(server::ServerArgs),
+    /// Read and write cluster-wide settings (any node accepts them).
+    ///
+    /// Example: stoker config set scheduler.interval 5s --endpoint 127.0.0.1:7402
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Inspect and change the Raft membership.
+    ///
+    /// Example: stoker cluster status --endpoint 127.0.0.1:7401 -o json
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// End-to-end benchmarks.
     ///
     /// Example: stoker bench governor --module target/wasm32-wasip1/release/primes.wasm
@@ -37,6 +59,24 @@ pub enum Output {
     Text,
     /// Exactly one JSON object on stdout, for scripts.
     Json,
+}
+
+/// Where a client command connects.
+#[derive(Debug, Clone, clap::Args)]
+struct Endpoint {
+    /// A node's gRPC address (any node of the cluster).
+    #[arg(long, env = "STOKER_ENDPOINT", default_value = "127.0.0.1:7400")]
+    endpoint: String,
+    /// Request timeout in seconds.
+    #[arg(long, default_value_t = 15)]
+    timeout_secs: u64,
+}
+
+impl Endpoint {
+    fn client(&self) -> anyhow::Result<MetaClient<Channel>> {
+        stoker::api::meta::connect_lazy(&self.endpoint, Duration::from_secs(self.timeout_secs))
+            .with_context(|| format!("cannot use endpoint {}", self.endpoint))
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -55,6 +95,9 @@ pub fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::RunLocal(args) => run_local::run(args).await,
+            Command::Server(args) => server::run(args).await,
+            Command::Config(cmd) => config::run(cmd).await,
+            Command::Cluster(cmd) => cluster::run(cmd).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });

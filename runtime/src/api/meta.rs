@@ -1,0 +1,285 @@
+//! The client-facing `Meta` gRPC service, the forwarder that sends
+//! leader-only requests to the leader, and the one mapping between
+//! [`MetaError`] and `tonic::Code`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use stoker_proto::meta::membership_request::Kind as MemberKind;
+use stoker_proto::meta::meta_client::MetaClient;
+use stoker_proto::meta::meta_server::Meta;
+use stoker_proto::meta::{
+    Command, CommandResult, Member, MembershipRequest, MembershipResponse, ProposeRequest,
+    ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+use crate::meta::{
+    Consistency, Forwarder, MetaError, MetaNode, NodeStatus, RedbStorage, RequestId,
+};
+
+/// The one mapping from metadata errors to gRPC status codes.
+pub fn to_status(e: MetaError) -> Status {
+    let code = match &e {
+        MetaError::NotLeader { .. }
+        | MetaError::ProposalDropped
+        | MetaError::LeaderChanged
+        | MetaError::Stopped => Code::Unavailable,
+        MetaError::Forward {
+            retriable: true, ..
+        } => Code::Unavailable,
+        MetaError::Timeout { .. } => Code::DeadlineExceeded,
+        MetaError::Invalid(_) | MetaError::Config(_) => Code::InvalidArgument,
+        _ => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// A status from a forwarded call, as an error of this node.
+fn from_status(leader: u64, s: Status) -> MetaError {
+    MetaError::Forward {
+        leader,
+        reason: s.message().to_string(),
+        retriable: matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+        ),
+    }
+}
+
+/// A lazily connected client to `addr` (host:port).
+///
+/// # Errors
+/// [`MetaError::Invalid`] for a malformed address.
+pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<MetaClient<Channel>, MetaError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| MetaError::Invalid(format!("bad address {addr}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(timeout)
+        .tcp_nodelay(true);
+    Ok(MetaClient::new(endpoint.connect_lazy()))
+}
+
+/// Forwards over gRPC, to the address the replicated membership records.
+pub struct GrpcForwarder {
+    /// The membership's addresses. Not the node itself: the node owns its
+    /// forwarder, and a handle here would keep the node alive forever.
+    storage: RedbStorage,
+    timeout: Duration,
+    clients: Mutex<HashMap<u64, (String, MetaClient<Channel>)>>,
+}
+
+impl GrpcForwarder {
+    /// Forwards on behalf of `node`; each call is bounded by `timeout`.
+    pub fn new(node: &MetaNode, timeout: Duration) -> Self {
+        GrpcForwarder {
+            storage: node.storage().clone(),
+            timeout,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, leader: u64) -> Result<MetaClient<Channel>, MetaError> {
+        let addr = self
+            .storage
+            .members()?
+            .into_iter()
+            .find(|(id, _)| *id == leader)
+            .map(|(_, a)| a)
+            .ok_or(MetaError::Forward {
+                leader,
+                reason: "leader address unknown".into(),
+                retriable: true,
+            })?;
+        let mut clients = self.clients.lock().expect("clients lock");
+        if let Some((a, c)) = clients.get(&leader) {
+            if *a == addr {
+                return Ok(c.clone());
+            }
+        }
+        let c = connect_lazy(&addr, self.timeout)?;
+        clients.insert(leader, (addr, c.clone()));
+        Ok(c)
+    }
+}
+
+impl Forwarder for GrpcForwarder {
+    fn propose(
+        &self,
+        leader: u64,
+        cmd: Command,
+        request_id: RequestId,
+    ) -> BoxFuture<'static, Result<CommandResult, MetaError>> {
+        let client = self.client(leader);
+        Box::pin(async move {
+            let resp = client?
+                .propose(ProposeRequest {
+                    command: Some(cmd),
+                    forwarded: true,
+                    request_id: request_id.0.to_vec(),
+                })
+                .await
+                .map_err(|s| from_status(leader, s))?;
+            Ok(resp.into_inner().result.unwrap_or_default())
+        })
+    }
+
+    fn change_membership(
+        &self,
+        leader: u64,
+        kind: MemberKind,
+        id: u64,
+        addr: String,
+    ) -> BoxFuture<'static, Result<(), MetaError>> {
+        let client = self.client(leader);
+        Box::pin(async move {
+            client?
+                .change_membership(MembershipRequest {
+                    kind: kind as i32,
+                    id,
+                    addr,
+                })
+                .await
+                .map_err(|s| from_status(leader, s))?;
+            Ok(())
+        })
+    }
+
+    fn transfer_leader(&self, leader: u64, to: u64) -> BoxFuture<'static, Result<(), MetaError>> {
+        let client = self.client(leader);
+        Box::pin(async move {
+            client?
+                .transfer_leader(TransferLeaderRequest { id: to })
+                .await
+                .map_err(|s| from_status(leader, s))?;
+            Ok(())
+        })
+    }
+}
+
+/// Serves the `Meta` API of one node.
+pub struct MetaService {
+    node: MetaNode,
+    timeout: Duration,
+}
+
+impl MetaService {
+    /// Serves `node`; `timeout` bounds requests that are not forwarded.
+    pub fn new(node: MetaNode, timeout: Duration) -> Self {
+        MetaService { node, timeout }
+    }
+}
+
+/// Converts a status into its wire form.
+pub fn status_to_proto(s: NodeStatus) -> StatusResponse {
+    StatusResponse {
+        id: s.id,
+        leader_id: s.leader_id.unwrap_or(0),
+        term: s.term,
+        role: s.role,
+        commit_index: s.commit_index,
+        applied_index: s.applied_index,
+        first_index: s.first_index,
+        last_index: s.last_index,
+        members: s
+            .members
+            .into_iter()
+            .map(|m| Member {
+                id: m.id,
+                addr: m.addr,
+                learner: m.learner,
+                matched: m.matched,
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeResponse>, Status> {
+        let req = request.into_inner();
+        let cmd = req
+            .command
+            .ok_or_else(|| Status::invalid_argument("missing command"))?;
+        let request_id = if req.request_id.is_empty() {
+            RequestId::new(self.node.id())
+        } else {
+            RequestId::from_bytes(&req.request_id)
+                .ok_or_else(|| Status::invalid_argument("request_id must be 16 bytes"))?
+        };
+        let result = if req.forwarded {
+            // Forwarded once already: never bounce it on.
+            self.node.propose_local(cmd, request_id, self.timeout).await
+        } else {
+            self.node.propose_with_id(cmd, request_id).await
+        }
+        .map_err(to_status)?;
+        Ok(Response::new(ProposeResponse {
+            result: Some(result),
+        }))
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        let req = request.into_inner();
+        let query = req
+            .query
+            .ok_or_else(|| Status::invalid_argument("missing query"))?;
+        let consistency = if req.stale_ok {
+            Consistency::Stale
+        } else {
+            Consistency::Linearizable
+        };
+        let (result, applied_index) = self
+            .node
+            .query(&query, consistency)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(QueryResponse {
+            result: Some(result),
+            applied_index,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let s = self.node.status().await.map_err(to_status)?;
+        Ok(Response::new(status_to_proto(s)))
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<MembershipRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let req = request.into_inner();
+        let kind = MemberKind::try_from(req.kind).map_err(|_| {
+            Status::invalid_argument(format!("unknown membership kind {}", req.kind))
+        })?;
+        self.node
+            .change_membership(kind, req.id, &req.addr)
+            .await
+            .map_err(to_status)?;
+        let s = status_to_proto(self.node.status().await.map_err(to_status)?);
+        Ok(Response::new(MembershipResponse { members: s.members }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let to = request.into_inner().id;
+        self.node.transfer_leader(to).await.map_err(to_status)?;
+        Ok(Response::new(TransferLeaderResponse { leader_id: to }))
+    }
+}

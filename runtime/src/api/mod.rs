@@ -1,0 +1,16 @@
+//! Network services of a node.
+//!
+//! # Layout
+//! - [`raft`]: the Raft transport between scheduler nodes (gRPC, batched per
+//!   peer, bounded queues, chunked snapshots).
+//! - [`meta`]: the client-facing `Meta` service, leader forwarding, error
+//!   to status mapping.
+//! - [`local_cluster`]: real `stoker server` processes on loopback (bench,
+//!   tests).
+//! - [`server`]: [`server::ServerConfig`] and starting a node's metadata
+//!   layer with its gRPC server.
+
+pub mod local_cluster;
+pub mod meta;
+pub mod raft;
+pub mod server;

@@ -1,0 +1,362 @@
+//! Raft transport over gRPC: a `RaftTransport` service receiving batches and
+//! streamed snapshots, and a client side with one bounded queue and one
+//! sender task per peer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{Message, MessageType};
+use stoker_proto::meta::raft_transport_client::RaftTransportClient;
+use stoker_proto::meta::raft_transport_server::RaftTransport;
+use stoker_proto::meta::{RaftAck, RaftBatch, SnapshotChunk};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{MetaError, MetaNode, Reporter, Transport};
+
+/// Tunables of the gRPC Raft transport.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportConfig {
+    /// Messages queued per peer; more are dropped (Raft retransmits), so a
+    /// down peer costs bounded memory. Default 4096.
+    pub queue_capacity: usize,
+    /// Most messages in one `Send` call. Default 256.
+    pub max_batch: usize,
+    /// Snapshot chunk size, in bytes. Default 1 MiB.
+    pub chunk_bytes: usize,
+    /// Timeout of one `Send` call, in milliseconds (a snapshot gets 30
+    /// times this). Default 2000.
+    pub send_timeout_ms: u64,
+    /// Largest snapshot accepted, in bytes. Default 1 GiB.
+    pub max_snapshot_bytes: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            queue_capacity: 4096,
+            max_batch: 256,
+            chunk_bytes: 1 << 20,
+            send_timeout_ms: 2000,
+            max_snapshot_bytes: 1 << 30,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// [`MetaError::Config`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), MetaError> {
+        if self.queue_capacity == 0 || self.max_batch == 0 || self.chunk_bytes == 0 {
+            return Err(MetaError::Config(
+                "transport queue_capacity, max_batch and chunk_bytes must be > 0".into(),
+            ));
+        }
+        if self.send_timeout_ms == 0 {
+            return Err(MetaError::Config(
+                "transport send_timeout_ms must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.send_timeout_ms)
+    }
+}
+
+struct Peer {
+    addr: String,
+    queue: mpsc::Sender<Message>,
+}
+
+/// The client half: implements [`Transport`] for the Raft loop.
+pub struct GrpcTransport {
+    me: u64,
+    /// This node's gRPC address, sent along with every batch.
+    advertise: String,
+    config: TransportConfig,
+    peers: Mutex<HashMap<u64, Peer>>,
+    reporter: OnceLock<Reporter>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GrpcTransport {
+    /// A transport for node `me` reachable at `advertise`, whose peer tasks
+    /// run on `runtime`.
+    pub fn new(
+        me: u64,
+        advertise: String,
+        config: TransportConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        GrpcTransport {
+            me,
+            advertise,
+            config,
+            peers: Mutex::new(HashMap::new()),
+            reporter: OnceLock::new(),
+            runtime,
+        }
+    }
+
+    /// Registers a peer's address learnt from its messages, unless the
+    /// replicated membership already gave one.
+    pub fn learn_peer(&self, id: u64, addr: &str) {
+        let known = self.peers.lock().expect("peers lock").contains_key(&id);
+        if !known && id != self.me && !addr.is_empty() {
+            debug!(peer = id, addr, "learnt peer address from its messages");
+            self.set_peer(id, addr);
+        }
+    }
+
+    fn report_failure(&self, msg: &Message) {
+        if let Some(r) = self.reporter.get() {
+            r.unreachable(msg.to);
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                r.snapshot_status(msg.to, false);
+            }
+        }
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn attach(&self, reporter: Reporter) {
+        let _ = self.reporter.set(reporter);
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        let peers = self.peers.lock().expect("peers lock");
+        for msg in msgs {
+            let Some(peer) = peers.get(&msg.to) else {
+                debug!(
+                    from = self.me,
+                    to = msg.to,
+                    "no address for peer, message dropped"
+                );
+                self.report_failure(&msg);
+                continue;
+            };
+            if let Err(e) = peer.queue.try_send(msg) {
+                let msg = match e {
+                    mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+                };
+                debug!(
+                    from = self.me,
+                    to = msg.to,
+                    "peer queue full, message dropped"
+                );
+                self.report_failure(&msg);
+            }
+        }
+    }
+
+    fn set_peer(&self, id: u64, addr: &str) {
+        let mut peers = self.peers.lock().expect("peers lock");
+        if peers.get(&id).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        let Some(reporter) = self.reporter.get().cloned() else {
+            return;
+        };
+        let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(self.config.send_timeout())
+                .tcp_nodelay(true),
+            Err(e) => {
+                warn!(peer = id, addr, error = %e, "bad peer address");
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::channel(self.config.queue_capacity);
+        let _guard = self.runtime.enter();
+        let channel = endpoint.connect_lazy();
+        let sender = PeerSender {
+            me: self.me,
+            advertise: self.advertise.clone(),
+            to: id,
+            client: RaftTransportClient::new(channel)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            reporter,
+            config: self.config.clone(),
+        };
+        self.runtime.spawn(sender.run(rx));
+        // Replacing the entry drops the old queue, which ends its task.
+        peers.insert(
+            id,
+            Peer {
+                addr: addr.to_string(),
+                queue: tx,
+            },
+        );
+    }
+
+    fn remove_peer(&self, id: u64) {
+        self.peers.lock().expect("peers lock").remove(&id);
+    }
+}
+
+struct PeerSender {
+    me: u64,
+    advertise: String,
+    to: u64,
+    client: RaftTransportClient<Channel>,
+    reporter: Reporter,
+    config: TransportConfig,
+}
+
+impl PeerSender {
+    async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        let mut batch = Vec::with_capacity(self.config.max_batch);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < self.config.max_batch {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let (snaps, msgs): (Vec<_>, Vec<_>) = batch
+                .drain(..)
+                .partition(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+            if !msgs.is_empty() {
+                self.send_batch(msgs).await;
+            }
+            for snap in snaps {
+                self.send_snapshot(snap).await;
+            }
+        }
+    }
+
+    async fn send_batch(&mut self, msgs: Vec<Message>) {
+        let mut encoded = Vec::with_capacity(msgs.len());
+        for m in &msgs {
+            match m.write_to_bytes() {
+                Ok(b) => encoded.push(b),
+                Err(e) => warn!(to = self.to, error = %e, "cannot encode raft message"),
+            }
+        }
+        let req = RaftBatch {
+            from: self.me,
+            to: self.to,
+            messages: encoded,
+            from_addr: self.advertise.clone(),
+        };
+        if let Err(status) = self.client.send(req).await {
+            debug!(to = self.to, error = %status.message(), "raft send failed");
+            self.reporter.unreachable(self.to);
+        }
+    }
+
+    async fn send_snapshot(&mut self, msg: Message) {
+        let index = msg.get_snapshot().get_metadata().index;
+        let bytes = match msg.write_to_bytes() {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(to = self.to, error = %e, "cannot encode snapshot");
+                self.reporter.snapshot_status(self.to, false);
+                return;
+            }
+        };
+        let size = bytes.len();
+        let chunks: Vec<SnapshotChunk> = bytes
+            .chunks(self.config.chunk_bytes.max(1))
+            .map(|c| SnapshotChunk {
+                from: self.me,
+                to: self.to,
+                data: c.to_vec(),
+            })
+            .collect();
+        let mut req = Request::new(futures::stream::iter(chunks));
+        // A snapshot may take longer than a batch.
+        req.set_timeout(self.config.send_timeout() * 30);
+        let ok = match self.client.snapshot(req).await {
+            Ok(_) => true,
+            Err(status) => {
+                warn!(to = self.to, index, error = %status.message(), "snapshot send failed");
+                self.reporter.unreachable(self.to);
+                false
+            }
+        };
+        debug!(to = self.to, index, size, ok, "snapshot sent");
+        self.reporter.snapshot_status(self.to, ok);
+    }
+}
+
+/// The server half: hands received messages to the local Raft loop.
+pub struct RaftService {
+    node: MetaNode,
+    transport: Arc<GrpcTransport>,
+    max_snapshot_bytes: usize,
+}
+
+impl RaftService {
+    /// Serves messages for `node`, teaching `transport` the addresses of
+    /// senders it does not know yet.
+    pub fn new(node: MetaNode, transport: Arc<GrpcTransport>, config: &TransportConfig) -> Self {
+        RaftService {
+            node,
+            transport,
+            max_snapshot_bytes: config.max_snapshot_bytes,
+        }
+    }
+
+    fn check_to(&self, to: u64) -> Result<(), Status> {
+        if to != self.node.id() {
+            return Err(Status::invalid_argument(format!(
+                "message for node {to} reached node {}",
+                self.node.id()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let batch = request.into_inner();
+        self.check_to(batch.to)?;
+        self.transport.learn_peer(batch.from, &batch.from_addr);
+        for bytes in batch.messages {
+            let msg = Message::parse_from_bytes(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+            self.node.step(msg);
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            self.check_to(chunk.to)?;
+            if buf.len() + chunk.data.len() > self.max_snapshot_bytes {
+                return Err(Status::resource_exhausted("snapshot too large"));
+            }
+            buf.extend_from_slice(&chunk.data);
+        }
+        let msg = Message::parse_from_bytes(&buf)
+            .map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
+        self.node.step(msg);
+        Ok(Response::new(RaftAck {}))
+    }
+}
+
+#[cfg(test)]
+#[path = "raft_tests.rs"]
+mod tests;

@@ -1,0 +1,68 @@
+//! Replicated metadata: an embedded Raft group (raft-rs) whose log, hard
+//! state and state machine live in one redb file per scheduler node.
+//!
+//! # Layout
+//! - [`config`]: Raft tunables ([`MetaConfig`]).
+//! - [`error`]: the subsystem's error type, [`MetaError`].
+//! - [`storage`]: raft-rs `Storage` on redb, plus the applied state.
+//! - [`state_machine`]: typed commands applied to tables; snapshots; digest.
+//! - `node`: the Ready loop on its own thread.
+//! - [`handle`]: [`MetaNode`], the process-wide handle: propose, read,
+//!   membership, leadership watch.
+//! - [`transport`]: what the loop needs from the network ([`Transport`]).
+
+pub mod config;
+pub mod error;
+pub mod handle;
+mod logger;
+pub(crate) mod node;
+pub mod state_machine;
+pub mod storage;
+pub mod transport;
+
+#[cfg(test)]
+mod cluster_tests;
+#[cfg(test)]
+mod sim;
+
+pub use config::MetaConfig;
+pub use error::MetaError;
+pub use handle::{Consistency, Forwarder, MetaNode, RequestId};
+pub use storage::RedbStorage;
+pub use transport::{Reporter, Transport};
+
+/// Who leads the Raft group, as this node sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaderState {
+    /// The current leader, if known.
+    pub leader_id: Option<u64>,
+    /// The term of that knowledge.
+    pub term: u64,
+    /// Whether this node is the leader (the owner).
+    pub is_leader: bool,
+}
+
+/// One member as a node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub addr: String,
+    pub learner: bool,
+    /// Highest log index known replicated on the member (leader only).
+    pub matched: u64,
+}
+
+/// A node's view of the group.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    /// `leader`, `follower`, `candidate` or `precandidate`.
+    pub role: String,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub members: Vec<MemberStatus>,
+}

@@ -1,0 +1,350 @@
+//! The replicated state machine: typed commands applied to redb tables.
+//!
+//! Every table of the state machine maps bytes to bytes (keys chosen so that
+//! their byte order is the useful order, values protobuf records). That keeps
+//! snapshots, restores and digests generic: they walk [`SM_TABLES`].
+//!
+//! Adding a kind of state (tasks, subtasks, nodes, modules, tenants):
+//! 1. add its table definition to [`SM_TABLES`];
+//! 2. add its command(s) to `Command` in `proto/proto/meta.proto`;
+//! 3. add a match arm in [`apply_command`] calling a function of the form
+//!    `fn(&WriteTransaction, &TheCommand) -> Result<the_result, MetaError>`.
+//!
+//! Application must be deterministic: it may read only the tables and the
+//! command, never the clock, randomness or local configuration.
+
+use std::path::Path;
+
+use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use sha2::{Digest, Sha256};
+use stoker_proto::meta::{
+    command, command_result, query, query_result, Command, CommandResult, DeleteConfig,
+    DeleteConfigResult, GetConfigResult, KeyValue, ListConfigResult, MemberRecord, Proposal, Query,
+    QueryResult, SetConfig, SetConfigResult, SnapshotData, TableDump, SNAPSHOT_VERSION,
+};
+use stoker_proto::Message;
+
+use super::error::storage_err;
+use super::MetaError;
+
+/// A state machine table: byte keys to byte values.
+pub type SmTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
+/// Cluster-wide settings: UTF-8 key → UTF-8 value.
+pub const CONFIG_TABLE: SmTable = TableDefinition::new("sm_config");
+/// Raft members: big-endian node id → [`MemberRecord`].
+pub const MEMBERS_TABLE: SmTable = TableDefinition::new("sm_members");
+
+/// Applied request ids: request id → 8 bytes big-endian log index, then
+/// the encoded [`CommandResult`].
+pub const REQUESTS_TABLE: SmTable = TableDefinition::new("sm_requests");
+/// The same ids in application order: index ‖ request id → nothing.
+pub const REQUEST_ORDER_TABLE: SmTable = TableDefinition::new("sm_request_order");
+
+/// Every table of the state machine, in the order snapshots list them.
+pub const SM_TABLES: &[SmTable] = &[
+    CONFIG_TABLE,
+    MEMBERS_TABLE,
+    REQUESTS_TABLE,
+    REQUEST_ORDER_TABLE,
+];
+
+/// Request ids remembered for deduplication; the oldest are forgotten
+/// beyond this. Far more than the requests that can be retried within a
+/// request timeout.
+pub const MAX_REMEMBERED_REQUESTS: u64 = 100_000;
+
+/// Longest accepted config key, in bytes.
+const MAX_CONFIG_KEY: usize = 1024;
+/// Longest accepted config value, in bytes.
+const MAX_CONFIG_VALUE: usize = 64 * 1024;
+
+/// Applies one command inside the apply transaction and returns its result.
+/// A command that fails validation is applied as a no-op whose result
+/// carries the error, identically on every node.
+///
+/// # Errors
+/// Only storage failures; they stop the node.
+pub fn apply_command(
+    path: &Path,
+    txn: &WriteTransaction,
+    cmd: &Command,
+) -> Result<CommandResult, MetaError> {
+    let outcome = match &cmd.kind {
+        Some(command::Kind::SetConfig(c)) => {
+            set_config(txn, c).map(|r| r.map(command_result::Kind::SetConfig))
+        }
+        Some(command::Kind::DeleteConfig(c)) => {
+            delete_config(txn, c).map(|r| r.map(command_result::Kind::DeleteConfig))
+        }
+        None => Ok(Err("empty command".to_string())),
+    };
+    match outcome.map_err(|e| storage_err(path, e))? {
+        Ok(kind) => Ok(CommandResult {
+            kind: Some(kind),
+            error: String::new(),
+        }),
+        Err(error) => Ok(CommandResult { kind: None, error }),
+    }
+}
+
+/// Applies a proposal at log `index`: its command, unless its request id
+/// was applied before, in which case the first result is returned again.
+///
+/// # Errors
+/// Storage failures, an undecodable remembered result.
+pub fn apply_proposal(
+    path: &Path,
+    txn: &WriteTransaction,
+    index: u64,
+    p: &Proposal,
+) -> Result<CommandResult, MetaError> {
+    let cmd = p.command.clone().unwrap_or_default();
+    if p.request_id.is_empty() {
+        return apply_command(path, txn, &cmd);
+    }
+    let err = |e: redb::Error| storage_err(path, e);
+    let id = p.request_id.as_slice();
+    let remembered: Option<Vec<u8>> = txn
+        .open_table(REQUESTS_TABLE)
+        .map_err(|e| err(e.into()))?
+        .get(id)
+        .map_err(|e| err(e.into()))?
+        .map(|v| v.value().to_vec());
+    if let Some(v) = remembered {
+        return v
+            .get(8..)
+            .and_then(|b| CommandResult::decode(b).ok())
+            .ok_or_else(|| MetaError::Corrupt {
+                path: path.to_path_buf(),
+                what: "bad remembered request".into(),
+            });
+    }
+    let result = apply_command(path, txn, &cmd)?;
+    let mut record = index.to_be_bytes().to_vec();
+    result.encode(&mut record).expect("vec grows");
+    let mut order_key = index.to_be_bytes().to_vec();
+    order_key.extend_from_slice(id);
+    txn.open_table(REQUESTS_TABLE)
+        .map_err(|e| err(e.into()))?
+        .insert(id, record.as_slice())
+        .map_err(|e| err(e.into()))?;
+    txn.open_table(REQUEST_ORDER_TABLE)
+        .map_err(|e| err(e.into()))?
+        .insert(order_key.as_slice(), [].as_slice())
+        .map_err(|e| err(e.into()))?;
+    Ok(result)
+}
+
+/// Forgets the oldest request ids beyond `keep` (deterministic: by
+/// application order); the node keeps [`MAX_REMEMBERED_REQUESTS`].
+///
+/// # Errors
+/// Storage failures.
+pub fn forget_old_requests(
+    path: &Path,
+    txn: &WriteTransaction,
+    keep: u64,
+) -> Result<(), MetaError> {
+    let err = |e: redb::Error| storage_err(path, e);
+    let mut order = txn
+        .open_table(REQUEST_ORDER_TABLE)
+        .map_err(|e| err(e.into()))?;
+    let len = redb::ReadableTableMetadata::len(&order).map_err(|e| err(e.into()))?;
+    if len <= keep {
+        return Ok(());
+    }
+    let mut oldest = Vec::new();
+    for row in order
+        .iter()
+        .map_err(|e| err(e.into()))?
+        .take((len - keep) as usize)
+    {
+        oldest.push(row.map_err(|e| err(e.into()))?.0.value().to_vec());
+    }
+    let mut requests = txn.open_table(REQUESTS_TABLE).map_err(|e| err(e.into()))?;
+    for key in oldest {
+        order.remove(key.as_slice()).map_err(|e| err(e.into()))?;
+        requests.remove(&key[8..]).map_err(|e| err(e.into()))?;
+    }
+    Ok(())
+}
+
+type Applied<T> = Result<Result<T, String>, redb::Error>;
+
+fn set_config(txn: &WriteTransaction, c: &SetConfig) -> Applied<SetConfigResult> {
+    if c.key.is_empty() || c.key.len() > MAX_CONFIG_KEY {
+        return Ok(Err(format!(
+            "config key must be 1..={MAX_CONFIG_KEY} bytes"
+        )));
+    }
+    if c.value.len() > MAX_CONFIG_VALUE {
+        return Ok(Err(format!(
+            "config value exceeds {MAX_CONFIG_VALUE} bytes"
+        )));
+    }
+    let mut table = txn.open_table(CONFIG_TABLE)?;
+    let previous = table
+        .insert(c.key.as_bytes(), c.value.as_bytes())?
+        .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+    Ok(Ok(SetConfigResult { previous }))
+}
+
+fn delete_config(txn: &WriteTransaction, c: &DeleteConfig) -> Applied<DeleteConfigResult> {
+    let mut table = txn.open_table(CONFIG_TABLE)?;
+    let existed = table.remove(c.key.as_bytes())?.is_some();
+    Ok(Ok(DeleteConfigResult { existed }))
+}
+
+/// Answers a query from a read transaction.
+///
+/// # Errors
+/// Storage failures.
+pub fn query(path: &Path, txn: &ReadTransaction, q: &Query) -> Result<QueryResult, MetaError> {
+    let err = |e: redb::Error| storage_err(path, e);
+    let kind = match &q.kind {
+        Some(query::Kind::GetConfig(g)) => {
+            let table = txn.open_table(CONFIG_TABLE).map_err(|e| err(e.into()))?;
+            let value = table
+                .get(g.key.as_bytes())
+                .map_err(|e| err(e.into()))?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+            Some(query_result::Kind::GetConfig(GetConfigResult { value }))
+        }
+        Some(query::Kind::ListConfig(_)) => {
+            let entries = dump_table(txn, CONFIG_TABLE).map_err(err)?;
+            Some(query_result::Kind::ListConfig(ListConfigResult { entries }))
+        }
+        None => return Err(MetaError::Invalid("empty query".into())),
+    };
+    Ok(QueryResult { kind })
+}
+
+/// Records a member's address (applied with its conf change).
+pub fn put_member(txn: &WriteTransaction, id: u64, addr: &str) -> Result<(), redb::Error> {
+    let record = MemberRecord {
+        addr: addr.to_string(),
+    }
+    .encode_to_vec();
+    txn.open_table(MEMBERS_TABLE)?
+        .insert(id.to_be_bytes().as_slice(), record.as_slice())?;
+    Ok(())
+}
+
+/// Forgets a removed member.
+pub fn remove_member(txn: &WriteTransaction, id: u64) -> Result<(), redb::Error> {
+    txn.open_table(MEMBERS_TABLE)?
+        .remove(id.to_be_bytes().as_slice())?;
+    Ok(())
+}
+
+/// Every member's id and address.
+pub fn members(path: &Path, txn: &ReadTransaction) -> Result<Vec<(u64, String)>, MetaError> {
+    let rows = dump_table(txn, MEMBERS_TABLE).map_err(|e| storage_err(path, e))?;
+    rows.into_iter()
+        .map(|kv| {
+            let id: [u8; 8] = kv.key.as_slice().try_into().map_err(|_| corrupt(path))?;
+            let rec = MemberRecord::decode(kv.value.as_slice()).map_err(|_| corrupt(path))?;
+            Ok((u64::from_be_bytes(id), rec.addr))
+        })
+        .collect()
+}
+
+fn corrupt(path: &Path) -> MetaError {
+    MetaError::Corrupt {
+        path: path.to_path_buf(),
+        what: "bad member record".into(),
+    }
+}
+
+fn dump_table(txn: &ReadTransaction, def: SmTable) -> Result<Vec<KeyValue>, redb::Error> {
+    let table = txn.open_table(def)?;
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        out.push(KeyValue {
+            key: k.value().to_vec(),
+            value: v.value().to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+/// Exports every state machine table (the payload of a Raft snapshot).
+///
+/// # Errors
+/// Storage failures.
+pub fn export(txn: &ReadTransaction) -> Result<SnapshotData, redb::Error> {
+    let mut tables = Vec::with_capacity(SM_TABLES.len());
+    for def in SM_TABLES {
+        tables.push(TableDump {
+            name: redb::TableHandle::name(def).to_string(),
+            entries: dump_table(txn, *def)?,
+        });
+    }
+    Ok(SnapshotData {
+        version: SNAPSHOT_VERSION,
+        tables,
+    })
+}
+
+/// Replaces every state machine table by the snapshot's contents.
+///
+/// # Errors
+/// [`MetaError::UnsupportedVersion`] or [`MetaError::Decode`] for a snapshot
+/// this build cannot read (nothing is changed then), storage failures.
+pub fn import(path: &Path, txn: &WriteTransaction, data: &SnapshotData) -> Result<(), MetaError> {
+    if data.version != SNAPSHOT_VERSION {
+        return Err(MetaError::UnsupportedVersion {
+            what: "snapshot",
+            version: data.version,
+            supported: SNAPSHOT_VERSION,
+        });
+    }
+    for dump in &data.tables {
+        if !SM_TABLES
+            .iter()
+            .any(|d| redb::TableHandle::name(d) == dump.name)
+        {
+            return Err(MetaError::Decode {
+                what: "snapshot",
+                reason: format!("unknown table {}", dump.name),
+            });
+        }
+    }
+    let err = |e: redb::Error| storage_err(path, e);
+    for def in SM_TABLES {
+        let mut table = txn.open_table(*def).map_err(|e| err(e.into()))?;
+        table.retain(|_, _| false).map_err(|e| err(e.into()))?;
+        let name = redb::TableHandle::name(def);
+        for dump in data.tables.iter().filter(|d| d.name == name) {
+            for kv in &dump.entries {
+                table
+                    .insert(kv.key.as_slice(), kv.value.as_slice())
+                    .map_err(|e| err(e.into()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A SHA-256 digest of every state machine table, equal on two nodes exactly
+/// when their replicated state is equal.
+///
+/// # Errors
+/// Storage failures.
+pub fn digest(txn: &ReadTransaction) -> Result<[u8; 32], redb::Error> {
+    let mut hasher = Sha256::new();
+    for def in SM_TABLES {
+        let name = redb::TableHandle::name(def);
+        hasher.update((name.len() as u64).to_be_bytes());
+        hasher.update(name.as_bytes());
+        for kv in dump_table(txn, *def)? {
+            hasher.update((kv.key.len() as u64).to_be_bytes());
+            hasher.update(&kv.key);
+            hasher.update((kv.value.len() as u64).to_be_bytes());
+            hasher.update(&kv.value);
+        }
+    }
+    Ok(hasher.finalize().into())
+}

@@ -1,0 +1,714 @@
+//! Durable Raft storage in redb: the log, hard state and snapshot point, plus
+//! the applied state (state machine tables, applied index, conf state), which
+//! always change together in one transaction.
+//!
+//! The state machine tables *are* the snapshot: a snapshot is exported from
+//! them on demand at the applied index, and the log is compacted behind it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use stoker_proto::meta::SnapshotData;
+use stoker_proto::Message as _;
+
+use super::error::storage_err;
+use super::state_machine::{self, SM_TABLES};
+use super::MetaError;
+
+/// Log entries: index → 8 bytes of big-endian term, then the encoded entry.
+const LOG: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("raft_log");
+/// Raft's own durable state: [`HARD_STATE`], [`SNAPSHOT_POINT`].
+const RAFT_STATE: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("raft_state");
+/// The applied state: [`APPLIED`], [`CONF_STATE`]; written with the state
+/// machine tables.
+const APPLY_STATE: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("apply_state");
+
+const HARD_STATE: &str = "hard_state";
+/// Index and term of the last entry compacted away (the log starts after it).
+const SNAPSHOT_POINT: &str = "snapshot_point";
+const APPLIED: &str = "applied";
+/// Index of the snapshot point a bootstrapped cluster starts from.
+pub const INIT_INDEX: u64 = 5;
+/// Term of the snapshot point a bootstrapped cluster starts from.
+pub const INIT_TERM: u64 = 5;
+const CONF_STATE: &str = "conf_state";
+
+/// What the storage keeps in memory; the tables are the truth.
+#[derive(Debug, Clone, Default)]
+struct Cached {
+    hard_state: HardState,
+    conf_state: ConfState,
+    snap_index: u64,
+    snap_term: u64,
+    last_index: u64,
+    applied_index: u64,
+    applied_term: u64,
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    state: RwLock<Cached>,
+}
+
+/// Raft storage backed by one redb file. Cheap to clone; clones share the
+/// database. Only the node's Raft loop writes.
+#[derive(Clone)]
+pub struct RedbStorage {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedbStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStorage")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn pair(a: u64, b: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&a.to_be_bytes());
+    out[8..].copy_from_slice(&b.to_be_bytes());
+    out
+}
+
+fn unpair(path: &Path, what: &str, bytes: &[u8]) -> Result<(u64, u64), MetaError> {
+    let arr: [u8; 16] = bytes.try_into().map_err(|_| MetaError::Corrupt {
+        path: path.to_path_buf(),
+        what: format!("bad {what} record"),
+    })?;
+    let (a, b) = arr.split_at(8);
+    Ok((
+        u64::from_be_bytes(a.try_into().expect("8 bytes")),
+        u64::from_be_bytes(b.try_into().expect("8 bytes")),
+    ))
+}
+
+fn encode_entry(e: &Entry) -> Result<Vec<u8>, MetaError> {
+    let mut out = e.term.to_be_bytes().to_vec();
+    e.write_to_vec(&mut out).map_err(|err| MetaError::Decode {
+        what: "raft entry",
+        reason: err.to_string(),
+    })?;
+    Ok(out)
+}
+
+impl RedbStorage {
+    /// Opens (or creates) the metadata database at `path`.
+    ///
+    /// # Errors
+    /// [`MetaError::Open`] or [`MetaError::Corrupt`] naming the file when it
+    /// is not a readable redb database of this format.
+    pub fn open(path: &Path) -> Result<Self, MetaError> {
+        let open_err = |e: redb::Error| MetaError::Open {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
+        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        {
+            txn.open_table(LOG).map_err(|e| open_err(e.into()))?;
+            txn.open_table(RAFT_STATE).map_err(|e| open_err(e.into()))?;
+            txn.open_table(APPLY_STATE)
+                .map_err(|e| open_err(e.into()))?;
+            for def in SM_TABLES {
+                txn.open_table(*def).map_err(|e| open_err(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| open_err(e.into()))?;
+        let state = Self::load(&db, path)?;
+        Ok(RedbStorage {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_path_buf(),
+                state: RwLock::new(state),
+            }),
+        })
+    }
+
+    fn load(db: &Database, path: &Path) -> Result<Cached, MetaError> {
+        let err = |e: redb::Error| storage_err(path, e);
+        let corrupt = |what: &str| MetaError::Corrupt {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+        };
+        let txn = db.begin_read().map_err(|e| err(e.into()))?;
+        let raft_state = txn.open_table(RAFT_STATE).map_err(|e| err(e.into()))?;
+        let apply_state = txn.open_table(APPLY_STATE).map_err(|e| err(e.into()))?;
+        let log = txn.open_table(LOG).map_err(|e| err(e.into()))?;
+        let mut c = Cached::default();
+        if let Some(v) = raft_state.get(HARD_STATE).map_err(|e| err(e.into()))? {
+            c.hard_state =
+                HardState::parse_from_bytes(v.value()).map_err(|_| corrupt("bad hard state"))?;
+        }
+        if let Some(v) = raft_state.get(SNAPSHOT_POINT).map_err(|e| err(e.into()))? {
+            (c.snap_index, c.snap_term) = unpair(path, "snapshot point", v.value())?;
+        }
+        if let Some(v) = apply_state.get(APPLIED).map_err(|e| err(e.into()))? {
+            (c.applied_index, c.applied_term) = unpair(path, "applied index", v.value())?;
+        }
+        if let Some(v) = apply_state.get(CONF_STATE).map_err(|e| err(e.into()))? {
+            c.conf_state =
+                ConfState::parse_from_bytes(v.value()).map_err(|_| corrupt("bad conf state"))?;
+        }
+        // Check every entry now: raft-rs treats a storage error on the log
+        // as fatal, so a bad record must stop the node here, with its name.
+        c.last_index = c.snap_index;
+        for row in log.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = row.map_err(|e| err(e.into()))?;
+            let index = k.value();
+            if index != c.last_index + 1 {
+                return Err(corrupt(&format!(
+                    "log entry {} follows {} (the log starts after {})",
+                    index, c.last_index, c.snap_index
+                )));
+            }
+            let bytes = v.value();
+            let ok = bytes.len() >= 8
+                && Entry::parse_from_bytes(&bytes[8..])
+                    .is_ok_and(|e| e.index == index && e.term.to_be_bytes() == bytes[..8]);
+            if !ok {
+                return Err(corrupt(&format!("bad log entry {index}")));
+            }
+            c.last_index = index;
+        }
+        if c.applied_index < c.snap_index || c.applied_index > c.last_index {
+            return Err(corrupt(&format!(
+                "applied index {} outside the log [{}, {}]",
+                c.applied_index, c.snap_index, c.last_index
+            )));
+        }
+        // Entries are applied only once committed, and the commit index is
+        // written without a sync; what was applied was committed.
+        if c.hard_state.commit < c.applied_index {
+            c.hard_state.commit = c.applied_index;
+        }
+        Ok(c)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> MetaError {
+        storage_err(&self.inner.path, e)
+    }
+
+    fn cached(&self) -> Cached {
+        self.inner.state.read().expect("storage lock").clone()
+    }
+
+    fn set_cached(&self, c: Cached) {
+        *self.inner.state.write().expect("storage lock") = c;
+    }
+
+    /// Whether nothing was ever written: no log, no vote, no members.
+    pub fn is_fresh(&self) -> bool {
+        let c = self.cached();
+        c.last_index == 0 && c.hard_state == HardState::default() && c.conf_state.voters.is_empty()
+    }
+
+    /// Bootstraps a fresh store with the initial voters and their addresses
+    /// (all nodes of a new cluster do this with the same list).
+    ///
+    /// The initial state sits at a snapshot point ([`INIT_INDEX`],
+    /// [`INIT_TERM`]) rather than at index 0, so that a node that joins later
+    /// (or comes back with an empty data directory) has a log that cannot
+    /// match the leader's from the start and receives a snapshot, which
+    /// carries the membership, instead of replaying a log that lacks it.
+    ///
+    /// # Errors
+    /// [`MetaError::Invalid`] if the store is not fresh; storage failures.
+    pub fn initialize(&self, voters: &[(u64, String)]) -> Result<(), MetaError> {
+        if !self.is_fresh() {
+            return Err(MetaError::Invalid("storage is already initialized".into()));
+        }
+        let mut next = self.cached();
+        next.conf_state.voters = voters.iter().map(|(id, _)| *id).collect();
+        next.snap_index = INIT_INDEX;
+        next.snap_term = INIT_TERM;
+        next.last_index = INIT_INDEX;
+        next.applied_index = INIT_INDEX;
+        next.applied_term = INIT_TERM;
+        next.hard_state.term = INIT_TERM;
+        next.hard_state.commit = INIT_INDEX;
+        let txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        for (id, addr) in voters {
+            state_machine::put_member(&txn, *id, addr).map_err(|e| self.err(e))?;
+        }
+        self.write_conf_state(&txn, &next.conf_state)?;
+        self.write_hard_state(&txn, &next.hard_state)?;
+        let point = pair(INIT_INDEX, INIT_TERM);
+        txn.open_table(RAFT_STATE)
+            .map_err(|e| self.err(e))?
+            .insert(SNAPSHOT_POINT, point.as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.open_table(APPLY_STATE)
+            .map_err(|e| self.err(e))?
+            .insert(APPLIED, point.as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        self.set_cached(next);
+        Ok(())
+    }
+
+    fn write_conf_state(&self, txn: &WriteTransaction, cs: &ConfState) -> Result<(), MetaError> {
+        let bytes = cs.write_to_bytes().map_err(raft::Error::from)?;
+        txn.open_table(APPLY_STATE)
+            .map_err(|e| self.err(e))?
+            .insert(CONF_STATE, bytes.as_slice())
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn write_hard_state(&self, txn: &WriteTransaction, hs: &HardState) -> Result<(), MetaError> {
+        let bytes = hs.write_to_bytes().map_err(raft::Error::from)?;
+        txn.open_table(RAFT_STATE)
+            .map_err(|e| self.err(e))?
+            .insert(HARD_STATE, bytes.as_slice())
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Persists one Ready's snapshot, entries and hard state in a single
+    /// synced transaction (the `sync` of the Ready contract). When only the
+    /// commit index changed, the write is not synced (see the body).
+    ///
+    /// # Errors
+    /// [`MetaError::Invalid`] for entries that would leave a hole or rewrite
+    /// the compacted log; decode failures of the snapshot; storage failures.
+    pub fn persist(
+        &self,
+        snapshot: Option<&Snapshot>,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), MetaError> {
+        let mut next = self.cached();
+        let mut txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        // A Ready that only moves the commit index needs no sync: a lost
+        // commit index is learnt again from the leader. Entries, snapshots,
+        // terms and votes are always synced.
+        let commit_only = snapshot.is_none()
+            && entries.is_empty()
+            && hard_state.is_some_and(|hs| {
+                hs.term == next.hard_state.term && hs.vote == next.hard_state.vote
+            });
+        if commit_only {
+            txn.set_durability(Durability::None)
+                .map_err(|e| self.err(redb::Error::from(e)))?;
+        }
+        if let Some(snap) = snapshot {
+            self.install_snapshot(&txn, snap, &mut next)?;
+        }
+        if !entries.is_empty() {
+            self.append(&txn, entries, &mut next)?;
+        }
+        if let Some(hs) = hard_state {
+            next.hard_state = hs.clone();
+        }
+        if snapshot.is_some() || hard_state.is_some() {
+            self.write_hard_state(&txn, &next.hard_state)?;
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        self.set_cached(next);
+        Ok(())
+    }
+
+    fn append(
+        &self,
+        txn: &WriteTransaction,
+        entries: &[Entry],
+        next: &mut Cached,
+    ) -> Result<(), MetaError> {
+        let first = entries[0].index;
+        if first <= next.snap_index {
+            return Err(MetaError::Invalid(format!(
+                "append at {first} rewrites the compacted log (first index {})",
+                next.snap_index + 1
+            )));
+        }
+        if first > next.last_index + 1 {
+            return Err(MetaError::Invalid(format!(
+                "append at {first} leaves a hole after {}",
+                next.last_index
+            )));
+        }
+        let mut log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+        if first <= next.last_index {
+            log.retain_in(first.., |_, _| false)
+                .map_err(|e| self.err(e))?;
+        }
+        for e in entries {
+            log.insert(e.index, encode_entry(e)?.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        next.last_index = entries[entries.len() - 1].index;
+        Ok(())
+    }
+
+    fn install_snapshot(
+        &self,
+        txn: &WriteTransaction,
+        snap: &Snapshot,
+        next: &mut Cached,
+    ) -> Result<(), MetaError> {
+        let meta = snap.get_metadata();
+        let data = SnapshotData::decode(snap.get_data()).map_err(|e| MetaError::Decode {
+            what: "snapshot",
+            reason: e.to_string(),
+        })?;
+        state_machine::import(&self.inner.path, txn, &data)?;
+        txn.open_table(LOG)
+            .map_err(|e| self.err(e))?
+            .retain(|_, _| false)
+            .map_err(|e| self.err(e))?;
+        txn.open_table(RAFT_STATE)
+            .map_err(|e| self.err(e))?
+            .insert(SNAPSHOT_POINT, pair(meta.index, meta.term).as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.open_table(APPLY_STATE)
+            .map_err(|e| self.err(e))?
+            .insert(APPLIED, pair(meta.index, meta.term).as_slice())
+            .map_err(|e| self.err(e))?;
+        self.write_conf_state(txn, meta.get_conf_state())?;
+        next.snap_index = meta.index;
+        next.snap_term = meta.term;
+        next.last_index = meta.index;
+        next.applied_index = meta.index;
+        next.applied_term = meta.term;
+        next.conf_state = meta.get_conf_state().clone();
+        if next.hard_state.commit < meta.index {
+            next.hard_state.commit = meta.index;
+        }
+        if next.hard_state.term < meta.term {
+            next.hard_state.term = meta.term;
+        }
+        Ok(())
+    }
+
+    /// Records a new commit index learnt after a Ready (not synced: a lost
+    /// commit index is learnt again from the leader).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn set_commit(&self, commit: u64) -> Result<(), MetaError> {
+        let mut next = self.cached();
+        if commit <= next.hard_state.commit {
+            return Ok(());
+        }
+        next.hard_state.commit = commit;
+        let mut txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::None)
+            .map_err(|e| self.err(redb::Error::from(e)))?;
+        self.write_hard_state(&txn, &next.hard_state)?;
+        txn.commit().map_err(|e| self.err(e))?;
+        self.set_cached(next);
+        Ok(())
+    }
+
+    /// Starts the transaction that applies committed entries. It is not
+    /// synced: after a crash the entries are applied again from the log,
+    /// which compaction keeps until a synced transaction covers them.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn begin_apply(&self) -> Result<ApplyTxn<'_>, MetaError> {
+        let mut txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::None)
+            .map_err(|e| self.err(redb::Error::from(e)))?;
+        Ok(ApplyTxn {
+            storage: self,
+            txn,
+            next: self.cached(),
+        })
+    }
+
+    /// Discards the log up to and including `upto`, which must be applied.
+    /// Synced, so every earlier (unsynced) apply is durable before the log
+    /// that could replay it disappears.
+    ///
+    /// # Errors
+    /// [`MetaError::Invalid`] if `upto` is not applied; storage failures.
+    pub fn compact(&self, upto: u64) -> Result<(), MetaError> {
+        let mut next = self.cached();
+        if upto <= next.snap_index {
+            return Ok(());
+        }
+        if upto > next.applied_index {
+            return Err(MetaError::Invalid(format!(
+                "cannot compact to {upto} beyond applied index {}",
+                next.applied_index
+            )));
+        }
+        let term = raft::Storage::term(self, upto)?;
+        let txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(LOG)
+            .map_err(|e| self.err(e))?
+            .retain_in(..=upto, |_, _| false)
+            .map_err(|e| self.err(e))?;
+        txn.open_table(RAFT_STATE)
+            .map_err(|e| self.err(e))?
+            .insert(SNAPSHOT_POINT, pair(upto, term).as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        next.snap_index = upto;
+        next.snap_term = term;
+        self.set_cached(next);
+        Ok(())
+    }
+
+    /// The applied index and its term.
+    pub fn applied(&self) -> (u64, u64) {
+        let c = self.cached();
+        (c.applied_index, c.applied_term)
+    }
+
+    /// The hard state as last persisted.
+    pub fn hard_state(&self) -> HardState {
+        self.cached().hard_state
+    }
+
+    /// The applied membership.
+    pub fn conf_state(&self) -> ConfState {
+        self.cached().conf_state
+    }
+
+    /// A read transaction over the applied state.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn read(&self) -> Result<redb::ReadTransaction, MetaError> {
+        self.inner.db.begin_read().map_err(|e| self.err(e))
+    }
+
+    /// SHA-256 of the state machine tables.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn digest(&self) -> Result<[u8; 32], MetaError> {
+        let txn = self.read()?;
+        state_machine::digest(&txn).map_err(|e| self.err(e))
+    }
+
+    /// Members (id, address) recorded in the state machine.
+    ///
+    /// # Errors
+    /// Storage failures, undecodable records.
+    pub fn members(&self) -> Result<Vec<(u64, String)>, MetaError> {
+        let txn = self.read()?;
+        state_machine::members(&self.inner.path, &txn)
+    }
+
+    fn read_entries(&self, low: u64, high: u64, max: Option<u64>) -> Result<Vec<Entry>, MetaError> {
+        let txn = self.read()?;
+        let log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut size = 0u64;
+        let mut limited = false;
+        let hole = || MetaError::Corrupt {
+            path: self.inner.path.clone(),
+            what: format!("log has a hole in [{low}, {high})"),
+        };
+        for row in log.range(low..high).map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let bytes = v.value();
+            let entry = bytes
+                .get(8..)
+                .and_then(|b| Entry::parse_from_bytes(b).ok())
+                .filter(|e| e.index == k.value())
+                .ok_or_else(|| MetaError::Corrupt {
+                    path: self.inner.path.clone(),
+                    what: format!("bad log entry {}", k.value()),
+                })?;
+            if entry.index != low + out.len() as u64 {
+                return Err(hole());
+            }
+            size += (bytes.len() - 8) as u64;
+            // Always at least one entry, even if it alone exceeds the limit.
+            if !out.is_empty() && max.is_some_and(|m| size > m) {
+                limited = true;
+                break;
+            }
+            out.push(entry);
+        }
+        if !limited && out.len() as u64 != high - low {
+            return Err(hole());
+        }
+        Ok(out)
+    }
+}
+
+/// The transaction applying a run of committed entries: state machine
+/// writes, the applied index and the conf state commit together.
+pub struct ApplyTxn<'a> {
+    storage: &'a RedbStorage,
+    txn: WriteTransaction,
+    next: Cached,
+}
+
+impl ApplyTxn<'_> {
+    /// The write transaction for state machine tables.
+    pub fn txn(&self) -> &WriteTransaction {
+        &self.txn
+    }
+
+    /// The database file (for error messages).
+    pub fn path(&self) -> &Path {
+        self.storage.path()
+    }
+
+    /// Records that the entry at `index` of `term` is applied.
+    pub fn set_applied(&mut self, index: u64, term: u64) {
+        self.next.applied_index = index;
+        self.next.applied_term = term;
+    }
+
+    /// Records the membership produced by an applied conf change.
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.next.conf_state = cs;
+    }
+
+    /// Commits the transaction.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn commit(self) -> Result<(), MetaError> {
+        let s = self.storage;
+        s.txn_write_applied(&self.txn, &self.next)?;
+        self.txn.commit().map_err(|e| s.err(e))?;
+        // Only the applied fields: the log side may not change meanwhile
+        // (one writer), but keep the cache's other fields authoritative.
+        let mut cur = s.inner.state.write().expect("storage lock");
+        cur.applied_index = self.next.applied_index;
+        cur.applied_term = self.next.applied_term;
+        cur.conf_state = self.next.conf_state;
+        Ok(())
+    }
+}
+
+impl RedbStorage {
+    fn txn_write_applied(&self, txn: &WriteTransaction, next: &Cached) -> Result<(), MetaError> {
+        txn.open_table(APPLY_STATE)
+            .map_err(|e| self.err(e))?
+            .insert(
+                APPLIED,
+                pair(next.applied_index, next.applied_term).as_slice(),
+            )
+            .map_err(|e| self.err(e))?;
+        self.write_conf_state(txn, &next.conf_state)
+    }
+}
+
+fn to_raft(e: MetaError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+impl raft::Storage for RedbStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let c = self.cached();
+        Ok(RaftState {
+            hard_state: c.hard_state,
+            conf_state: c.conf_state,
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let c = self.cached();
+        if low <= c.snap_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > c.last_index + 1 || low > high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if low == high {
+            return Ok(Vec::new());
+        }
+        self.read_entries(low, high, max_size.into())
+            .map_err(to_raft)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let c = self.cached();
+        if idx == c.snap_index {
+            return Ok(c.snap_term);
+        }
+        if idx < c.snap_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > c.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let read = || -> Result<u64, MetaError> {
+            let txn = self.read()?;
+            let log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+            let v = log.get(idx).map_err(|e| self.err(e))?;
+            v.and_then(|v| {
+                let term: [u8; 8] = v.value().get(..8)?.try_into().ok()?;
+                Some(u64::from_be_bytes(term))
+            })
+            .ok_or_else(|| MetaError::Corrupt {
+                path: self.inner.path.clone(),
+                what: format!("missing log entry {idx}"),
+            })
+        };
+        read().map_err(to_raft)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.cached().snap_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.cached().last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let build = || -> Result<Snapshot, MetaError> {
+            let txn = self.read()?;
+            let apply_state = txn.open_table(APPLY_STATE).map_err(|e| self.err(e))?;
+            let (index, term) = match apply_state.get(APPLIED).map_err(|e| self.err(e))? {
+                Some(v) => unpair(self.path(), "applied index", v.value())?,
+                None => (0, 0),
+            };
+            let cs = match apply_state.get(CONF_STATE).map_err(|e| self.err(e))? {
+                Some(v) => ConfState::parse_from_bytes(v.value()).map_err(raft::Error::from)?,
+                None => ConfState::default(),
+            };
+            let data = state_machine::export(&txn).map_err(|e| self.err(e))?;
+            let mut snap = Snapshot {
+                data: data.encode_to_vec().into(),
+                ..Default::default()
+            };
+            let meta = snap.mut_metadata();
+            meta.index = index;
+            meta.term = term;
+            meta.set_conf_state(cs);
+            Ok(snap)
+        };
+        let snap = build().map_err(to_raft)?;
+        if snap.get_metadata().index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+#[path = "storage_tests.rs"]
+mod tests;

@@ -1,0 +1,352 @@
+//! The raft-rs `Storage` contract on redb: entries and terms over
+//! [first − 1, last], appends that truncate conflicts, compaction, snapshots,
+//! restart, and clear errors for bad files.
+
+use raft::eraftpb::{Entry, HardState};
+use raft::{GetEntriesContext, Storage, StorageError};
+use stoker_proto::meta::{command, Command, SetConfig};
+
+use super::*;
+
+fn entry(index: u64, term: u64) -> Entry {
+    Entry {
+        index,
+        term,
+        data: format!("data-{index}").into_bytes().into(),
+        ..Default::default()
+    }
+}
+
+fn ctx() -> GetEntriesContext {
+    GetEntriesContext::empty(false)
+}
+
+fn open(dir: &tempfile::TempDir) -> RedbStorage {
+    RedbStorage::open(&dir.path().join("meta.redb")).expect("open")
+}
+
+fn compacted<T: std::fmt::Debug>(r: raft::Result<T>) -> bool {
+    matches!(r, Err(raft::Error::Store(StorageError::Compacted)))
+}
+
+fn unavailable<T: std::fmt::Debug>(r: raft::Result<T>) -> bool {
+    matches!(r, Err(raft::Error::Store(StorageError::Unavailable)))
+}
+
+/// Applies (as committed) every entry up to `index` without state changes.
+fn mark_applied(s: &RedbStorage, index: u64, term: u64) {
+    let mut tx = s.begin_apply().unwrap();
+    tx.set_applied(index, term);
+    tx.commit().unwrap();
+}
+
+#[test]
+fn fresh_storage_is_empty_log_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    assert!(s.is_fresh());
+    assert_eq!(s.first_index().unwrap(), 1);
+    assert_eq!(s.last_index().unwrap(), 0);
+    assert_eq!(s.term(0).unwrap(), 0);
+    assert!(unavailable(s.term(1)));
+    assert!(s.entries(1, 1, None, ctx()).unwrap().is_empty());
+    let st = s.initial_state().unwrap();
+    assert_eq!(st.hard_state, HardState::default());
+    assert!(st.conf_state.voters.is_empty());
+}
+
+#[test]
+fn entries_and_terms_follow_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let ents: Vec<Entry> = (1..=5)
+        .map(|i| entry(i, if i < 3 { 1 } else { 2 }))
+        .collect();
+    s.persist(None, &ents, None).unwrap();
+    assert_eq!(s.last_index().unwrap(), 5);
+    assert_eq!(s.entries(2, 5, None, ctx()).unwrap(), ents[1..4].to_vec());
+    assert_eq!(s.term(2).unwrap(), 1);
+    assert_eq!(s.term(5).unwrap(), 2);
+    assert!(unavailable(s.term(6)));
+    assert!(unavailable(s.entries(4, 7, None, ctx())));
+    // A size limit still returns at least one entry, and stops early.
+    assert_eq!(s.entries(1, 6, Some(0), ctx()).unwrap().len(), 1);
+    let one = protobuf::Message::compute_size(&ents[0]) as u64;
+    let two = s.entries(1, 6, Some(one * 2), ctx()).unwrap();
+    assert!(!two.is_empty() && two.len() < 5, "limited to {}", two.len());
+}
+
+#[test]
+fn conflicting_append_truncates_and_holes_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
+    s.persist(None, &ents, None).unwrap();
+    s.persist(None, &[entry(3, 2), entry(4, 2)], None).unwrap();
+    assert_eq!(s.last_index().unwrap(), 4);
+    assert_eq!(s.term(3).unwrap(), 2);
+    assert!(unavailable(s.term(5)));
+    let err = s.persist(None, &[entry(7, 2)], None).unwrap_err();
+    assert!(err.to_string().contains("hole"), "{err}");
+}
+
+#[test]
+fn compaction_keeps_the_term_before_first_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let ents: Vec<Entry> = (1..=10).map(|i| entry(i, i / 4 + 1)).collect();
+    s.persist(None, &ents, None).unwrap();
+    assert!(
+        s.compact(5).is_err(),
+        "cannot compact past the applied index"
+    );
+    mark_applied(&s, 6, ents[5].term);
+    s.compact(5).unwrap();
+    assert_eq!(s.first_index().unwrap(), 6);
+    assert_eq!(s.term(5).unwrap(), ents[4].term);
+    assert!(compacted(s.term(4)));
+    assert!(compacted(s.entries(5, 7, None, ctx())));
+    assert_eq!(s.entries(6, 11, None, ctx()).unwrap(), ents[5..].to_vec());
+    let err = s.persist(None, &[entry(5, 9)], None).unwrap_err();
+    assert!(err.to_string().contains("compacted"), "{err}");
+}
+
+#[test]
+fn restart_recovers_log_hard_state_and_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(&dir);
+        s.initialize(&[(1, "a".into()), (2, "b".into())]).unwrap();
+        let mut hs = HardState::default();
+        assert_eq!(s.first_index().unwrap(), super::INIT_INDEX + 1);
+        assert_eq!(s.term(super::INIT_INDEX).unwrap(), super::INIT_TERM);
+        hs.term = 6;
+        hs.vote = 2;
+        hs.commit = 7;
+        let ents: Vec<Entry> = (6..=9).map(|i| entry(i, 6)).collect();
+        s.persist(None, &ents, Some(&hs)).unwrap();
+        mark_applied(&s, 7, 6);
+        s.set_commit(8).unwrap();
+    }
+    let s = open(&dir);
+    assert!(!s.is_fresh());
+    let st = s.initial_state().unwrap();
+    assert_eq!(
+        (st.hard_state.term, st.hard_state.vote, st.hard_state.commit),
+        (6, 2, 8)
+    );
+    assert_eq!(st.conf_state.voters, vec![1, 2]);
+    assert_eq!(s.applied(), (7, 6));
+    assert_eq!(s.last_index().unwrap(), 9);
+    assert_eq!(s.members().unwrap(), vec![(1, "a".into()), (2, "b".into())]);
+    assert!(s.initialize(&[(1, "a".into())]).is_err());
+}
+
+#[test]
+fn snapshot_moves_state_between_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = RedbStorage::open(&dir.path().join("a.redb")).unwrap();
+    a.initialize(&[(1, "a".into())]).unwrap();
+    let ents: Vec<Entry> = (6..=8).map(|i| entry(i, 6)).collect();
+    a.persist(None, &ents, None).unwrap();
+    {
+        let mut tx = a.begin_apply().unwrap();
+        let cmd = Command {
+            kind: Some(command::Kind::SetConfig(SetConfig {
+                key: "k".into(),
+                value: "v".into(),
+            })),
+        };
+        let r = state_machine::apply_command(tx.path(), tx.txn(), &cmd).unwrap();
+        assert!(r.error.is_empty());
+        tx.set_applied(8, 6);
+        tx.commit().unwrap();
+    }
+    assert!(matches!(
+        a.snapshot(9, 2),
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable
+        ))
+    ));
+    let snap = a.snapshot(8, 2).unwrap();
+    assert_eq!(
+        (snap.get_metadata().index, snap.get_metadata().term),
+        (8, 6)
+    );
+    assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1]);
+
+    let b = RedbStorage::open(&dir.path().join("b.redb")).unwrap();
+    b.persist(None, &[entry(1, 1)], None).unwrap();
+    b.persist(Some(&snap), &[], None).unwrap();
+    assert_eq!(b.first_index().unwrap(), 9);
+    assert_eq!(b.last_index().unwrap(), 8);
+    assert_eq!(b.term(8).unwrap(), 6);
+    assert_eq!(b.applied(), (8, 6));
+    assert!(b.hard_state().commit >= 8);
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    // And it survives a restart.
+    drop(b);
+    let b = RedbStorage::open(&dir.path().join("b.redb")).unwrap();
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    assert_eq!(b.first_index().unwrap(), 9);
+}
+
+#[test]
+fn garbage_file_is_a_clear_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    std::fs::write(&path, vec![0xA5u8; 64 * 1024]).unwrap();
+    let err = RedbStorage::open(&path).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+}
+
+#[test]
+fn truncated_file_is_a_clear_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    {
+        let s = RedbStorage::open(&path).unwrap();
+        let ents: Vec<Entry> = (1..=200).map(|i| entry(i, 1)).collect();
+        s.persist(None, &ents, None).unwrap();
+    }
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len / 3).unwrap();
+    drop(f);
+    let err = RedbStorage::open(&path).unwrap_err();
+    assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn corrupt_log_entry_is_a_clear_error_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    {
+        let s = RedbStorage::open(&path).unwrap();
+        let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
+        s.persist(None, &ents, None).unwrap();
+    }
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(LOG)
+            .unwrap()
+            .insert(3u64, b"garbage!garbage".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = RedbStorage::open(&path).unwrap_err().to_string();
+    assert!(
+        err.contains(path.to_str().unwrap()) && err.contains("log entry 3"),
+        "{err}"
+    );
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(LOG).unwrap().remove(3u64).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = RedbStorage::open(&path).unwrap_err().to_string();
+    assert!(err.contains("log entry 4 follows 2"), "{err}");
+}
+
+fn apply_all(s: &RedbStorage, cmds: &[Command]) -> Vec<stoker_proto::meta::CommandResult> {
+    let mut tx = s.begin_apply().unwrap();
+    let out = cmds
+        .iter()
+        .map(|c| state_machine::apply_command(tx.path(), tx.txn(), c).unwrap())
+        .collect();
+    tx.set_applied(cmds.len() as u64, 1);
+    tx.commit().unwrap();
+    out
+}
+
+#[test]
+fn applying_the_same_commands_gives_the_same_results_and_digest() {
+    use stoker_proto::meta::DeleteConfig;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let cmds: Vec<Command> = (0..500)
+        .map(|_| {
+            let key = format!("k{}", next() % 40);
+            let kind = match next() % 5 {
+                0 => command::Kind::DeleteConfig(DeleteConfig { key }),
+                1 => command::Kind::SetConfig(SetConfig {
+                    key: String::new(),
+                    value: "rejected".into(),
+                }),
+                _ => command::Kind::SetConfig(SetConfig {
+                    key,
+                    value: next().to_string(),
+                }),
+            };
+            Command { kind: Some(kind) }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let a = RedbStorage::open(&dir.path().join("a.redb")).unwrap();
+    let b = RedbStorage::open(&dir.path().join("b.redb")).unwrap();
+    let (ra, rb) = (apply_all(&a, &cmds), apply_all(&b, &cmds));
+    assert_eq!(ra, rb);
+    assert!(
+        ra.iter().any(|r| !r.error.is_empty()),
+        "no rejected command"
+    );
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    // The digest sees every change.
+    let one_more = Command {
+        kind: Some(command::Kind::SetConfig(SetConfig {
+            key: "extra".into(),
+            value: "1".into(),
+        })),
+    };
+    apply_all(&b, &[one_more]);
+    assert_ne!(a.digest().unwrap(), b.digest().unwrap());
+}
+
+#[test]
+fn a_request_id_is_applied_once_and_old_ids_are_forgotten() {
+    use stoker_proto::meta::{command_result, Proposal};
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let proposal = |id: u8, value: &str| Proposal {
+        id: 0,
+        command: Some(Command {
+            kind: Some(command::Kind::SetConfig(SetConfig {
+                key: "k".into(),
+                value: value.into(),
+            })),
+        }),
+        request_id: vec![id; 16],
+    };
+    let tx = s.begin_apply().unwrap();
+    let first = state_machine::apply_proposal(tx.path(), tx.txn(), 1, &proposal(1, "a")).unwrap();
+    let again = state_machine::apply_proposal(tx.path(), tx.txn(), 2, &proposal(1, "b")).unwrap();
+    assert_eq!(first, again);
+    let other = state_machine::apply_proposal(tx.path(), tx.txn(), 3, &proposal(2, "c")).unwrap();
+    match other.kind {
+        Some(command_result::Kind::SetConfig(r)) => assert_eq!(r.previous.as_deref(), Some("a")),
+        k => panic!("unexpected {k:?}"),
+    }
+    for id in 3..10 {
+        state_machine::apply_proposal(tx.path(), tx.txn(), u64::from(id) + 1, &proposal(id, "d"))
+            .unwrap();
+    }
+    state_machine::forget_old_requests(tx.path(), tx.txn(), 3).unwrap();
+    // Id 1 is forgotten: applying it now changes the state again.
+    let late = state_machine::apply_proposal(tx.path(), tx.txn(), 20, &proposal(1, "e")).unwrap();
+    assert_ne!(late, first);
+    // Id 9 is remembered.
+    let kept = state_machine::apply_proposal(tx.path(), tx.txn(), 21, &proposal(9, "f")).unwrap();
+    match kept.kind {
+        Some(command_result::Kind::SetConfig(r)) => assert_eq!(r.previous.as_deref(), Some("d")),
+        k => panic!("unexpected {k:?}"),
+    }
+    tx.commit().unwrap();
+}

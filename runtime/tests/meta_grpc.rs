@@ -1,0 +1,125 @@
+//! Three in-process nodes on the real gRPC transport (127.0.0.1, ephemeral
+//! ports): a node that was down while the log was compacted catches up from
+//! a snapshot streamed in many small chunks, and a leadership watch follows
+//! a leader transfer.
+
+use std::path::Path;
+use std::time::Duration;
+
+use stoker::api::local_cluster::free_port;
+use stoker::api::raft::TransportConfig;
+use stoker::api::server::{self, RunningServer, ServerConfig};
+use stoker::meta::MetaConfig;
+use stoker_proto::meta::{command, Command, SetConfig};
+
+fn config(id: u64, ports: &[u16], dir: &Path) -> ServerConfig {
+    ServerConfig {
+        id,
+        listen: format!("127.0.0.1:{}", ports[id as usize - 1]),
+        data_dir: dir.join(format!("node-{id}")),
+        peers: ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(","),
+        join: false,
+        meta: MetaConfig {
+            tick_ms: 20,
+            snapshot_interval: 50,
+            log_retain: 5,
+            request_timeout_ms: 5000,
+            ..MetaConfig::default()
+        },
+        transport: TransportConfig {
+            chunk_bytes: 64,
+            ..TransportConfig::default()
+        },
+    }
+}
+
+fn set(key: String, value: String) -> Command {
+    Command {
+        kind: Some(command::Kind::SetConfig(SetConfig { key, value })),
+    }
+}
+
+async fn wait_leader(servers: &[Option<RunningServer>]) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        for (i, s) in servers.iter().enumerate() {
+            if let Some(s) = s {
+                if *s.node.is_leader_watch().borrow() {
+                    return i;
+                }
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_node_catches_up_from_a_chunked_snapshot_over_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
+    let mut servers: Vec<Option<RunningServer>> = Vec::new();
+    for id in 1..=3 {
+        servers.push(Some(
+            server::start(&config(id, &ports, dir.path()))
+                .await
+                .unwrap(),
+        ));
+    }
+    let leader = wait_leader(&servers).await;
+    let lagger = (leader + 1) % 3;
+    servers[lagger].take().unwrap().shutdown().await;
+
+    let node = servers[leader].as_ref().unwrap().node.clone();
+    for i in 0..300 {
+        node.propose(set(format!("key-{i}"), "x".repeat(32)))
+            .await
+            .unwrap();
+    }
+    let first = raft::Storage::first_index(node.storage()).unwrap();
+    assert!(first > 100, "leader log not compacted: first index {first}");
+
+    let restarted = server::start(&config(lagger as u64 + 1, &ports, dir.path()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (a, b) = (
+            node.storage().digest().unwrap(),
+            restarted.node.storage().digest().unwrap(),
+        );
+        if a == b && restarted.node.applied_index() >= node.applied_index() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "restarted node did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lag_first = raft::Storage::first_index(restarted.node.storage()).unwrap();
+    assert!(
+        lag_first > 100,
+        "caught up without a snapshot (first index {lag_first})"
+    );
+    servers[lagger] = Some(restarted);
+
+    // Leadership moves on request and the watches say so.
+    let target = servers[lagger].as_ref().unwrap().node.clone();
+    let mut watch = target.is_leader_watch();
+    node.transfer_leader(target.id()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|l| *l))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!*node.is_leader_watch().borrow());
+
+    for s in servers.into_iter().flatten() {
+        s.shutdown().await;
+    }
+}
