@@ -196,6 +196,17 @@ impl fmt::Display for SubtaskState {
     }
 }
 
+impl std::str::FromStr for SubtaskState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SubtaskState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown subtask state {s:?}"))
+    }
+}
+
 /// Why a subtask changes state; some edges exist only for some reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
