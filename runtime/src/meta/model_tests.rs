@@ -414,6 +414,17 @@ fn a_task_runs_its_steps_finishes_into_history_and_is_collected() {
     add(&mut sm, task, 1, 0..1, false, true);
     let t = sm.task(task);
     assert_eq!((t.step, t.step_planned, t.fuel_used), (1, true, 30));
+    let finish_early = C::FinishTask(FinishTask {
+        id: task,
+        state: "succeed".into(),
+        time_ms: 8000,
+        ..Default::default()
+    });
+    let e = sm.rejected(finish_early);
+    assert_eq!(
+        e,
+        format!("task {task} has 1 unfinished subtasks in step 1; cancel them first")
+    );
     run_ok(&mut sm, task, 1, 0, 2);
     sm.ok(C::FinishTask(FinishTask {
         id: task,
@@ -520,7 +531,16 @@ fn reports_are_fenced_by_node_and_attempt_and_commit_once() {
         e,
         format!("stale report for subtask {task}/0/0: assigned to node 2 attempt 2, not node 1 attempt 1")
     );
+    let on = |sm: &Sm, node| -> Vec<(u32, String)> {
+        sm.read(|p, t| queries::node_subtasks(p, t, node))
+            .into_iter()
+            .map(|s| (s.attempt, s.state))
+            .collect()
+    };
+    assert!(on(&sm, 1).is_empty());
+    assert_eq!(on(&sm, 2), vec![(2, "pending".to_string())]);
     sm.ok(claim(task, 0, 0, 2, 2));
+    assert_eq!(on(&sm, 2), vec![(2, "running".to_string())]);
     // A second claim of the same attempt is stale too.
     let e = sm.rejected(claim(task, 0, 0, 2, 2));
     assert!(e.contains("it is running, not pending"), "{e}");
@@ -531,8 +551,10 @@ fn reports_are_fenced_by_node_and_attempt_and_commit_once() {
         reason: "node 2 down".into(),
         ..Default::default()
     }));
+    assert!(on(&sm, 2).is_empty());
     sm.ok(assign(task, 0, 0, 1));
     sm.ok(claim(task, 0, 0, 1, 3));
+    assert_eq!(on(&sm, 1), vec![(3, "running".to_string())]);
     // Node 2's late result is dropped.
     let late = report(task, 0, 0, 2, 2, SubtaskState::Succeed, b"late");
     let e = sm.rejected(C::ReportSubtask(late));
@@ -542,6 +564,7 @@ fn reports_are_fenced_by_node_and_attempt_and_commit_once() {
     // The same report applied twice commits once.
     let e = sm.rejected(C::ReportSubtask(good));
     assert!(e.contains("it is succeed, not running"), "{e}");
+    assert!(on(&sm, 1).is_empty());
     let (subs, _) = sm.step(task, 0);
     assert_eq!(
         (
@@ -740,7 +763,11 @@ fn workload() -> Vec<command::Kind> {
             id: 1,
             slots: 2,
             worker: true,
-            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            labels: BTreeMap::from([
+                ("zone".to_string(), "a".to_string()),
+                ("role".to_string(), "dist_worker".to_string()),
+                ("disk".to_string(), "ssd".to_string()),
+            ]),
             ..Default::default()
         }),
         C::PutModuleChunk(PutModuleChunk {
@@ -802,4 +829,24 @@ fn replicas_applying_the_same_commands_agree_on_ids_results_and_digest() {
     // The digest covers the new tables.
     b.ok(C::NodeHeartbeat(NodeHeartbeat { id: 1, time_ms: 1 }));
     assert_ne!(a.s.digest().unwrap(), b.s.digest().unwrap());
+}
+
+#[test]
+fn a_snapshot_carries_the_task_framework_tables() {
+    let mut a = Sm::new();
+    for c in workload() {
+        a.apply(c);
+    }
+    let data = {
+        let txn = a.s.read().unwrap();
+        state_machine::export(&txn).unwrap()
+    };
+    let b = Sm::new();
+    let tx = b.s.begin_apply().unwrap();
+    state_machine::import(tx.path(), tx.txn(), &data).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(a.s.digest().unwrap(), b.s.digest().unwrap());
+    let tasks = b.read(|p, t| queries::list_tasks(p, t, &TaskFilter::default()));
+    assert_eq!(tasks.len(), 5);
+    assert_eq!(b.step(1, 0).1.get(SubtaskState::Succeed), 1);
 }

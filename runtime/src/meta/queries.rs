@@ -15,9 +15,9 @@ use stoker_proto::Message;
 
 use super::error::storage_err;
 use super::records::{
-    chunk_key, id_of_rank_key, node_key, rank_of, subtask_range, task_key, task_state,
-    HISTORY_TABLE, MODULES_TABLE, MODULE_CHUNKS_TABLE, NODES_TABLE, SUBTASKS_TABLE, TASKS_TABLE,
-    UNFINISHED_TABLE,
+    by_node_key, chunk_key, id_of_rank_key, node_key, rank_of, subtask_range, task_key, task_state,
+    HISTORY_TABLE, MODULES_TABLE, MODULE_CHUNKS_TABLE, NODES_TABLE, SUBTASKS_BY_NODE_TABLE,
+    SUBTASKS_TABLE, TASKS_TABLE, UNFINISHED_TABLE,
 };
 use super::state_machine::SmTable;
 use super::MetaError;
@@ -174,6 +174,42 @@ pub fn step_subtasks(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| corrupt(path, e))?;
     Ok((subtasks, StepCounts::of(states)))
+}
+
+/// The subtasks assigned to `node` that have not ended (pending or
+/// running), by task, step and ordinal: what its heartbeat is answered with.
+///
+/// # Errors
+/// Storage failures, an undecodable record, an index entry without subtask.
+pub fn node_subtasks(
+    path: &Path,
+    txn: &ReadTransaction,
+    node: u64,
+) -> Result<Vec<SubtaskRecord>, MetaError> {
+    let err = |e: redb::StorageError| storage_err(path, e);
+    let index = txn
+        .open_table(SUBTASKS_BY_NODE_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    let (start, end) = (
+        by_node_key(node, 0, 0, 0),
+        by_node_key(node, u64::MAX, u32::MAX, u32::MAX),
+    );
+    let mut out = Vec::new();
+    for row in index
+        .range(start.as_slice()..=end.as_slice())
+        .map_err(err)?
+    {
+        let key = row.map_err(err)?.0;
+        let subtask_key = &key.value()[8..];
+        let s: SubtaskRecord = get(path, txn, SUBTASKS_TABLE, subtask_key)?.ok_or_else(|| {
+            corrupt(
+                path,
+                format!("indexed subtask {} is missing", hex::encode(subtask_key)),
+            )
+        })?;
+        out.push(s);
+    }
+    Ok(out)
 }
 
 /// Every node's record, by id.

@@ -34,6 +34,9 @@ pub const UNFINISHED_TABLE: SmTable = redb::TableDefinition::new("sm_tasks_unfin
 pub const HISTORY_TABLE: SmTable = redb::TableDefinition::new("sm_tasks_history");
 /// Subtasks: [`subtask_key`] → [`SubtaskRecord`].
 pub const SUBTASKS_TABLE: SmTable = redb::TableDefinition::new("sm_subtasks");
+/// Subtasks assigned to a node and unfinished (pending or running):
+/// [`by_node_key`] → nothing. What a worker's heartbeat is answered from.
+pub const SUBTASKS_BY_NODE_TABLE: SmTable = redb::TableDefinition::new("sm_subtasks_by_node");
 /// Counters (the next task id): UTF-8 name → big-endian u64.
 pub const COUNTERS_TABLE: SmTable = redb::TableDefinition::new("sm_counters");
 
@@ -124,6 +127,14 @@ pub fn subtask_key(task: TaskId, step: u32, ordinal: u32) -> [u8; 16] {
     k[..8].copy_from_slice(&task.to_be_bytes());
     k[8..12].copy_from_slice(&step.to_be_bytes());
     k[12..].copy_from_slice(&ordinal.to_be_bytes());
+    k
+}
+
+/// node ‖ task ‖ step ‖ ordinal.
+pub fn by_node_key(node: u64, task: TaskId, step: u32, ordinal: u32) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&node.to_be_bytes());
+    k[8..].copy_from_slice(&subtask_key(task, step, ordinal));
     k
 }
 

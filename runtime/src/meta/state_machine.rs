@@ -58,6 +58,7 @@ pub const SM_TABLES: &[SmTable] = &[
     records::UNFINISHED_TABLE,
     records::HISTORY_TABLE,
     records::SUBTASKS_TABLE,
+    records::SUBTASKS_BY_NODE_TABLE,
     records::COUNTERS_TABLE,
 ];
 

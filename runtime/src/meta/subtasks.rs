@@ -16,9 +16,9 @@ use stoker_proto::meta::{
 use stoker_proto::Message;
 
 use super::records::{
-    get, get_node, get_task, invalid, put, subtask_key, subtask_name, subtask_range, subtask_state,
-    task_key, task_state, Applied, Rejection, MAX_INLINE_BYTES, MAX_SUBTASK_BATCH, SUBTASKS_TABLE,
-    TASKS_TABLE,
+    by_node_key, get, get_node, get_task, invalid, put, subtask_key, subtask_name, subtask_range,
+    subtask_state, task_key, task_state, Applied, Rejection, MAX_INLINE_BYTES, MAX_SUBTASK_BATCH,
+    SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, TASKS_TABLE,
 };
 use crate::model::{check_subtask_transition, SubtaskChange, SubtaskState, TaskState};
 
@@ -37,13 +37,29 @@ fn get_subtask(txn: &WriteTransaction, r: &SubtaskRef) -> Applied<SubtaskRecord>
     })
 }
 
+/// Writes a subtask and keeps [`SUBTASKS_BY_NODE_TABLE`] in step: a subtask
+/// is listed under its node while it is assigned there and unfinished.
 fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
-    put(
-        txn,
-        SUBTASKS_TABLE,
-        &subtask_key(s.task_id, s.step, s.ordinal),
-        s,
-    )
+    let key = subtask_key(s.task_id, s.step, s.ordinal);
+    let before: Option<SubtaskRecord> = get(txn, SUBTASKS_TABLE, &key)?;
+    let (old, new) = (before.as_ref().and_then(node_index_key), node_index_key(s));
+    if old != new {
+        let mut index = txn.open_table(SUBTASKS_BY_NODE_TABLE)?;
+        if let Some(k) = old {
+            index.remove(k.as_slice())?;
+        }
+        if let Some(k) = new {
+            index.insert(k.as_slice(), [].as_slice())?;
+        }
+    }
+    put(txn, SUBTASKS_TABLE, &key, s)
+}
+
+/// The subtask's key in the by-node index, if it belongs there.
+fn node_index_key(s: &SubtaskRecord) -> Option<[u8; 24]> {
+    let active =
+        s.state == SubtaskState::Pending.as_str() || s.state == SubtaskState::Running.as_str();
+    (s.node != 0 && active).then(|| by_node_key(s.node, s.task_id, s.step, s.ordinal))
 }
 
 fn subtask_ref(c: Option<&SubtaskRef>) -> Applied<&SubtaskRef> {
@@ -79,6 +95,30 @@ pub(crate) fn subtasks_of(
         );
     }
     Ok(out)
+}
+
+/// Deletes every subtask of a task (garbage collection of history).
+pub(crate) fn delete_subtasks_of(txn: &WriteTransaction, task: u64) -> Applied<()> {
+    let all = subtasks_of(txn, task, None)?;
+    let mut index = txn.open_table(SUBTASKS_BY_NODE_TABLE)?;
+    for k in all.iter().filter_map(node_index_key) {
+        index.remove(k.as_slice())?;
+    }
+    let (start, end) = subtask_range(task, None);
+    txn.open_table(SUBTASKS_TABLE)?
+        .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)?;
+    Ok(())
+}
+
+/// The subtasks of the task's current step that have not ended, if any.
+pub(crate) fn unfinished_in_step(txn: &WriteTransaction, task: &TaskRecord) -> Applied<usize> {
+    let mut n = 0;
+    for s in subtasks_of(txn, task.id, Some(task.step))? {
+        if !subtask_state(&s)?.is_finished() {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Which step a batch goes to: the current one while unplanned, the next

@@ -11,10 +11,11 @@ use stoker_proto::meta::{
 use super::modules::valid_hash;
 use super::nodes::{ensure_tenant, resolve_tenant};
 use super::records::{
-    get_module, get_task, history_key, invalid, put, rank_key, rank_of, subtask_range, task_key,
-    task_state, Applied, Rejection, COUNTERS_TABLE, DEFAULT_MAX_ATTEMPTS, HISTORY_TABLE,
-    MAX_INLINE_BYTES, SUBTASKS_TABLE, TASKS_TABLE, UNFINISHED_TABLE,
+    get_module, get_task, history_key, invalid, put, rank_key, rank_of, task_key, task_state,
+    Applied, Rejection, COUNTERS_TABLE, DEFAULT_MAX_ATTEMPTS, HISTORY_TABLE, MAX_INLINE_BYTES,
+    TASKS_TABLE, UNFINISHED_TABLE,
 };
+use super::subtasks;
 use crate::model::{check_task_transition, TaskId, TaskState, DEFAULT_PRIORITY, PRIORITY_RANGE};
 
 /// The counter the next task id comes from.
@@ -236,6 +237,13 @@ pub(crate) fn finish_task(txn: &WriteTransaction, c: &FinishTask) -> Applied<Don
         return invalid(format!("task result exceeds {MAX_INLINE_BYTES} bytes"));
     }
     let mut next = transition(&task, to)?;
+    let unfinished = subtasks::unfinished_in_step(txn, &task)?;
+    if unfinished > 0 {
+        return invalid(format!(
+            "task {} has {unfinished} unfinished subtasks in step {}; cancel them first",
+            c.id, task.step
+        ));
+    }
     next.result = c.result.clone();
     if !c.error.is_empty() {
         next.error = c.error.clone();
@@ -277,8 +285,5 @@ pub(crate) fn gc_history(txn: &WriteTransaction, c: &GcHistory) -> Applied<Count
 fn delete_task(txn: &WriteTransaction, id: TaskId) -> Applied<()> {
     txn.open_table(TASKS_TABLE)?
         .remove(task_key(id).as_slice())?;
-    let (start, end) = subtask_range(id, None);
-    txn.open_table(SUBTASKS_TABLE)?
-        .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)?;
-    Ok(())
+    subtasks::delete_subtasks_of(txn, id)
 }
