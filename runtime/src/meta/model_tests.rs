@@ -312,6 +312,13 @@ fn module_upload_commits_chunks_and_reads_back() {
         (10_000, 3, "default")
     );
     assert_eq!(sm.read(queries::modules).len(), 1);
+    let by_name = sm.read(|p, t| queries::find_module(p, t, "default", "wordcount", ""));
+    assert_eq!(by_name.unwrap().hash, hash);
+    let by_hash = sm.read(|p, t| queries::find_module(p, t, "default", &hash, ""));
+    assert_eq!(by_hash.unwrap().name, "wordcount");
+    assert!(sm
+        .read(|p, t| queries::find_module(p, t, "default", "wordcount", "v2"))
+        .is_none());
     // Committing the same module again is a no-op.
     match sm.ok(C::CommitModule(commit(&hash, 3))) {
         command_result::Kind::CommitModule(r) => assert!(!r.created),
@@ -620,6 +627,10 @@ fn requeue_needs_idempotence_and_retries_count_attempts() {
     let (subs, counts) = sm.step(task, 0);
     assert_eq!(counts.get(SubtaskState::Failed), 2);
     assert_eq!((subs[1].attempt, subs[1].error.as_str()), (3, "flaky"));
+    // Reported at 3000 after attempt 2: backoff 2 s.
+    assert_eq!(subs[1].retry_after_ms, 5000);
+    assert_eq!(super::subtasks::retry_backoff_ms(1), 1000);
+    assert_eq!(super::subtasks::retry_backoff_ms(100), 60_000);
 }
 
 #[test]

@@ -277,6 +277,31 @@ pub fn modules(path: &Path, txn: &ReadTransaction) -> Result<Vec<ModuleRecord>, 
     scan(path, txn, MODULES_TABLE, None)
 }
 
+/// Finds a module by hash, or by name (and tag when not empty) within a
+/// tenant: the most recently uploaded match.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn find_module(
+    path: &Path,
+    txn: &ReadTransaction,
+    tenant: &str,
+    name_or_hash: &str,
+    tag: &str,
+) -> Result<Option<ModuleRecord>, MetaError> {
+    if super::modules::valid_hash(name_or_hash) {
+        if let Some(m) = module(path, txn, name_or_hash)? {
+            return Ok(Some(m));
+        }
+    }
+    Ok(modules(path, txn)?
+        .into_iter()
+        .filter(|m| {
+            m.tenant == tenant && m.name == name_or_hash && (tag.is_empty() || m.tag == tag)
+        })
+        .max_by_key(|m| (m.upload_time_ms, m.hash.clone())))
+}
+
 /// A committed module's bytes, reassembled from its chunks.
 ///
 /// # Errors

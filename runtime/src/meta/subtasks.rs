@@ -22,6 +22,11 @@ use super::records::{
 };
 use crate::model::{check_subtask_transition, SubtaskChange, SubtaskState, TaskState};
 
+/// The first retry's backoff.
+pub const RETRY_BASE_MS: u64 = 1000;
+/// The longest retry backoff.
+pub const RETRY_MAX_MS: u64 = 60_000;
+
 fn get_subtask(txn: &WriteTransaction, r: &SubtaskRef) -> Applied<SubtaskRecord> {
     get(
         txn,
@@ -338,10 +343,20 @@ pub(crate) fn report_subtask(
         SubtaskState::Pending | SubtaskState::Paused => s.node = 0,
         SubtaskState::Running => {}
     }
+    if retry {
+        s.retry_after_ms = c.time_ms.saturating_add(retry_backoff_ms(s.attempt));
+    }
     put_subtask(txn, &s)?;
     task.fuel_used += c.fuel_used;
     put(txn, TASKS_TABLE, &task_key(task.id), &task)?;
     Ok(state_result(&s))
+}
+
+/// The wait before retrying after failed attempt `attempt` (1-based):
+/// [`RETRY_BASE_MS`] doubled per attempt, at most [`RETRY_MAX_MS`].
+pub fn retry_backoff_ms(attempt: u32) -> u64 {
+    let doublings = attempt.saturating_sub(1).min(20);
+    (RETRY_BASE_MS << doublings).min(RETRY_MAX_MS)
 }
 
 pub(crate) fn requeue_subtask(
@@ -423,6 +438,7 @@ pub(crate) fn change_subtasks(txn: &WriteTransaction, c: &ChangeSubtasks) -> App
         }
         if change == SubtaskChange::Resolve {
             s.error.clear();
+            s.retry_after_ms = 0;
         }
         changes.push(s);
     }
