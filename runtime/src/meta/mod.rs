@@ -32,6 +32,8 @@ pub mod transport;
 #[cfg(test)]
 mod cluster_tests;
 #[cfg(test)]
+mod model_replica_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod sim;

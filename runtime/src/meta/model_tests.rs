@@ -2,7 +2,6 @@
 //! command's happy path, rejections (illegal transitions, the fence, bad
 //! uploads) that change nothing, and determinism across two replicas.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -17,14 +16,14 @@ use super::queries::{self, TaskFilter};
 use super::*;
 use crate::model::{SubtaskState, TaskState};
 
-struct Sm {
+pub(super) struct Sm {
     _dir: tempfile::TempDir,
-    s: RedbStorage,
+    pub(super) s: RedbStorage,
     index: u64,
 }
 
 impl Sm {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStorage::open(&dir.path().join("meta.redb")).unwrap();
         Sm {
@@ -34,7 +33,7 @@ impl Sm {
         }
     }
 
-    fn apply(&mut self, kind: command::Kind) -> CommandResult {
+    pub(super) fn apply(&mut self, kind: command::Kind) -> CommandResult {
         self.index += 1;
         let mut tx = self.s.begin_apply().unwrap();
         let cmd = Command { kind: Some(kind) };
@@ -45,7 +44,7 @@ impl Sm {
     }
 
     #[track_caller]
-    fn ok(&mut self, kind: command::Kind) -> command_result::Kind {
+    pub(super) fn ok(&mut self, kind: command::Kind) -> command_result::Kind {
         let r = self.apply(kind);
         assert!(r.error.is_empty(), "rejected: {}", r.error);
         r.kind.unwrap()
@@ -53,7 +52,7 @@ impl Sm {
 
     /// Applies a command that must be rejected and change nothing.
     #[track_caller]
-    fn rejected(&mut self, kind: command::Kind) -> String {
+    pub(super) fn rejected(&mut self, kind: command::Kind) -> String {
         let before = self.s.digest().unwrap();
         let r = self.apply(kind);
         assert!(!r.error.is_empty(), "accepted: {:?}", r.kind);
@@ -67,16 +66,19 @@ impl Sm {
         r.error
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Path, &redb::ReadTransaction) -> Result<T, MetaError>) -> T {
+    pub(super) fn read<T>(
+        &self,
+        f: impl FnOnce(&Path, &redb::ReadTransaction) -> Result<T, MetaError>,
+    ) -> T {
         let txn = self.s.read().unwrap();
         f(self.s.path(), &txn).unwrap()
     }
 
-    fn task(&self, id: u64) -> stoker_proto::meta::TaskRecord {
+    pub(super) fn task(&self, id: u64) -> stoker_proto::meta::TaskRecord {
         self.read(|p, t| queries::task(p, t, id)).unwrap()
     }
 
-    fn step(
+    pub(super) fn step(
         &self,
         id: u64,
         step: u32,
@@ -88,14 +90,14 @@ impl Sm {
     }
 }
 
-use command::Kind as C;
+pub(super) use command::Kind as C;
 
-fn hash_of(bytes: &[u8]) -> String {
+pub(super) fn hash_of(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 /// Uploads `bytes` in chunks of `chunk` bytes; returns the hash.
-fn upload(sm: &mut Sm, bytes: &[u8], chunk: usize) -> String {
+pub(super) fn upload(sm: &mut Sm, bytes: &[u8], chunk: usize) -> String {
     let hash = hash_of(bytes);
     let mut n = 0;
     for (i, part) in bytes.chunks(chunk).enumerate() {
@@ -110,7 +112,7 @@ fn upload(sm: &mut Sm, bytes: &[u8], chunk: usize) -> String {
     hash
 }
 
-fn commit(hash: &str, chunks: u32) -> CommitModule {
+pub(super) fn commit(hash: &str, chunks: u32) -> CommitModule {
     CommitModule {
         hash: hash.to_string(),
         name: "wordcount".into(),
@@ -122,7 +124,7 @@ fn commit(hash: &str, chunks: u32) -> CommitModule {
     }
 }
 
-fn register(sm: &mut Sm, id: u64, labels: &[(&str, &str)]) {
+pub(super) fn register(sm: &mut Sm, id: u64, labels: &[(&str, &str)]) {
     sm.ok(C::RegisterNode(RegisterNode {
         id,
         addr: format!("127.0.0.1:{}", 7400 + id),
@@ -139,7 +141,7 @@ fn register(sm: &mut Sm, id: u64, labels: &[(&str, &str)]) {
     }));
 }
 
-fn submit_spec(hash: &str, priority: u32, time: u64) -> SubmitTask {
+pub(super) fn submit_spec(hash: &str, priority: u32, time: u64) -> SubmitTask {
     SubmitTask {
         module_hash: hash.to_string(),
         input: b"hello world".to_vec(),
@@ -150,14 +152,14 @@ fn submit_spec(hash: &str, priority: u32, time: u64) -> SubmitTask {
     }
 }
 
-fn submit(sm: &mut Sm, hash: &str, priority: u32, time: u64) -> u64 {
+pub(super) fn submit(sm: &mut Sm, hash: &str, priority: u32, time: u64) -> u64 {
     match sm.ok(C::SubmitTask(submit_spec(hash, priority, time))) {
         command_result::Kind::SubmitTask(r) => r.id,
         k => panic!("unexpected {k:?}"),
     }
 }
 
-fn add(
+pub(super) fn add(
     sm: &mut Sm,
     task: u64,
     step: u32,
@@ -179,7 +181,7 @@ fn add(
     }));
 }
 
-fn set_state(task: u64, state: TaskState) -> command::Kind {
+pub(super) fn set_state(task: u64, state: TaskState) -> command::Kind {
     C::SetTaskState(SetTaskState {
         id: task,
         state: state.to_string(),
@@ -187,7 +189,7 @@ fn set_state(task: u64, state: TaskState) -> command::Kind {
     })
 }
 
-fn sref(task: u64, step: u32, ordinal: u32) -> Option<SubtaskRef> {
+pub(super) fn sref(task: u64, step: u32, ordinal: u32) -> Option<SubtaskRef> {
     Some(SubtaskRef {
         task_id: task,
         step,
@@ -195,14 +197,14 @@ fn sref(task: u64, step: u32, ordinal: u32) -> Option<SubtaskRef> {
     })
 }
 
-fn assign(task: u64, step: u32, ordinal: u32, node: u64) -> command::Kind {
+pub(super) fn assign(task: u64, step: u32, ordinal: u32, node: u64) -> command::Kind {
     C::AssignSubtask(AssignSubtask {
         subtask: sref(task, step, ordinal),
         node,
     })
 }
 
-fn claim(task: u64, step: u32, ordinal: u32, node: u64, attempt: u32) -> command::Kind {
+pub(super) fn claim(task: u64, step: u32, ordinal: u32, node: u64, attempt: u32) -> command::Kind {
     C::ClaimSubtask(ClaimSubtask {
         subtask: sref(task, step, ordinal),
         node,
@@ -211,7 +213,7 @@ fn claim(task: u64, step: u32, ordinal: u32, node: u64, attempt: u32) -> command
     })
 }
 
-fn report(
+pub(super) fn report(
     task: u64,
     step: u32,
     ordinal: u32,
@@ -233,7 +235,7 @@ fn report(
 }
 
 /// Assigns, claims and reports one subtask succeeded on `node`.
-fn run_ok(sm: &mut Sm, task: u64, step: u32, ordinal: u32, node: u64) {
+pub(super) fn run_ok(sm: &mut Sm, task: u64, step: u32, ordinal: u32, node: u64) {
     let attempt = match sm.ok(assign(task, step, ordinal, node)) {
         command_result::Kind::SubtaskState(r) => r.attempt,
         k => panic!("unexpected {k:?}"),
@@ -251,7 +253,7 @@ fn run_ok(sm: &mut Sm, task: u64, step: u32, ordinal: u32, node: u64) {
 }
 
 /// A module, two nodes and a pending task.
-fn setup() -> (Sm, String, u64) {
+pub(super) fn setup() -> (Sm, String, u64) {
     let mut sm = Sm::new();
     register(&mut sm, 1, &[]);
     register(&mut sm, 2, &[("zone", "z2")]);
@@ -764,100 +766,4 @@ fn modify_applies_when_the_task_returns_and_ranks_follow() {
             .len(),
         1
     );
-}
-
-/// A scripted workload with accepted and rejected commands.
-fn workload() -> Vec<command::Kind> {
-    let hash = hash_of(&[1u8; 100]);
-    let mut cmds = vec![
-        C::RegisterNode(RegisterNode {
-            id: 1,
-            slots: 2,
-            worker: true,
-            labels: BTreeMap::from([
-                ("zone".to_string(), "a".to_string()),
-                ("role".to_string(), "dist_worker".to_string()),
-                ("disk".to_string(), "ssd".to_string()),
-            ]),
-            ..Default::default()
-        }),
-        C::PutModuleChunk(PutModuleChunk {
-            hash: hash.clone(),
-            index: 0,
-            data: vec![1u8; 100],
-        }),
-        C::CommitModule(commit(&hash, 1)),
-    ];
-    for i in 0..5u64 {
-        cmds.push(C::SubmitTask(submit_spec(&hash, 0, i)));
-        cmds.push(C::SubmitTask(submit_spec(&hash, 5000, i)));
-    }
-    for id in 1..=5u64 {
-        cmds.push(C::AddSubtasks(AddSubtasks {
-            task_id: id,
-            step: 0,
-            subtasks: vec![NewSubtask::default()],
-            last: true,
-        }));
-        cmds.push(set_state(id, TaskState::Running));
-        cmds.push(assign(id, 0, 0, 1));
-        cmds.push(claim(id, 0, 0, 1, 1));
-        cmds.push(claim(id, 0, 0, 1, 1));
-        cmds.push(C::ReportSubtask(report(
-            id,
-            0,
-            0,
-            1,
-            1,
-            SubtaskState::Succeed,
-            b"o",
-        )));
-    }
-    cmds.push(C::MarkNodeDown(MarkNodeDown { id: 1 }));
-    cmds
-}
-
-#[test]
-fn replicas_applying_the_same_commands_agree_on_ids_results_and_digest() {
-    let cmds = workload();
-    let (mut a, mut b) = (Sm::new(), Sm::new());
-    let ra: Vec<CommandResult> = cmds.iter().map(|c| a.apply(c.clone())).collect();
-    let rb: Vec<CommandResult> = cmds.iter().map(|c| b.apply(c.clone())).collect();
-    assert_eq!(ra, rb);
-    assert!(
-        ra.iter().any(|r| !r.error.is_empty()),
-        "no rejected command"
-    );
-    let ids: Vec<u64> = ra
-        .iter()
-        .filter_map(|r| match &r.kind {
-            Some(command_result::Kind::SubmitTask(s)) => Some(s.id),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(ids, vec![1, 2, 3, 4, 5]);
-    assert_eq!(a.s.digest().unwrap(), b.s.digest().unwrap());
-    // The digest covers the new tables.
-    b.ok(C::NodeHeartbeat(NodeHeartbeat { id: 1, time_ms: 1 }));
-    assert_ne!(a.s.digest().unwrap(), b.s.digest().unwrap());
-}
-
-#[test]
-fn a_snapshot_carries_the_task_framework_tables() {
-    let mut a = Sm::new();
-    for c in workload() {
-        a.apply(c);
-    }
-    let data = {
-        let txn = a.s.read().unwrap();
-        state_machine::export(&txn).unwrap()
-    };
-    let b = Sm::new();
-    let tx = b.s.begin_apply().unwrap();
-    state_machine::import(tx.path(), tx.txn(), &data).unwrap();
-    tx.commit().unwrap();
-    assert_eq!(a.s.digest().unwrap(), b.s.digest().unwrap());
-    let tasks = b.read(|p, t| queries::list_tasks(p, t, &TaskFilter::default()));
-    assert_eq!(tasks.len(), 5);
-    assert_eq!(b.step(1, 0).1.get(SubtaskState::Succeed), 1);
 }
