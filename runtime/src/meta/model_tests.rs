@@ -611,8 +611,22 @@ fn requeue_needs_idempotence_and_retries_count_attempts() {
         command_result::Kind::SubtaskState(r) => assert_eq!(r.state, "failed"),
         k => panic!("unexpected {k:?}"),
     }
-    // Retryable failures go back to pending until max attempts (3).
-    for attempt in 1..=3 {
+    // A move before the first run does not use up the retry budget.
+    sm.ok(assign(task, 0, 1, 1));
+    match sm.ok(C::RequeueSubtask(RequeueSubtask {
+        subtask: sref(task, 0, 1),
+        reason: "node 1 no longer allowed".into(),
+        ..Default::default()
+    })) {
+        command_result::Kind::SubtaskState(r) => {
+            assert_eq!((r.state.as_str(), r.attempt), ("pending", 1))
+        }
+        k => panic!("unexpected {k:?}"),
+    }
+    let e = sm.rejected(claim(task, 0, 1, 1, 1));
+    assert!(e.contains("assigned to node 0 attempt 1"), "{e}");
+    // Retryable failures go back to pending until max attempts (3 runs).
+    for attempt in 2..=4 {
         sm.ok(assign(task, 0, 1, 2));
         sm.ok(claim(task, 0, 1, 2, attempt));
         let r = ReportSubtask {
@@ -620,7 +634,7 @@ fn requeue_needs_idempotence_and_retries_count_attempts() {
             error: "flaky".into(),
             ..report(task, 0, 1, 2, attempt, SubtaskState::Failed, b"")
         };
-        let expected = if attempt < 3 { "pending" } else { "failed" };
+        let expected = if attempt < 4 { "pending" } else { "failed" };
         match sm.ok(C::ReportSubtask(r)) {
             command_result::Kind::SubtaskState(r) => assert_eq!(r.state, expected),
             k => panic!("unexpected {k:?}"),
@@ -628,8 +642,9 @@ fn requeue_needs_idempotence_and_retries_count_attempts() {
     }
     let (subs, counts) = sm.step(task, 0);
     assert_eq!(counts.get(SubtaskState::Failed), 2);
-    assert_eq!((subs[1].attempt, subs[1].error.as_str()), (3, "flaky"));
-    // Reported at 3000 after attempt 2: backoff 2 s.
+    assert_eq!((subs[1].attempt, subs[1].retries), (4, 2));
+    assert_eq!(subs[1].error, "flaky");
+    // Reported at 3000 after the second retry's run: backoff 2 s.
     assert_eq!(subs[1].retry_after_ms, 5000);
     assert_eq!(super::subtasks::retry_backoff_ms(1), 1000);
     assert_eq!(super::subtasks::retry_backoff_ms(100), 60_000);

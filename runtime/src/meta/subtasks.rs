@@ -319,7 +319,9 @@ pub(crate) fn report_subtask(
         ));
     }
     let mut task = get_task(txn, r.task_id)?;
-    let retry = reported == SubtaskState::Failed && c.retryable && s.attempt < task.max_attempts;
+    let retry = reported == SubtaskState::Failed
+        && c.retryable
+        && s.retries.saturating_add(1) < task.max_attempts;
     let (to, change) = if retry {
         (SubtaskState::Pending, SubtaskChange::Retry)
     } else {
@@ -344,7 +346,8 @@ pub(crate) fn report_subtask(
         SubtaskState::Running => {}
     }
     if retry {
-        s.retry_after_ms = c.time_ms.saturating_add(retry_backoff_ms(s.attempt));
+        s.retries += 1;
+        s.retry_after_ms = c.time_ms.saturating_add(retry_backoff_ms(s.retries));
     }
     put_subtask(txn, &s)?;
     task.fuel_used += c.fuel_used;
@@ -352,10 +355,10 @@ pub(crate) fn report_subtask(
     Ok(state_result(&s))
 }
 
-/// The wait before retrying after failed attempt `attempt` (1-based):
-/// [`RETRY_BASE_MS`] doubled per attempt, at most [`RETRY_MAX_MS`].
-pub fn retry_backoff_ms(attempt: u32) -> u64 {
-    let doublings = attempt.saturating_sub(1).min(20);
+/// The wait before retry number `retry` (1-based): [`RETRY_BASE_MS`]
+/// doubled per retry, at most [`RETRY_MAX_MS`].
+pub fn retry_backoff_ms(retry: u32) -> u64 {
+    let doublings = retry.saturating_sub(1).min(20);
     (RETRY_BASE_MS << doublings).min(RETRY_MAX_MS)
 }
 
@@ -373,6 +376,12 @@ pub(crate) fn requeue_subtask(
         .into());
     }
     let from = subtask_state(&s)?;
+    if from == SubtaskState::Pending && s.node != 0 {
+        s.node = 0;
+        s.error = c.reason.clone();
+        put_subtask(txn, &s)?;
+        return Ok(state_result(&s));
+    }
     let requeue = check_subtask_transition(
         from,
         SubtaskState::Pending,
@@ -439,6 +448,7 @@ pub(crate) fn change_subtasks(txn: &WriteTransaction, c: &ChangeSubtasks) -> App
         if change == SubtaskChange::Resolve {
             s.error.clear();
             s.retry_after_ms = 0;
+            s.retries = 0;
         }
         changes.push(s);
     }
