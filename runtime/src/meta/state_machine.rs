@@ -11,7 +11,11 @@
 //!    `fn(&WriteTransaction, &TheCommand) -> Result<the_result, MetaError>`.
 //!
 //! Application must be deterministic: it may read only the tables and the
-//! command, never the clock, randomness or local configuration.
+//! command, never the clock, randomness or local configuration. And a
+//! rejected command must write nothing: the apply transaction holds many
+//! commands and has no rollback, so validate completely before the first
+//! write (the task framework's commands in `records`, `nodes`, `modules`,
+//! `tasks` and `subtasks` follow this; `model_replica_tests` checks it).
 
 use std::path::Path;
 
