@@ -397,9 +397,14 @@ fn submit_validates_and_numbers_tasks() {
 #[test]
 fn a_task_runs_its_steps_finishes_into_history_and_is_collected() {
     let (mut sm, hash, task) = setup();
-    // Step 0 in two batches, the second seals it.
+    // Step 0 in two batches, the second seals it; only then may it run.
     add(&mut sm, task, 0, 0..2, true, false);
     assert!(!sm.task(task).step_planned);
+    let e = sm.rejected(set_state(task, TaskState::Running));
+    assert_eq!(
+        e,
+        format!("task {task} runs once its first step is planned")
+    );
     add(&mut sm, task, 0, 2..3, true, true);
     sm.ok(set_state(task, TaskState::Running));
     let (subs, counts) = sm.step(task, 0);

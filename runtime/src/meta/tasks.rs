@@ -205,6 +205,9 @@ pub(crate) fn set_task_state(txn: &WriteTransaction, c: &SetTaskState) -> Applie
         return invalid(format!("task {} is modified through modify_task", c.id));
     }
     let mut next = transition(&task, to)?;
+    if task.state == TaskState::Pending.as_str() && to == TaskState::Running && !task.step_planned {
+        return invalid(format!("task {} runs once its first step is planned", c.id));
+    }
     if !c.error.is_empty() {
         next.error = c.error.clone();
     }

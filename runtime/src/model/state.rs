@@ -324,6 +324,10 @@ mod tests {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
         assert!("done".parse::<TaskState>().is_err());
+        for s in SubtaskState::ALL {
+            assert_eq!(s.as_str().parse::<SubtaskState>().unwrap(), s);
+        }
+        assert!("done".parse::<SubtaskState>().is_err());
     }
 
     #[test]
