@@ -373,6 +373,11 @@ fn submit_validates_and_numbers_tasks() {
         (t.priority, t.max_attempts, t.tenant.as_str()),
         (512, 3, "default")
     );
+    assert_eq!(t.input_size, 11);
+    assert_eq!(
+        sm.read(|p, t| queries::task_input(p, t, first)),
+        b"hello world"
+    );
     assert_eq!(submit(&mut sm, &hash, 7, 6000), 2);
     let e = sm.rejected(C::SubmitTask(submit_spec(&hash, 2000, 1)));
     assert_eq!(e, "priority 2000 is outside 1..=1024");

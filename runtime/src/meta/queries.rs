@@ -17,7 +17,7 @@ use super::error::storage_err;
 use super::records::{
     by_node_key, chunk_key, id_of_rank_key, node_key, rank_of, subtask_range, task_key, task_state,
     HISTORY_TABLE, MODULES_TABLE, MODULE_CHUNKS_TABLE, NODES_TABLE, SUBTASKS_BY_NODE_TABLE,
-    SUBTASKS_TABLE, TASKS_TABLE, UNFINISHED_TABLE,
+    SUBTASKS_TABLE, TASKS_TABLE, TASK_INPUTS_TABLE, UNFINISHED_TABLE,
 };
 use super::state_machine::SmTable;
 use super::MetaError;
@@ -93,6 +93,21 @@ pub fn task(
     id: TaskId,
 ) -> Result<Option<TaskRecord>, MetaError> {
     get(path, txn, TASKS_TABLE, &task_key(id))
+}
+
+/// A task's inline input (empty when it has none or a blob input).
+///
+/// # Errors
+/// Storage failures.
+pub fn task_input(path: &Path, txn: &ReadTransaction, id: TaskId) -> Result<Vec<u8>, MetaError> {
+    let table = txn
+        .open_table(TASK_INPUTS_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    Ok(table
+        .get(task_key(id).as_slice())
+        .map_err(|e| storage_err(path, e))?
+        .map(|v| v.value().to_vec())
+        .unwrap_or_default())
 }
 
 /// Which tasks [`list_tasks`] returns.

@@ -28,6 +28,8 @@ pub const MODULE_CHUNKS_TABLE: SmTable = redb::TableDefinition::new("sm_module_c
 pub const MODULE_STAGING_TABLE: SmTable = redb::TableDefinition::new("sm_module_staging");
 /// Tasks, finished or not: big-endian id → [`TaskRecord`].
 pub const TASKS_TABLE: SmTable = redb::TableDefinition::new("sm_tasks");
+/// Inline task inputs: big-endian task id → bytes.
+pub const TASK_INPUTS_TABLE: SmTable = redb::TableDefinition::new("sm_task_inputs");
 /// Unfinished tasks in rank order: [`rank_key`] → nothing.
 pub const UNFINISHED_TABLE: SmTable = redb::TableDefinition::new("sm_tasks_unfinished");
 /// Finished tasks by finish time: time ‖ id (big-endian) → nothing.

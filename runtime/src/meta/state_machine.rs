@@ -59,6 +59,7 @@ pub const SM_TABLES: &[SmTable] = &[
     records::MODULE_CHUNKS_TABLE,
     records::MODULE_STAGING_TABLE,
     records::TASKS_TABLE,
+    records::TASK_INPUTS_TABLE,
     records::UNFINISHED_TABLE,
     records::HISTORY_TABLE,
     records::SUBTASKS_TABLE,

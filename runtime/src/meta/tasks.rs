@@ -13,7 +13,7 @@ use super::nodes::{ensure_tenant, resolve_tenant};
 use super::records::{
     get_module, get_task, history_key, invalid, put, rank_key, rank_of, task_key, task_state,
     Applied, Rejection, COUNTERS_TABLE, DEFAULT_MAX_ATTEMPTS, HISTORY_TABLE, MAX_INLINE_BYTES,
-    TASKS_TABLE, UNFINISHED_TABLE,
+    TASKS_TABLE, TASK_INPUTS_TABLE, UNFINISHED_TABLE,
 };
 use super::subtasks;
 use crate::model::{check_task_transition, TaskId, TaskState, DEFAULT_PRIORITY, PRIORITY_RANGE};
@@ -120,7 +120,7 @@ pub(crate) fn submit_task(txn: &WriteTransaction, c: &SubmitTask) -> Applied<Sub
         tenant,
         key: c.key.clone(),
         module_hash: c.module_hash.clone(),
-        input: c.input.clone(),
+        input_size: c.input.len() as u64,
         input_blob: c.input_blob.clone(),
         priority: if c.priority == 0 {
             DEFAULT_PRIORITY
@@ -144,6 +144,10 @@ pub(crate) fn submit_task(txn: &WriteTransaction, c: &SubmitTask) -> Applied<Sub
         ..Default::default()
     };
     put(txn, TASKS_TABLE, &task_key(id), &task)?;
+    if !c.input.is_empty() {
+        txn.open_table(TASK_INPUTS_TABLE)?
+            .insert(task_key(id).as_slice(), c.input.as_slice())?;
+    }
     txn.open_table(UNFINISHED_TABLE)?
         .insert(rank_key(&rank_of(&task)).as_slice(), [].as_slice())?;
     Ok(SubmitTaskResult { id })
@@ -287,6 +291,8 @@ pub(crate) fn gc_history(txn: &WriteTransaction, c: &GcHistory) -> Applied<Count
 
 fn delete_task(txn: &WriteTransaction, id: TaskId) -> Applied<()> {
     txn.open_table(TASKS_TABLE)?
+        .remove(task_key(id).as_slice())?;
+    txn.open_table(TASK_INPUTS_TABLE)?
         .remove(task_key(id).as_slice())?;
     subtasks::delete_subtasks_of(txn, id)
 }
