@@ -482,6 +482,7 @@ fn a_task_runs_its_steps_finishes_into_history_and_is_collected() {
         k => panic!("unexpected {k:?}"),
     }
     assert_eq!(sm.read(|p, t| queries::task(p, t, task)), None);
+    assert!(sm.read(|p, t| queries::task_input(p, t, task)).is_empty());
     assert_eq!(sm.step(task, 0).0.len(), 0);
 }
 
