@@ -14,6 +14,8 @@ fn main() {
     {
         let mut config = prost_build::Config::new();
         config.protoc_executable(&protoc);
+        // Maps must encode in a fixed order: records are compared by digest.
+        config.btree_map(["."]);
         tonic_prost_build::configure()
             .compile_with_config(config, &["proto/meta.proto"], &["proto"])
             .expect("meta.proto compiles");

@@ -6,6 +6,9 @@
 //! - [`error`]: the subsystem's error type, [`MetaError`].
 //! - [`storage`]: raft-rs `Storage` on redb, plus the applied state.
 //! - [`state_machine`]: typed commands applied to tables; snapshots; digest.
+//! - [`records`]: the task framework's tables, keys and rejections;
+//!   `nodes`, `modules`, `tasks`, `subtasks`: its commands; [`queries`]:
+//!   its reads.
 //! - `node`: the Ready loop on its own thread.
 //! - [`handle`]: [`MetaNode`], the process-wide handle: propose, read,
 //!   membership, leadership watch.
@@ -15,13 +18,23 @@ pub mod config;
 pub mod error;
 pub mod handle;
 mod logger;
+mod modules;
 pub(crate) mod node;
+mod nodes;
+pub mod queries;
+pub mod records;
 pub mod state_machine;
 pub mod storage;
+mod subtasks;
+mod tasks;
 pub mod transport;
 
 #[cfg(test)]
 mod cluster_tests;
+#[cfg(test)]
+mod model_replica_tests;
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod sim;
 

@@ -11,7 +11,11 @@
 //!    `fn(&WriteTransaction, &TheCommand) -> Result<the_result, MetaError>`.
 //!
 //! Application must be deterministic: it may read only the tables and the
-//! command, never the clock, randomness or local configuration.
+//! command, never the clock, randomness or local configuration. And a
+//! rejected command must write nothing: the apply transaction holds many
+//! commands and has no rollback, so validate completely before the first
+//! write (the task framework's commands in `records`, `nodes`, `modules`,
+//! `tasks` and `subtasks` follow this; `model_replica_tests` checks it).
 
 use std::path::Path;
 
@@ -25,7 +29,9 @@ use stoker_proto::meta::{
 use stoker_proto::Message;
 
 use super::error::storage_err;
+use super::records::{self, ApplyError};
 use super::MetaError;
+use super::{modules, nodes, subtasks, tasks};
 
 /// A state machine table: byte keys to byte values.
 pub type SmTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
@@ -47,6 +53,18 @@ pub const SM_TABLES: &[SmTable] = &[
     MEMBERS_TABLE,
     REQUESTS_TABLE,
     REQUEST_ORDER_TABLE,
+    records::TENANTS_TABLE,
+    records::NODES_TABLE,
+    records::MODULES_TABLE,
+    records::MODULE_CHUNKS_TABLE,
+    records::MODULE_STAGING_TABLE,
+    records::TASKS_TABLE,
+    records::TASK_INPUTS_TABLE,
+    records::UNFINISHED_TABLE,
+    records::HISTORY_TABLE,
+    records::SUBTASKS_TABLE,
+    records::SUBTASKS_BY_NODE_TABLE,
+    records::COUNTERS_TABLE,
 ];
 
 /// Request ids remembered for deduplication; the oldest are forgotten
@@ -70,13 +88,29 @@ pub fn apply_command(
     txn: &WriteTransaction,
     cmd: &Command,
 ) -> Result<CommandResult, MetaError> {
+    use command::Kind as C;
+    use command_result::Kind as R;
     let outcome = match &cmd.kind {
-        Some(command::Kind::SetConfig(c)) => {
-            set_config(txn, c).map(|r| r.map(command_result::Kind::SetConfig))
-        }
-        Some(command::Kind::DeleteConfig(c)) => {
-            delete_config(txn, c).map(|r| r.map(command_result::Kind::DeleteConfig))
-        }
+        Some(C::SetConfig(c)) => set_config(txn, c).map(|r| r.map(R::SetConfig)),
+        Some(C::DeleteConfig(c)) => delete_config(txn, c).map(|r| r.map(R::DeleteConfig)),
+        Some(C::CreateTenant(c)) => framework(nodes::create_tenant(txn, c), R::Done),
+        Some(C::RegisterNode(c)) => framework(nodes::register_node(txn, c), R::Done),
+        Some(C::NodeHeartbeat(c)) => framework(nodes::node_heartbeat(txn, c), R::Done),
+        Some(C::MarkNodeDown(c)) => framework(nodes::mark_node_down(txn, c), R::Done),
+        Some(C::PutModuleChunk(c)) => framework(modules::put_module_chunk(txn, c), R::Done),
+        Some(C::CommitModule(c)) => framework(modules::commit_module(txn, c), R::CommitModule),
+        Some(C::DeleteModule(c)) => framework(modules::delete_module(txn, c), R::Done),
+        Some(C::SubmitTask(c)) => framework(tasks::submit_task(txn, c), R::SubmitTask),
+        Some(C::SetTaskState(c)) => framework(tasks::set_task_state(txn, c), R::Done),
+        Some(C::ModifyTask(c)) => framework(tasks::modify_task(txn, c), R::Done),
+        Some(C::FinishTask(c)) => framework(tasks::finish_task(txn, c), R::Done),
+        Some(C::GcHistory(c)) => framework(tasks::gc_history(txn, c), R::Count),
+        Some(C::AddSubtasks(c)) => framework(subtasks::add_subtasks(txn, c), R::Count),
+        Some(C::AssignSubtask(c)) => framework(subtasks::assign_subtask(txn, c), R::SubtaskState),
+        Some(C::ClaimSubtask(c)) => framework(subtasks::claim_subtask(txn, c), R::SubtaskState),
+        Some(C::ReportSubtask(c)) => framework(subtasks::report_subtask(txn, c), R::SubtaskState),
+        Some(C::RequeueSubtask(c)) => framework(subtasks::requeue_subtask(txn, c), R::SubtaskState),
+        Some(C::ChangeSubtasks(c)) => framework(subtasks::change_subtasks(txn, c), R::Count),
         None => Ok(Err("empty command".to_string())),
     };
     match outcome.map_err(|e| storage_err(path, e))? {
@@ -171,6 +205,19 @@ pub fn forget_old_requests(
 }
 
 type Applied<T> = Result<Result<T, String>, redb::Error>;
+
+/// A task framework command's outcome in the dispatch's terms: a rejection
+/// becomes the result's error message.
+fn framework<T>(
+    r: records::Applied<T>,
+    wrap: impl FnOnce(T) -> command_result::Kind,
+) -> Applied<command_result::Kind> {
+    match r {
+        Ok(v) => Ok(Ok(wrap(v))),
+        Err(ApplyError::Rejected(why)) => Ok(Err(why.to_string())),
+        Err(ApplyError::Storage(e)) => Err(e),
+    }
+}
 
 fn set_config(txn: &WriteTransaction, c: &SetConfig) -> Applied<SetConfigResult> {
     if c.key.is_empty() || c.key.len() > MAX_CONFIG_KEY {

@@ -196,6 +196,17 @@ impl fmt::Display for SubtaskState {
     }
 }
 
+impl std::str::FromStr for SubtaskState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SubtaskState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown subtask state {s:?}"))
+    }
+}
+
 /// Why a subtask changes state; some edges exist only for some reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -313,6 +324,10 @@ mod tests {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
         assert!("done".parse::<TaskState>().is_err());
+        for s in SubtaskState::ALL {
+            assert_eq!(s.as_str().parse::<SubtaskState>().unwrap(), s);
+        }
+        assert!("done".parse::<SubtaskState>().is_err());
     }
 
     #[test]

@@ -1,0 +1,168 @@
+//! Modules: chunked upload staged until a commit that checks the sha256 of
+//! the reassembled bytes, and deletion refused while an unfinished task
+//! uses the module.
+
+use redb::{ReadableTable, WriteTransaction};
+use sha2::{Digest, Sha256};
+use stoker_proto::meta::{
+    CommitModule, CommitModuleResult, DeleteModule, Done, ModuleRecord, PutModuleChunk, TaskRecord,
+};
+
+use super::nodes::{ensure_tenant, resolve_tenant};
+use super::records::{
+    chunk_key, get, get_module, id_of_rank_key, invalid, put, task_key, Applied, Rejection,
+    MAX_CHUNK_BYTES, MAX_MODULE_BYTES, MODULES_TABLE, MODULE_CHUNKS_TABLE, MODULE_STAGING_TABLE,
+    TASKS_TABLE, UNFINISHED_TABLE,
+};
+
+/// Most chunks of one module.
+const MAX_CHUNKS: u32 = (MAX_MODULE_BYTES / MAX_CHUNK_BYTES) as u32;
+/// Longest module name and tag.
+const MAX_NAME: usize = 256;
+
+/// Whether `hash` looks like a lowercase hex sha256.
+pub fn valid_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn check_hash(hash: &str) -> Applied<()> {
+    if valid_hash(hash) {
+        Ok(())
+    } else {
+        invalid(format!(
+            "module hash {hash:?} is not a lowercase hex sha256"
+        ))
+    }
+}
+
+pub(crate) fn put_module_chunk(txn: &WriteTransaction, c: &PutModuleChunk) -> Applied<Done> {
+    check_hash(&c.hash)?;
+    if c.index >= MAX_CHUNKS {
+        return invalid(format!(
+            "module chunk index {} is beyond the {MAX_CHUNKS} chunks of a {MAX_MODULE_BYTES}-byte module",
+            c.index
+        ));
+    }
+    if c.data.is_empty() || c.data.len() > MAX_CHUNK_BYTES {
+        return invalid(format!("module chunk must be 1..={MAX_CHUNK_BYTES} bytes"));
+    }
+    txn.open_table(MODULE_STAGING_TABLE)?
+        .insert(chunk_key(&c.hash, c.index).as_slice(), c.data.as_slice())?;
+    Ok(Done {})
+}
+
+/// The staged chunk keys of `hash`, in index order.
+fn staged_keys(txn: &WriteTransaction, hash: &str) -> Applied<Vec<Vec<u8>>> {
+    let table = txn.open_table(MODULE_STAGING_TABLE)?;
+    let start = chunk_key(hash, 0);
+    let end = chunk_key(hash, u32::MAX);
+    let mut keys = Vec::new();
+    for row in table.range(start.as_slice()..=end.as_slice())? {
+        keys.push(row?.0.value().to_vec());
+    }
+    Ok(keys)
+}
+
+pub(crate) fn commit_module(
+    txn: &WriteTransaction,
+    c: &CommitModule,
+) -> Applied<CommitModuleResult> {
+    check_hash(&c.hash)?;
+    if c.name.is_empty() || c.name.len() > MAX_NAME || c.tag.len() > MAX_NAME {
+        return invalid(format!(
+            "module name must be 1..={MAX_NAME} bytes and its tag at most {MAX_NAME}"
+        ));
+    }
+    let tenant = resolve_tenant(txn, &c.tenant)?;
+    if get_module(txn, &c.hash)?.is_some() {
+        return Ok(CommitModuleResult { created: false });
+    }
+    let bad = |why: String| -> Applied<CommitModuleResult> {
+        Err(Rejection::BadUpload {
+            hash: c.hash.clone(),
+            why,
+        }
+        .into())
+    };
+    let keys = staged_keys(txn, &c.hash)?;
+    let expected: Vec<Vec<u8>> = (0..c.chunks).map(|i| chunk_key(&c.hash, i)).collect();
+    if c.chunks == 0 || keys != expected {
+        return bad(format!(
+            "expected chunks 0..{}, {} are staged",
+            c.chunks,
+            keys.len()
+        ));
+    }
+    let mut hasher = Sha256::new();
+    let mut size = 0usize;
+    {
+        let staging = txn.open_table(MODULE_STAGING_TABLE)?;
+        for k in &keys {
+            let v = staging.get(k.as_slice())?.expect("listed above");
+            size += v.value().len();
+            hasher.update(v.value());
+        }
+    }
+    if size > MAX_MODULE_BYTES {
+        return bad(format!("{size} bytes exceed {MAX_MODULE_BYTES}"));
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual != c.hash {
+        return bad(format!("the bytes hash to {actual}"));
+    }
+    {
+        let mut staging = txn.open_table(MODULE_STAGING_TABLE)?;
+        let mut chunks = txn.open_table(MODULE_CHUNKS_TABLE)?;
+        for k in &keys {
+            let data = staging.remove(k.as_slice())?.expect("listed above");
+            chunks.insert(k.as_slice(), data.value())?;
+        }
+    }
+    ensure_tenant(txn, &tenant)?;
+    let record = ModuleRecord {
+        hash: c.hash.clone(),
+        tenant,
+        name: c.name.clone(),
+        tag: c.tag.clone(),
+        size: size as u64,
+        abi_version: c.abi_version,
+        upload_time_ms: c.upload_time_ms,
+        chunks: c.chunks,
+    };
+    put(txn, MODULES_TABLE, c.hash.as_bytes(), &record)?;
+    Ok(CommitModuleResult { created: true })
+}
+
+pub(crate) fn delete_module(txn: &WriteTransaction, c: &DeleteModule) -> Applied<Done> {
+    let Some(module) = get_module(txn, &c.hash)? else {
+        return Err(Rejection::NotFound {
+            what: "module",
+            id: c.hash.clone(),
+        }
+        .into());
+    };
+    let ids: Vec<u64> = {
+        let unfinished = txn.open_table(UNFINISHED_TABLE)?;
+        let mut ids = Vec::new();
+        for row in unfinished.iter()? {
+            ids.extend(id_of_rank_key(row?.0.value()));
+        }
+        ids
+    };
+    for id in ids {
+        let task: Option<TaskRecord> = get(txn, TASKS_TABLE, &task_key(id))?;
+        if task.is_some_and(|t| t.module_hash == c.hash) {
+            return Err(Rejection::ModuleInUse {
+                hash: c.hash.clone(),
+                task: id,
+            }
+            .into());
+        }
+    }
+    let mut chunks = txn.open_table(MODULE_CHUNKS_TABLE)?;
+    for i in 0..module.chunks {
+        chunks.remove(chunk_key(&c.hash, i).as_slice())?;
+    }
+    txn.open_table(MODULES_TABLE)?.remove(c.hash.as_bytes())?;
+    Ok(Done {})
+}

@@ -1,0 +1,344 @@
+//! Reads of the task framework's tables, for the owner, workers and the API.
+//! Each takes the database path (for error messages) and a read
+//! transaction, so it plugs into `MetaNode::read_local` after a read barrier
+//! when it must be linearizable:
+//!
+//! ```ignore
+//! let (task, _) = meta.read_local(|path, txn| queries::task(path, txn, id))?;
+//! ```
+
+use std::path::Path;
+
+use redb::{ReadTransaction, ReadableTable};
+use stoker_proto::meta::{ModuleRecord, NodeRecord, SubtaskRecord, TaskRecord};
+use stoker_proto::Message;
+
+use super::error::storage_err;
+use super::records::{
+    by_node_key, chunk_key, id_of_rank_key, node_key, rank_of, subtask_range, task_key, task_state,
+    HISTORY_TABLE, MODULES_TABLE, MODULE_CHUNKS_TABLE, NODES_TABLE, SUBTASKS_BY_NODE_TABLE,
+    SUBTASKS_TABLE, TASKS_TABLE, TASK_INPUTS_TABLE, UNFINISHED_TABLE,
+};
+use super::state_machine::SmTable;
+use super::MetaError;
+use crate::model::{NodeView, SubtaskState, TaskId, TaskPlacement, TaskState};
+use crate::sched::task::StepCounts;
+
+fn corrupt(path: &Path, what: impl Into<String>) -> MetaError {
+    MetaError::Corrupt {
+        path: path.to_path_buf(),
+        what: what.into(),
+    }
+}
+
+fn get<M: Message + Default>(
+    path: &Path,
+    txn: &ReadTransaction,
+    def: SmTable,
+    key: &[u8],
+) -> Result<Option<M>, MetaError> {
+    let table = txn.open_table(def).map_err(|e| storage_err(path, e))?;
+    let Some(v) = table.get(key).map_err(|e| storage_err(path, e))? else {
+        return Ok(None);
+    };
+    M::decode(v.value()).map(Some).map_err(|_| {
+        corrupt(
+            path,
+            format!(
+                "bad record {} in {}",
+                hex::encode(key),
+                redb::TableHandle::name(&def)
+            ),
+        )
+    })
+}
+
+/// Every value of a table in key order (`range` bounds the keys).
+fn scan<M: Message + Default>(
+    path: &Path,
+    txn: &ReadTransaction,
+    def: SmTable,
+    range: Option<(&[u8], &[u8])>,
+) -> Result<Vec<M>, MetaError> {
+    let err = |e: redb::StorageError| storage_err(path, e);
+    let table = txn.open_table(def).map_err(|e| storage_err(path, e))?;
+    let rows = match range {
+        Some((start, end)) => table.range(start..=end).map_err(err)?,
+        None => table.range::<&[u8]>(..).map_err(err)?,
+    };
+    let mut out = Vec::new();
+    for row in rows {
+        let (k, v) = row.map_err(err)?;
+        out.push(M::decode(v.value()).map_err(|_| {
+            corrupt(
+                path,
+                format!(
+                    "bad record {} in {}",
+                    hex::encode(k.value()),
+                    redb::TableHandle::name(&def)
+                ),
+            )
+        })?);
+    }
+    Ok(out)
+}
+
+/// One task, finished or not.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn task(
+    path: &Path,
+    txn: &ReadTransaction,
+    id: TaskId,
+) -> Result<Option<TaskRecord>, MetaError> {
+    get(path, txn, TASKS_TABLE, &task_key(id))
+}
+
+/// A task's inline input (empty when it has none or a blob input).
+///
+/// # Errors
+/// Storage failures.
+pub fn task_input(path: &Path, txn: &ReadTransaction, id: TaskId) -> Result<Vec<u8>, MetaError> {
+    let table = txn
+        .open_table(TASK_INPUTS_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    Ok(table
+        .get(task_key(id).as_slice())
+        .map_err(|e| storage_err(path, e))?
+        .map(|v| v.value().to_vec())
+        .unwrap_or_default())
+}
+
+/// Which tasks [`list_tasks`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    /// Only tasks in one of these states (empty: any).
+    pub states: Vec<TaskState>,
+    /// Also finished tasks (after the unfinished ones, oldest finish first).
+    pub include_finished: bool,
+    /// At most this many (0: no limit).
+    pub limit: usize,
+}
+
+/// Unfinished tasks in rank order, then (when asked) finished ones by
+/// finish time.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn list_tasks(
+    path: &Path,
+    txn: &ReadTransaction,
+    filter: &TaskFilter,
+) -> Result<Vec<TaskRecord>, MetaError> {
+    let err = |e: redb::StorageError| storage_err(path, e);
+    let mut ids = Vec::new();
+    let unfinished = txn
+        .open_table(UNFINISHED_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    for row in unfinished.iter().map_err(err)? {
+        let key = row.map_err(err)?.0;
+        ids.push(id_of_rank_key(key.value()).ok_or_else(|| corrupt(path, "bad rank key"))?);
+    }
+    if filter.include_finished {
+        let history = txn
+            .open_table(HISTORY_TABLE)
+            .map_err(|e| storage_err(path, e))?;
+        for row in history.iter().map_err(err)? {
+            let key = row.map_err(err)?.0;
+            let id = key
+                .value()
+                .get(8..16)
+                .and_then(|b| b.try_into().ok())
+                .map(TaskId::from_be_bytes)
+                .ok_or_else(|| corrupt(path, "bad history key"))?;
+            ids.push(id);
+        }
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        let t = task(path, txn, id)?
+            .ok_or_else(|| corrupt(path, format!("indexed task {id} is missing")))?;
+        let state = task_state(&t).map_err(|e| corrupt(path, e.to_string()))?;
+        if filter.states.is_empty() || filter.states.contains(&state) {
+            out.push(t);
+            if out.len() == filter.limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The subtasks of one step of a task in ordinal order, with their counts
+/// by state.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn step_subtasks(
+    path: &Path,
+    txn: &ReadTransaction,
+    task: TaskId,
+    step: u32,
+) -> Result<(Vec<SubtaskRecord>, StepCounts), MetaError> {
+    let (start, end) = subtask_range(task, Some(step));
+    let subtasks: Vec<SubtaskRecord> = scan(path, txn, SUBTASKS_TABLE, Some((&start, &end)))?;
+    let states = subtasks
+        .iter()
+        .map(|s| s.state.parse::<SubtaskState>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| corrupt(path, e))?;
+    Ok((subtasks, StepCounts::of(states)))
+}
+
+/// The subtasks assigned to `node` that have not ended (pending or
+/// running), by task, step and ordinal: what its heartbeat is answered with.
+///
+/// # Errors
+/// Storage failures, an undecodable record, an index entry without subtask.
+pub fn node_subtasks(
+    path: &Path,
+    txn: &ReadTransaction,
+    node: u64,
+) -> Result<Vec<SubtaskRecord>, MetaError> {
+    let err = |e: redb::StorageError| storage_err(path, e);
+    let index = txn
+        .open_table(SUBTASKS_BY_NODE_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    let (start, end) = (
+        by_node_key(node, 0, 0, 0),
+        by_node_key(node, u64::MAX, u32::MAX, u32::MAX),
+    );
+    let mut out = Vec::new();
+    for row in index
+        .range(start.as_slice()..=end.as_slice())
+        .map_err(err)?
+    {
+        let key = row.map_err(err)?.0;
+        let subtask_key = &key.value()[8..];
+        let s: SubtaskRecord = get(path, txn, SUBTASKS_TABLE, subtask_key)?.ok_or_else(|| {
+            corrupt(
+                path,
+                format!("indexed subtask {} is missing", hex::encode(subtask_key)),
+            )
+        })?;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Every node's record, by id.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn node_records(path: &Path, txn: &ReadTransaction) -> Result<Vec<NodeRecord>, MetaError> {
+    scan(path, txn, NODES_TABLE, None)
+}
+
+/// One node's record.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn node(path: &Path, txn: &ReadTransaction, id: u64) -> Result<Option<NodeRecord>, MetaError> {
+    get(path, txn, NODES_TABLE, &node_key(id))
+}
+
+/// Every node as placement sees it: up means heartbeating and a worker.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn nodes(path: &Path, txn: &ReadTransaction) -> Result<Vec<NodeView>, MetaError> {
+    Ok(node_records(path, txn)?.iter().map(node_view).collect())
+}
+
+pub fn node_view(n: &NodeRecord) -> NodeView {
+    NodeView {
+        id: n.id,
+        labels: n.labels.clone(),
+        scope: n.scope.clone(),
+        slots: n.slots,
+        up: n.up && n.worker,
+    }
+}
+
+/// What placement needs of a task.
+pub fn task_placement(t: &TaskRecord) -> TaskPlacement {
+    TaskPlacement {
+        rank: rank_of(t),
+        concurrency: t.concurrency,
+        max_nodes: t.max_nodes,
+        scope: t.scope.clone(),
+        selector: t.selector.clone(),
+    }
+}
+
+/// A committed module's record.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn module(
+    path: &Path,
+    txn: &ReadTransaction,
+    hash: &str,
+) -> Result<Option<ModuleRecord>, MetaError> {
+    get(path, txn, MODULES_TABLE, hash.as_bytes())
+}
+
+/// Every committed module, by hash.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn modules(path: &Path, txn: &ReadTransaction) -> Result<Vec<ModuleRecord>, MetaError> {
+    scan(path, txn, MODULES_TABLE, None)
+}
+
+/// Finds a module by hash, or by name (and tag when not empty) within a
+/// tenant: the most recently uploaded match.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn find_module(
+    path: &Path,
+    txn: &ReadTransaction,
+    tenant: &str,
+    name_or_hash: &str,
+    tag: &str,
+) -> Result<Option<ModuleRecord>, MetaError> {
+    if super::modules::valid_hash(name_or_hash) {
+        if let Some(m) = module(path, txn, name_or_hash)? {
+            return Ok(Some(m));
+        }
+    }
+    Ok(modules(path, txn)?
+        .into_iter()
+        .filter(|m| {
+            m.tenant == tenant && m.name == name_or_hash && (tag.is_empty() || m.tag == tag)
+        })
+        .max_by_key(|m| (m.upload_time_ms, m.hash.clone())))
+}
+
+/// A committed module's bytes, reassembled from its chunks.
+///
+/// # Errors
+/// Storage failures, a missing chunk.
+pub fn module_bytes(
+    path: &Path,
+    txn: &ReadTransaction,
+    hash: &str,
+) -> Result<Option<Vec<u8>>, MetaError> {
+    let Some(m) = module(path, txn, hash)? else {
+        return Ok(None);
+    };
+    let chunks = txn
+        .open_table(MODULE_CHUNKS_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    let mut bytes = Vec::with_capacity(m.size as usize);
+    for i in 0..m.chunks {
+        let chunk = chunks
+            .get(chunk_key(hash, i).as_slice())
+            .map_err(|e| storage_err(path, e))?
+            .ok_or_else(|| corrupt(path, format!("module {hash} misses chunk {i}")))?;
+        bytes.extend_from_slice(chunk.value());
+    }
+    Ok(Some(bytes))
+}
