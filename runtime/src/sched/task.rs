@@ -49,8 +49,9 @@ pub enum Action {
     Fail { manual_recovery: bool },
     /// Cancel the step's unfinished subtasks (stopping running ones).
     CancelSubtasks,
-    /// Pause the step's pending subtasks; running ones are stopped by their
-    /// workers and reported paused.
+    /// Pause the step's pending subtasks. Running ones are stopped by their
+    /// workers, which see the task pausing and report them paused; the
+    /// scheduler waits for that.
     PauseSubtasks,
     /// Every subtask is stopped: the task is now `to`.
     MoveTo(TaskState),
@@ -93,8 +94,10 @@ pub fn decide(
             }
         }
         TaskState::Pausing => {
-            if counts.get(S::Pending) > 0 || counts.get(S::Running) > 0 {
+            if counts.get(S::Pending) > 0 {
                 Action::PauseSubtasks
+            } else if counts.get(S::Running) > 0 {
+                Action::Wait
             } else {
                 Action::MoveTo(TaskState::Paused)
             }
@@ -106,6 +109,9 @@ pub fn decide(
                 Action::MoveTo(TaskState::Running)
             }
         }
+        // Siblings of the failed subtask still queued or running are
+        // cancelled before the revert hook runs.
+        TaskState::Reverting if counts.unfinished() > 0 => Action::CancelSubtasks,
         TaskState::Reverting => Action::Revert,
         TaskState::Modifying => Action::ApplyModification,
         TaskState::Paused
@@ -177,11 +183,20 @@ mod tests {
             decide(TaskState::Reverting, true, &c, false),
             Action::Revert
         );
+        // A failed subtask's siblings are stopped before the revert hook.
+        let c = counts(&[(S::Failed, 1), (S::Running, 1), (S::Pending, 2)]);
+        assert_eq!(
+            decide(TaskState::Reverting, true, &c, false),
+            Action::CancelSubtasks
+        );
     }
 
     #[test]
     fn pause_and_resume() {
+        // Only running ones left: their workers report them paused.
         let c = counts(&[(S::Running, 1), (S::Paused, 2)]);
+        assert_eq!(decide(TaskState::Pausing, true, &c, false), Action::Wait);
+        let c = counts(&[(S::Running, 1), (S::Pending, 1), (S::Paused, 2)]);
         assert_eq!(
             decide(TaskState::Pausing, true, &c, false),
             Action::PauseSubtasks
