@@ -1,11 +1,16 @@
 # The entry points: `make demo`, `make test`, and `make check` (what CI runs).
-.PHONY: demo test check lint bench
+.PHONY: demo test test-governor check lint bench
 
 demo:
 	bash scripts/demo.sh
 
 test:
 	bash scripts/test.sh
+
+# The real CPU-band test of the fuel governor; needs an otherwise idle machine.
+test-governor:
+	bash scripts/setup.sh
+	cargo test -p stoker --test governor -- --ignored --nocapture
 
 lint:
 	bash scripts/setup.sh
