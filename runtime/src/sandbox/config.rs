@@ -77,7 +77,9 @@ pub struct CallLimits {
     pub memory_bytes: u64,
     /// Largest table, in elements. Default: 100,000.
     pub table_elements: usize,
-    /// Wall-clock time the call may take. Default: 60 s.
+    /// Wall-clock time the call may take, not counting time it waits for
+    /// the fuel governor (a suspended call is paused, not killed).
+    /// Default: 60 s.
     #[serde(with = "humantime_secs")]
     pub deadline: Duration,
     /// Largest response a guest may return, in bytes. Default: 16 MiB.
