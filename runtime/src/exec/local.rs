@@ -315,13 +315,16 @@ impl LocalRunner {
                     totals.fuel_used += done.fuel_used;
                     match done.output {
                         Ok(output) => outputs[done.ordinal as usize] = output,
-                        Err(e) => {
+                        // The first subtask to fail for good is the cause;
+                        // one that fails while the rest are being stopped is not.
+                        Err(e) if failure.is_none() => {
                             failure = Some(SandboxError {
                                 message: format!("subtask {step}/{}: {}", done.ordinal, e.message),
                                 ..e
                             });
                             running.abort_all();
                         }
+                        Err(_) => {}
                     }
                 }
             }
