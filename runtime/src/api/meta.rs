@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use stoker_proto::meta::membership_request::Kind as MemberKind;
 use stoker_proto::meta::meta_client::MetaClient;
+use stoker_proto::meta::stoker_client::StokerClient;
 use stoker_proto::meta::meta_server::Meta;
 use stoker_proto::meta::{
     Command, CommandResult, Member, MembershipRequest, MembershipResponse, ProposeRequest,
@@ -56,13 +57,36 @@ fn from_status(leader: u64, s: Status) -> MetaError {
 /// # Errors
 /// [`MetaError::Invalid`] for a malformed address.
 pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<MetaClient<Channel>, MetaError> {
+    Ok(MetaClient::new(channel(addr, timeout)?))
+}
+
+/// A lazily connected channel to `addr` (host:port), each call bounded by
+/// `timeout`.
+///
+/// # Errors
+/// [`MetaError::Invalid`] for a malformed address.
+pub fn channel(addr: &str, timeout: Duration) -> Result<Channel, MetaError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| MetaError::Invalid(format!("bad address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(1))
         .timeout(timeout)
         .tcp_nodelay(true);
-    Ok(MetaClient::new(endpoint.connect_lazy()))
+    Ok(endpoint.connect_lazy())
 }
+
+/// A lazily connected client of the public `Stoker` API at `addr`. Module
+/// bytes travel in one message, so the message limits allow a whole module.
+///
+/// # Errors
+/// [`MetaError::Invalid`] for a malformed address.
+pub fn connect_stoker(addr: &str, timeout: Duration) -> Result<StokerClient<Channel>, MetaError> {
+    Ok(StokerClient::new(channel(addr, timeout)?)
+        .max_decoding_message_size(MAX_API_MESSAGE)
+        .max_encoding_message_size(MAX_API_MESSAGE))
+}
+
+/// The largest API message: a whole module plus its record.
+pub const MAX_API_MESSAGE: usize = crate::meta::records::MAX_MODULE_BYTES + (1 << 20);
 
 /// Forwards over gRPC, to the address the replicated membership records.
 pub struct GrpcForwarder {

@@ -239,6 +239,11 @@ impl MetaNode {
         self.inner.is_leader.clone()
     }
 
+    /// The applied index on this node; changes after every applied batch.
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.inner.applied.clone()
+    }
+
     /// The last applied index on this node.
     pub fn applied_index(&self) -> u64 {
         *self.inner.applied.borrow()
