@@ -3,10 +3,14 @@
 
 mod bench;
 mod bench_meta;
+mod client;
 mod cluster;
 mod config;
+mod module;
+mod node;
 mod run_local;
 mod server;
+mod task;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -44,6 +48,21 @@ enum Command {
     /// Example: stoker cluster status --endpoint 127.0.0.1:7401 -o json
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Upload and list task modules (.wasm).
+    ///
+    /// Example: stoker module upload wordcount.wasm --name wordcount
+    #[command(subcommand)]
+    Module(module::ModuleCommand),
+    /// Submit, follow and control tasks.
+    ///
+    /// Example: ID=$(stoker task submit --module wordcount --input book.txt) && stoker task wait $ID
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    /// Inspect the cluster's nodes.
+    ///
+    /// Example: stoker node list
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// End-to-end benchmarks.
     ///
     /// Example: stoker bench governor --module target/wasm32-wasip1/release/primes.wasm
@@ -98,6 +117,9 @@ pub fn main() -> ExitCode {
             Command::Server(args) => server::run(args).await,
             Command::Config(cmd) => config::run(cmd).await,
             Command::Cluster(cmd) => cluster::run(cmd).await,
+            Command::Module(cmd) => module::run(cmd).await,
+            Command::Task(cmd) => task::run(cmd).await,
+            Command::Node(cmd) => node::run(cmd).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });
