@@ -9,8 +9,11 @@
 //!   tests).
 //! - [`server`]: [`server::ServerConfig`] and starting a node's metadata
 //!   layer with its gRPC server.
+//! - [`workers`]: the server side of the worker RPCs (heartbeat, the
+//!   assignment long poll).
 
 pub mod local_cluster;
 pub mod meta;
 pub mod raft;
 pub mod server;
+pub mod workers;

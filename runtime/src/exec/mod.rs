@@ -3,5 +3,8 @@
 //! # Layout
 //! - `local`: the local runner (`stoker run-local`): every step of one task
 //!   on this machine.
+//! - `worker`: the task executor manager of a worker node: heartbeats,
+//!   assignment long polls, claims, sandboxed runs and fenced reports.
 
 pub mod local;
+pub mod worker;
