@@ -35,6 +35,12 @@ fn config(id: u64, ports: &[u16], dir: &Path) -> ServerConfig {
             chunk_bytes: 64,
             ..TransportConfig::default()
         },
+        // The metadata layer alone: no worker.
+        worker: stoker::exec::worker::WorkerConfig {
+            enabled: false,
+            ..Default::default()
+        },
+        ..ServerConfig::default()
     }
 }
 
@@ -49,7 +55,7 @@ async fn wait_leader(servers: &[Option<RunningServer>]) -> usize {
     loop {
         for (i, s) in servers.iter().enumerate() {
             if let Some(s) = s {
-                if *s.node.is_leader_watch().borrow() {
+                if *s.meta().is_leader_watch().borrow() {
                     return i;
                 }
             }
@@ -75,7 +81,7 @@ async fn lagging_node_catches_up_from_a_chunked_snapshot_over_grpc() {
     let lagger = (leader + 1) % 3;
     servers[lagger].take().unwrap().shutdown().await;
 
-    let node = servers[leader].as_ref().unwrap().node.clone();
+    let node = servers[leader].as_ref().unwrap().meta().clone();
     for i in 0..300 {
         node.propose(set(format!("key-{i}"), "x".repeat(32)))
             .await
@@ -91,9 +97,9 @@ async fn lagging_node_catches_up_from_a_chunked_snapshot_over_grpc() {
     loop {
         let (a, b) = (
             node.storage().digest().unwrap(),
-            restarted.node.storage().digest().unwrap(),
+            restarted.meta().storage().digest().unwrap(),
         );
-        if a == b && restarted.node.applied_index() >= node.applied_index() {
+        if a == b && restarted.meta().applied_index() >= node.applied_index() {
             break;
         }
         assert!(
@@ -102,7 +108,7 @@ async fn lagging_node_catches_up_from_a_chunked_snapshot_over_grpc() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let lag_first = raft::Storage::first_index(restarted.node.storage()).unwrap();
+    let lag_first = raft::Storage::first_index(restarted.meta().storage()).unwrap();
     assert!(
         lag_first > 100,
         "caught up without a snapshot (first index {lag_first})"
@@ -110,7 +116,7 @@ async fn lagging_node_catches_up_from_a_chunked_snapshot_over_grpc() {
     servers[lagger] = Some(restarted);
 
     // Leadership moves on request and the watches say so.
-    let target = servers[lagger].as_ref().unwrap().node.clone();
+    let target = servers[lagger].as_ref().unwrap().meta().clone();
     let mut watch = target.is_leader_watch();
     node.transfer_leader(target.id()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|l| *l))

@@ -16,6 +16,10 @@ struct ProcNode {
     addr: String,
     data_dir: PathBuf,
     child: Option<Child>,
+    /// Extra `stoker server` arguments (labels, slots, worker flags).
+    args: Vec<String>,
+    /// A worker-only node (not in the Raft group).
+    worker_only: bool,
 }
 
 /// N `stoker server` processes forming one cluster.
@@ -58,6 +62,22 @@ impl LocalCluster {
         dir: &Path,
         config: Option<&str>,
     ) -> std::io::Result<Self> {
+        Self::start_with_args(exe, n, dir, config, &|_| Vec::new())
+    }
+
+    /// Like [`Self::start_with_config`], node `id` also getting the
+    /// `stoker server` arguments `args_of(id)`. Every node shares the blob
+    /// directory `<dir>/blobs`.
+    ///
+    /// # Errors
+    /// As [`Self::start_with_config`].
+    pub fn start_with_args(
+        exe: &Path,
+        n: u64,
+        dir: &Path,
+        config: Option<&str>,
+        args_of: &dyn Fn(u64) -> Vec<String>,
+    ) -> std::io::Result<Self> {
         let config = match config {
             Some(text) => {
                 let path = dir.join("node.toml");
@@ -74,6 +94,8 @@ impl LocalCluster {
                     addr: format!("127.0.0.1:{}", free_port()?),
                     data_dir: dir.join(format!("node-{id}")),
                     child: None,
+                    args: args_of(id),
+                    worker_only: false,
                 },
             );
         }
@@ -93,6 +115,40 @@ impl LocalCluster {
             cluster.spawn(id)?;
         }
         Ok(cluster)
+    }
+
+    /// Adds and starts a worker-only node `id` (not a Raft member) that
+    /// talks to the scheduler nodes, with extra `stoker server` `args`.
+    ///
+    /// # Errors
+    /// When a port cannot be found or the process cannot be spawned.
+    pub fn add_worker(&mut self, id: u64, args: &[&str]) -> std::io::Result<()> {
+        assert!(!self.nodes.contains_key(&id), "node {id} exists");
+        let endpoints = self
+            .nodes
+            .values()
+            .filter(|n| !n.worker_only)
+            .map(|n| n.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut all = vec!["--worker-only".to_string(), "--endpoints".into(), endpoints];
+        all.extend(args.iter().map(|a| a.to_string()));
+        self.nodes.insert(
+            id,
+            ProcNode {
+                addr: format!("127.0.0.1:{}", free_port()?),
+                data_dir: self.dir.join(format!("node-{id}")),
+                child: None,
+                args: all,
+                worker_only: true,
+            },
+        );
+        self.spawn(id)
+    }
+
+    /// The shared blob directory.
+    pub fn blob_dir(&self) -> PathBuf {
+        self.dir.join("blobs")
     }
 
     /// Starts (or restarts) node `id` on its data directory.
@@ -116,6 +172,9 @@ impl LocalCluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(["--peers", &self.peers])
+            .arg("--blob-dir")
+            .arg(self.dir.join("blobs"))
+            .args(&node.args)
             .env("STOKER_LOG", "info,raft=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -164,6 +223,15 @@ impl LocalCluster {
             .collect()
     }
 
+    /// Ids of the scheduler (Raft) nodes.
+    pub fn schedulers(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| !n.worker_only)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Waits until a running node reports itself leader and returns its id.
     ///
     /// # Errors
@@ -172,6 +240,9 @@ impl LocalCluster {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             for id in self.running() {
+                if self.nodes[&id].worker_only {
+                    continue;
+                }
                 if let Ok(mut c) = connect_lazy(self.addr(id), Duration::from_millis(500)) {
                     if let Ok(s) = c.status(StatusRequest {}).await {
                         if s.get_ref().role == "leader" {

@@ -16,4 +16,5 @@ pub mod local_cluster;
 pub mod meta;
 pub mod raft;
 pub mod server;
+pub mod service;
 pub mod workers;

@@ -1,5 +1,6 @@
-//! Starting a scheduler node: its metadata database, Raft node and gRPC
-//! server on one listening address.
+//! Starting a node: on a scheduler node its metadata database, Raft node,
+//! owner loop and gRPC services on one listening address; on a worker its
+//! task executor manager. A node may be both (the default).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,16 +13,22 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use super::meta::{GrpcForwarder, MetaService};
+use super::meta::{GrpcForwarder, MetaService, MAX_API_MESSAGE};
 use super::raft::{GrpcTransport, RaftService, TransportConfig};
+use super::service::StokerService;
+use crate::blob::BlobStore;
+use crate::exec::worker::{self, WorkerConfig, WorkerHandle};
 use crate::meta::{MetaConfig, MetaError, MetaNode, RedbStorage};
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::sched::owner::{self, OwnerConfig};
+use stoker_proto::meta::stoker_server::StokerServer;
 
 /// Name of the metadata database inside the data directory.
 pub const META_DB_FILE: &str = "meta.redb";
 
 /// Configuration of `stoker server` (the `--config` TOML file; flags
 /// override it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// This node's id, > 0 and unique in the cluster. Required.
@@ -40,6 +47,21 @@ pub struct ServerConfig {
     pub meta: MetaConfig,
     /// Raft transport tunables.
     pub transport: TransportConfig,
+    /// Whether this node is a scheduler (a Raft voter that serves the API
+    /// and may become the owner). A worker-only node sets this to false
+    /// and lists schedulers in `worker.endpoints`. Default true.
+    pub scheduler: bool,
+    /// The blob store directory (large inputs, outputs, intermediate
+    /// data), shared by every node of the cluster. Default
+    /// `<data_dir>/blobs`.
+    pub blob_dir: Option<PathBuf>,
+    /// The wasm engine (module cache under `<data_dir>/cache` by default).
+    pub sandbox: SandboxConfig,
+    /// The owner's loop (on the leader).
+    pub owner: OwnerConfig,
+    /// The task executor manager; `worker.enabled = false` makes a
+    /// scheduler-only node.
+    pub worker: WorkerConfig,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +74,11 @@ impl Default for ServerConfig {
             join: false,
             meta: MetaConfig::default(),
             transport: TransportConfig::default(),
+            scheduler: true,
+            blob_dir: None,
+            sandbox: SandboxConfig::default(),
+            owner: OwnerConfig::default(),
+            worker: WorkerConfig::default(),
         }
     }
 }
@@ -91,8 +118,24 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), MetaError> {
         self.meta.validate()?;
         self.transport.validate()?;
+        self.owner.validate().map_err(MetaError::Config)?;
+        self.worker.validate().map_err(MetaError::Config)?;
+        self.sandbox.validate().map_err(MetaError::Config)?;
         if self.id == 0 {
             return Err(MetaError::Config("id must be > 0".into()));
+        }
+        if !self.scheduler {
+            if !self.worker.enabled {
+                return Err(MetaError::Config(
+                    "a node that is not a scheduler must be a worker".into(),
+                ));
+            }
+            if self.worker.endpoints.is_empty() {
+                return Err(MetaError::Config(
+                    "a worker-only node needs worker.endpoints (scheduler addresses)".into(),
+                ));
+            }
+            return Ok(());
         }
         let peers = parse_peers(&self.peers)?;
         if !self.join && !peers.iter().any(|(id, _)| *id == self.id) {
@@ -107,33 +150,87 @@ impl ServerConfig {
 
 /// A running node. Dropping it does not stop it; call [`Self::shutdown`].
 pub struct RunningServer {
-    /// The metadata node.
-    pub node: MetaNode,
-    /// The bound gRPC address.
+    /// The metadata node (scheduler nodes only).
+    pub node: Option<MetaNode>,
+    /// The bound gRPC address (scheduler nodes), or the advertised one.
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    owner_stop: Option<tokio::sync::watch::Sender<bool>>,
+    owner: Option<JoinHandle<()>>,
+    worker: Option<WorkerHandle>,
 }
 
 impl RunningServer {
-    /// Stops serving and stops the Raft loop.
+    /// The metadata node of a scheduler node.
+    ///
+    /// # Panics
+    /// On a worker-only node, which has none.
+    pub fn meta(&self) -> &MetaNode {
+        self.node.as_ref().expect("a scheduler node has a metadata node")
+    }
+
+    /// Stops the worker, the owner, serving, and the Raft loop.
     pub async fn shutdown(mut self) {
+        if let Some(w) = self.worker.take() {
+            w.shutdown().await;
+        }
+        if let Some(stop) = self.owner_stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(owner) = self.owner.take() {
+            let _ = owner.await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        let node = self.node.clone();
-        let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
-    }
-
-    /// Waits until the gRPC server ends (it ends only on shutdown or error).
-    pub async fn wait(&mut self) {
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(node) = self.node.clone() {
+            let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
         }
     }
+
+    /// Waits until the gRPC server ends (it ends only on shutdown or
+    /// error); on a worker-only node, forever.
+    pub async fn wait(&mut self) {
+        match self.task.take() {
+            Some(task) => {
+                let _ = task.await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> MetaError {
+    move |source| MetaError::Io { what, source }
+}
+
+/// The engine and blob store every role of a node shares.
+fn node_parts(cfg: &ServerConfig) -> Result<(Arc<Sandbox>, BlobStore), MetaError> {
+    let mut sandbox_cfg = cfg.sandbox.clone();
+    if sandbox_cfg.cache_dir.is_none() {
+        sandbox_cfg.cache_dir = Some(cfg.data_dir.join("cache"));
+    }
+    let sandbox = Sandbox::new(sandbox_cfg)
+        .map_err(|e| MetaError::Config(format!("cannot start the sandbox: {e:#}")))?;
+    let blob_dir = cfg
+        .blob_dir
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("blobs"));
+    std::fs::create_dir_all(&blob_dir).map_err(io_err(format!(
+        "create blob directory {}",
+        blob_dir.display()
+    )))?;
+    let blobs = BlobStore::local(&blob_dir).map_err(|e| {
+        MetaError::Config(format!(
+            "cannot open blob store {}: {e}",
+            blob_dir.display()
+        ))
+    })?;
+    Ok((Arc::new(sandbox), blobs))
 }
 
 /// Opens the data directory, starts the Raft node and serves gRPC.
@@ -147,6 +244,32 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         what: format!("create data directory {}", cfg.data_dir.display()),
         source,
     })?;
+    let (sandbox, blobs) = node_parts(cfg)?;
+    if !cfg.scheduler {
+        let addr: SocketAddr = cfg
+            .listen
+            .parse()
+            .map_err(|e| MetaError::Config(format!("listen {:?}: {e}", cfg.listen)))?;
+        let worker = worker::start(
+            cfg.id,
+            cfg.listen.clone(),
+            false,
+            cfg.worker.clone(),
+            sandbox,
+            blobs,
+            None,
+        );
+        info!(node_id = cfg.id, "worker-only node started");
+        return Ok(RunningServer {
+            node: None,
+            addr,
+            stop: None,
+            task: None,
+            owner_stop: None,
+            owner: None,
+            worker: Some(worker),
+        });
+    }
     let storage = RedbStorage::open(&cfg.data_dir.join(META_DB_FILE))?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -182,6 +305,11 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
     let raft_svc = RaftTransportServer::new(RaftService::new(node.clone(), transport, &tcfg))
         .max_decoding_message_size(usize::MAX);
     let meta_svc = MetaServer::new(MetaService::new(node.clone(), timeout));
+    let heartbeat = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms);
+    let stoker_svc =
+        StokerServer::new(StokerService::new(node.clone(), sandbox.clone(), heartbeat))
+            .max_decoding_message_size(MAX_API_MESSAGE)
+            .max_encoding_message_size(MAX_API_MESSAGE);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let id = cfg.id;
@@ -189,6 +317,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         let served = tonic::transport::Server::builder()
             .add_service(raft_svc)
             .add_service(meta_svc)
+            .add_service(stoker_svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             })
@@ -198,11 +327,29 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         }
     });
     info!(node_id = id, %addr, "serving");
+    let (owner_stop, owner_stop_rx) = tokio::sync::watch::channel(false);
+    let owner = tokio::spawn(owner::run(
+        node.clone(),
+        sandbox.clone(),
+        blobs.clone(),
+        cfg.owner.clone(),
+        owner_stop_rx,
+    ));
+    let worker = cfg.worker.enabled.then(|| {
+        let mut wcfg = cfg.worker.clone();
+        if wcfg.endpoints.is_empty() {
+            wcfg.endpoints = vec![addr.to_string()];
+        }
+        worker::start(id, addr.to_string(), true, wcfg, sandbox, blobs, None)
+    });
     Ok(RunningServer {
-        node,
+        node: Some(node),
         addr,
         stop: Some(stop_tx),
         task: Some(task),
+        owner_stop: Some(owner_stop),
+        owner: Some(owner),
+        worker,
     })
 }
 

@@ -38,6 +38,11 @@ enum Command {
     ///
     /// Example: stoker server --id 1 --listen 127.0.0.1:7401 --data-dir data/1 --peers 1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403
     Server(server::ServerArgs),
+    /// A one-node cluster (scheduler, owner and worker) for trying Stoker
+    /// out; its data stays in --data-dir.
+    ///
+    /// Example: stoker dev --listen 127.0.0.1:7400
+    Dev(server::DevArgs),
     /// Read and write cluster-wide settings (any node accepts them).
     ///
     /// Example: stoker config set scheduler.interval 5s --endpoint 127.0.0.1:7402
@@ -115,6 +120,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::RunLocal(args) => run_local::run(args).await,
             Command::Server(args) => server::run(args).await,
+            Command::Dev(args) => server::run_dev(args).await,
             Command::Config(cmd) => config::run(cmd).await,
             Command::Cluster(cmd) => cluster::run(cmd).await,
             Command::Module(cmd) => module::run(cmd).await,

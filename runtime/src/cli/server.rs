@@ -27,6 +27,31 @@ pub(super) struct ServerArgs {
     /// Do not bootstrap; wait to be added with `stoker cluster add`.
     #[arg(long)]
     join: bool,
+    /// Run only a worker (no Raft, no API): it talks to the schedulers
+    /// listed in --endpoints.
+    #[arg(long)]
+    worker_only: bool,
+    /// Run no worker on this scheduler node.
+    #[arg(long, conflicts_with = "worker_only")]
+    no_worker: bool,
+    /// Scheduler addresses a worker talks to, HOST:PORT,...
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Subtasks this worker runs at once.
+    #[arg(long)]
+    slots: Option<u32>,
+    /// This node's labels, k=v,...
+    #[arg(long)]
+    labels: Option<String>,
+    /// This node's scope (e.g. `background`).
+    #[arg(long)]
+    scope: Option<String>,
+    /// The blob store directory, shared by every node.
+    #[arg(long)]
+    blob_dir: Option<PathBuf>,
+    /// Seconds of silence after which the owner takes a worker as down.
+    #[arg(long)]
+    node_timeout_secs: Option<f64>,
 }
 
 fn load(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
@@ -52,6 +77,30 @@ fn load(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
         cfg.peers = peers.clone();
     }
     cfg.join |= args.join;
+    if args.worker_only {
+        cfg.scheduler = false;
+    }
+    if args.no_worker {
+        cfg.worker.enabled = false;
+    }
+    if !args.endpoints.is_empty() {
+        cfg.worker.endpoints = args.endpoints.clone();
+    }
+    if let Some(slots) = args.slots {
+        cfg.worker.slots = slots;
+    }
+    if let Some(labels) = &args.labels {
+        cfg.worker.labels = stoker::model::parse_labels(labels).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(scope) = &args.scope {
+        cfg.worker.scope = scope.clone();
+    }
+    if let Some(dir) = &args.blob_dir {
+        cfg.blob_dir = Some(dir.clone());
+    }
+    if let Some(secs) = args.node_timeout_secs {
+        cfg.owner.node_timeout_ms = (secs * 1000.0) as u64;
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -62,8 +111,13 @@ pub(super) async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     // Scripts and tests read this line to learn the bound address.
     println!("listening on {}", running.addr);
     // The leadership watch closes when the Raft loop ends (fatal error).
-    let mut raft = running.node.leader_watch();
-    let raft_stopped = async move { while raft.changed().await.is_ok() {} };
+    let raft = running.node.as_ref().map(|n| n.leader_watch());
+    let raft_stopped = async move {
+        match raft {
+            Some(mut raft) => while raft.changed().await.is_ok() {},
+            None => std::future::pending::<()>().await,
+        }
+    };
     let outcome = tokio::select! {
         _ = tokio::signal::ctrl_c() => {
             info!("interrupted, shutting down");
@@ -74,4 +128,46 @@ pub(super) async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     };
     running.shutdown().await;
     outcome.map(|()| ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct DevArgs {
+    /// gRPC listen address, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: String,
+    /// Data directory (metadata, blobs, module cache); kept across runs.
+    #[arg(long, default_value = ".stoker/dev")]
+    data_dir: PathBuf,
+    /// Subtasks run at once (default: the number of CPUs).
+    #[arg(long)]
+    slots: Option<u32>,
+}
+
+/// `stoker dev`: a one-node cluster (scheduler, owner and worker in one
+/// process) for trying Stoker out.
+pub(super) async fn run_dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = ServerConfig {
+        id: 1,
+        listen: args.listen.clone(),
+        data_dir: args.data_dir.clone(),
+        peers: format!("1={}", args.listen),
+        ..ServerConfig::default()
+    };
+    if let Some(slots) = args.slots {
+        cfg.worker.slots = slots;
+    }
+    cfg.validate()?;
+    let running = server::start(&cfg).await?;
+    println!("listening on {}", running.addr);
+    println!(
+        "stoker dev: a one-node cluster with its data in {}; try\n  \
+         stoker module upload FILE.wasm --name NAME --endpoint {addr}\n  \
+         stoker task submit --module NAME --input FILE --endpoint {addr}",
+        args.data_dir.display(),
+        addr = running.addr
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    info!("interrupted, shutting down");
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
 }

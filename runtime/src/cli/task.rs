@@ -553,10 +553,12 @@ async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
                 return Err(c.error(&subject, &s));
             }
         }
-        if deadline.is_some_and(|d| Instant::now() + POLL > d) {
-            break false;
-        }
-        tokio::time::sleep(POLL).await;
+        let pause = match deadline {
+            Some(d) if Instant::now() >= d => break false,
+            Some(d) => POLL.min(d - Instant::now()),
+            None => POLL,
+        };
+        tokio::time::sleep(pause).await;
     };
     display.finish();
     let resp = last.unwrap_or_default();
@@ -649,9 +651,7 @@ impl WaitDisplay {
             .find(|s| s.step == t.step)
             .map_or((0, 0), client::progress_of);
         if self.bar.as_ref().is_none_or(|(step, _)| *step != t.step) {
-            if let Some((_, old)) = self.bar.take() {
-                old.finish();
-            }
+            self.finish();
             let pb = ProgressBar::new(total);
             pb.set_style(
                 ProgressStyle::with_template(
@@ -687,9 +687,18 @@ impl WaitDisplay {
         }
     }
 
+    /// Replaces the bar with a line of what the last poll saw (a bar left
+    /// behind would be filled up, and end without a newline).
     fn finish(&mut self) {
-        if let Some((_, pb)) = self.bar.take() {
-            pb.finish();
+        if let Some((step, pb)) = self.bar.take() {
+            let line = format!(
+                "step {step}: {}/{} subtasks  {}",
+                pb.position(),
+                pb.length().unwrap_or(0),
+                pb.message()
+            );
+            pb.finish_and_clear();
+            eprintln!("{line}");
         }
     }
 }

@@ -7,7 +7,10 @@
 //! - `task`: a task scheduler's next action from its state and its step's
 //!   subtask states.
 //! - `balance`: the balancer's moves and the node manager's liveness rule.
+//! - [`owner`]: the owner's loop (leader only) that carries all of it out
+//!   through replicated commands and the module's `plan`/`finish`/`revert`.
 
 pub mod balance;
+pub mod owner;
 pub mod placement;
 pub mod task;

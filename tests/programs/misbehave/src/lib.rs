@@ -30,12 +30,18 @@
 //! | `blob` | put/get/delete round trip, and escaping keys must be denied: output `blob ok` or a fatal error naming what went wrong |
 //! | `checkpoint` | without a checkpoint: save `checkpoint from attempt <k>` and fail retryable; with one: output it |
 //! | `exit:<code>` | call `std::process::exit(code)` (WASI `proc_exit`) |
+//! | `spin:<n>` | burn `n` million loop iterations, output `spun <n>` (a subtask that takes a while) |
 //!
+//! # Revert
+//!
+//! The revert hook writes the blob `reverted/<task id>` holding the reason,
+//! so that tests can see it ran (it is outside `tasks/<id>/`, which the
+//! host deletes after reverting).
 //! Anything else is a fatal guest error `unknown behaviour`.
 
 use std::hint::black_box;
 
-use stoker_guest::{blob, Error, Plan, PlanCtx, RunCtx, TaskType};
+use stoker_guest::{blob, Error, Plan, PlanCtx, RevertCtx, RunCtx, TaskType};
 
 /// The task type.
 pub struct Misbehave;
@@ -74,6 +80,15 @@ pub fn behave(behaviour: &str, ctx: &RunCtx) -> Result<Vec<u8>, Error> {
             Ok(_) => Ok(b"opened".to_vec()),
             Err(error) => Err(Error::fatal(format!("open /etc/passwd: {error}"))),
         },
+        "spin" => {
+            let millions = number()?;
+            let mut x = 0u64;
+            for i in 0..millions.saturating_mul(1_000_000) {
+                x = black_box(x.wrapping_add(i));
+            }
+            black_box(x);
+            Ok(format!("spun {millions}").into_bytes())
+        }
         "fail-retryable" => Err(Error::retryable("failing as asked (retryable)")),
         "fail-fatal" => Err(Error::fatal("failing as asked (fatal)")),
         "flaky" => {
@@ -222,6 +237,11 @@ impl TaskType for Misbehave {
     fn run(ctx: &RunCtx) -> Result<Vec<u8>, Error> {
         let behaviour = std::str::from_utf8(&ctx.payload)?;
         behave(behaviour, ctx)
+    }
+
+    fn revert(ctx: &RevertCtx) -> Result<(), Error> {
+        blob::put(&format!("reverted/{}", ctx.task_id), ctx.reason.as_bytes())?;
+        Ok(())
     }
 }
 

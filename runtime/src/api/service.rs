@@ -1,0 +1,448 @@
+//! The public `Stoker` gRPC service: modules, tasks, nodes, and the
+//! worker-facing heartbeat and assignment calls. Any scheduler node serves
+//! it; every write is a replicated command (followers forward it to the
+//! leader), reads are linearizable unless they only feed a long poll.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use stoker_proto::meta::command::Kind as C;
+use stoker_proto::meta::command_result::Kind as R;
+use stoker_proto::meta::stoker_server::Stoker;
+use stoker_proto::meta::{
+    change_subtasks, control_task_request, ChangeSubtasks, Command, CommandResult, CommitModule,
+    ControlTaskRequest, ControlTaskResponse, GetModuleRequest, GetModuleResponse, GetTaskRequest,
+    GetTaskResponse, HeartbeatRequest, HeartbeatResponse, ListModulesRequest, ListModulesResponse,
+    ListNodesRequest, ListNodesResponse, ListTasksRequest, ListTasksResponse, ModifyTask,
+    ModifyTaskRequest, ModifyTaskResponse, PutModuleChunk, SetTaskState, StateCount, StepInfo,
+    SubmitTask, SubmitTaskRequest, SubmitTaskResponse, UploadModuleRequest, UploadModuleResponse,
+};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::meta::to_status;
+use super::workers;
+use crate::meta::queries::{self, TaskFilter};
+use crate::meta::records::{DEFAULT_TENANT, MAX_CHUNK_BYTES, MAX_MODULE_BYTES};
+use crate::meta::{MetaError, MetaNode, RequestId};
+use crate::model::{SubtaskState, TaskState};
+use crate::sandbox::{Sandbox, ABI_VERSION};
+use crate::sched::task::StepCounts;
+
+/// Milliseconds since the Unix epoch by this node's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A rejected command as a gRPC status whose code says why.
+pub fn rejection_status(message: &str) -> Status {
+    let code = if message.contains(" not found") {
+        Code::NotFound
+    } else if message.starts_with("illegal ") {
+        Code::FailedPrecondition
+    } else if message.starts_with("stale report") {
+        Code::Aborted
+    } else {
+        Code::InvalidArgument
+    };
+    Status::new(code, message.to_string())
+}
+
+/// The outcome of a proposal: its result, or the rejection as a status.
+pub fn accepted(result: CommandResult) -> Result<Option<R>, Status> {
+    if result.error.is_empty() {
+        Ok(result.kind)
+    } else {
+        Err(rejection_status(&result.error))
+    }
+}
+
+/// The `Stoker` service of one node.
+pub struct StokerService {
+    node: MetaNode,
+    /// Validates uploaded modules (compiles them once, which also warms
+    /// this node's cache for planning).
+    sandbox: Arc<Sandbox>,
+    heartbeat_interval: Duration,
+}
+
+impl StokerService {
+    pub fn new(node: MetaNode, sandbox: Arc<Sandbox>, heartbeat_interval: Duration) -> Self {
+        StokerService {
+            node,
+            sandbox,
+            heartbeat_interval,
+        }
+    }
+
+    async fn propose(&self, kind: C, request_id: Option<RequestId>) -> Result<Option<R>, Status> {
+        let cmd = Command { kind: Some(kind) };
+        let result = match request_id {
+            Some(id) => self.node.propose_with_id(cmd, id).await,
+            None => self.node.propose(cmd).await,
+        };
+        accepted(result.map_err(to_status)?)
+    }
+
+    async fn read<T>(
+        &self,
+        f: impl FnOnce(&std::path::Path, &redb::ReadTransaction) -> Result<T, MetaError>,
+    ) -> Result<T, Status> {
+        self.node.read_barrier().await.map_err(to_status)?;
+        self.node.read_local(f).map(|(v, _)| v).map_err(to_status)
+    }
+
+    async fn task_state(&self, id: u64) -> Result<String, Status> {
+        self.read(|p, t| queries::task(p, t, id))
+            .await?
+            .map(|t| t.state)
+            .ok_or_else(|| Status::not_found(format!("task {id} not found")))
+    }
+}
+
+fn request_id(bytes: &[u8]) -> Result<Option<RequestId>, Status> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    RequestId::from_bytes(bytes)
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument("request_id must be 16 bytes"))
+}
+
+fn set_state(id: u64, state: TaskState) -> C {
+    C::SetTaskState(SetTaskState {
+        id,
+        state: state.to_string(),
+        error: String::new(),
+    })
+}
+
+#[tonic::async_trait]
+impl Stoker for StokerService {
+    async fn upload_module(
+        &self,
+        request: Request<Streaming<UploadModuleRequest>>,
+    ) -> Result<Response<UploadModuleResponse>, Status> {
+        let mut stream = request.into_inner();
+        let (mut name, mut tag, mut bytes) = (String::new(), String::new(), Vec::new());
+        let mut first = true;
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            if first {
+                (name, tag) = (msg.name, msg.tag);
+                first = false;
+            }
+            if bytes.len() + msg.data.len() > MAX_MODULE_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "module exceeds {MAX_MODULE_BYTES} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&msg.data);
+        }
+        if name.is_empty() {
+            return Err(Status::invalid_argument("a module upload needs a name"));
+        }
+        if bytes.is_empty() {
+            return Err(Status::invalid_argument("the module is empty"));
+        }
+        // Refuse what no worker could run, with the sandbox's reason.
+        let module = self
+            .sandbox
+            .load(&bytes)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("invalid module: {e}")))?;
+        let hash = module.hash.clone();
+        let chunks: Vec<&[u8]> = bytes.chunks(MAX_CHUNK_BYTES).collect();
+        for (index, data) in chunks.iter().enumerate() {
+            self.propose(
+                C::PutModuleChunk(PutModuleChunk {
+                    hash: hash.clone(),
+                    index: index as u32,
+                    data: data.to_vec(),
+                }),
+                None,
+            )
+            .await?;
+        }
+        let created = match self
+            .propose(
+                C::CommitModule(CommitModule {
+                    hash: hash.clone(),
+                    tenant: String::new(),
+                    name,
+                    tag,
+                    abi_version: ABI_VERSION,
+                    upload_time_ms: now_ms(),
+                    chunks: chunks.len() as u32,
+                }),
+                None,
+            )
+            .await?
+        {
+            Some(R::CommitModule(r)) => r.created,
+            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
+        };
+        let record = self
+            .read(|p, t| queries::module(p, t, &hash))
+            .await?
+            .ok_or_else(|| Status::internal(format!("module {hash} vanished after commit")))?;
+        Ok(Response::new(UploadModuleResponse {
+            module: Some(record),
+            created,
+        }))
+    }
+
+    async fn list_modules(
+        &self,
+        _request: Request<ListModulesRequest>,
+    ) -> Result<Response<ListModulesResponse>, Status> {
+        let modules = self.read(queries::modules).await?;
+        Ok(Response::new(ListModulesResponse { modules }))
+    }
+
+    async fn get_module(
+        &self,
+        request: Request<GetModuleRequest>,
+    ) -> Result<Response<GetModuleResponse>, Status> {
+        let req = request.into_inner();
+        // Modules never change once committed: a local read that finds one
+        // is as good as a linearizable one.
+        let find = |p: &std::path::Path, t: &redb::ReadTransaction| {
+            let Some(m) = queries::find_module(p, t, DEFAULT_TENANT, &req.module, &req.tag)? else {
+                return Ok(None);
+            };
+            let data = if req.with_bytes {
+                queries::module_bytes(p, t, &m.hash)?.unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            Ok(Some((m, data)))
+        };
+        let found = match self.node.read_local(find).map_err(to_status)?.0 {
+            Some(v) => Some(v),
+            None => self.read(find).await?,
+        };
+        let (module, data) =
+            found.ok_or_else(|| Status::not_found(format!("module {} not found", req.module)))?;
+        Ok(Response::new(GetModuleResponse {
+            module: Some(module),
+            data,
+        }))
+    }
+
+    async fn submit_task(
+        &self,
+        request: Request<SubmitTaskRequest>,
+    ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let req = request.into_inner();
+        let rid = request_id(&req.request_id)?;
+        let module = self
+            .read(|p, t| queries::find_module(p, t, DEFAULT_TENANT, &req.module, &req.module_tag))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("module {} not found", req.module)))?;
+        let cmd = C::SubmitTask(SubmitTask {
+            tenant: String::new(),
+            key: req.key,
+            module_hash: module.hash,
+            input: req.input,
+            input_blob: String::new(),
+            priority: req.priority,
+            create_time_ms: now_ms(),
+            concurrency: req.concurrency.max(1),
+            max_nodes: req.max_nodes,
+            scope: req.scope,
+            selector: req.selector,
+            fuel_limit: req.fuel_limit,
+            memory_limit: req.memory_limit,
+            max_attempts: req.max_attempts,
+            manual_recovery: req.manual_recovery,
+        });
+        match self.propose(cmd, rid).await? {
+            Some(R::SubmitTask(r)) => Ok(Response::new(SubmitTaskResponse { id: r.id })),
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<GetTaskRequest>,
+    ) -> Result<Response<GetTaskResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.id;
+        let found = self
+            .read(|p, t| {
+                let Some(task) = queries::task(p, t, id)? else {
+                    return Ok(None);
+                };
+                let mut steps = Vec::new();
+                let mut subtasks = Vec::new();
+                if task.started {
+                    for step in 0..=task.step {
+                        let (list, counts) = queries::step_subtasks(p, t, id, step)?;
+                        steps.push(StepInfo {
+                            step,
+                            counts: state_counts(&counts),
+                        });
+                        if req.with_subtasks {
+                            subtasks.extend(list.into_iter().map(|mut s| {
+                                s.payload.clear();
+                                s.output.clear();
+                                s.checkpoint.clear();
+                                s
+                            }));
+                        }
+                    }
+                }
+                Ok(Some(GetTaskResponse {
+                    task: Some(task),
+                    steps,
+                    subtasks,
+                }))
+            })
+            .await?;
+        found
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("task {id} not found")))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let req = request.into_inner();
+        let states = req
+            .states
+            .iter()
+            .map(|s| s.parse::<TaskState>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Status::invalid_argument)?;
+        let filter = TaskFilter {
+            states,
+            include_finished: req.include_finished,
+            limit: req.limit as usize,
+        };
+        let mut tasks = self.read(|p, t| queries::list_tasks(p, t, &filter)).await?;
+        for t in &mut tasks {
+            t.result.clear();
+        }
+        Ok(Response::new(ListTasksResponse { tasks }))
+    }
+
+    async fn control_task(
+        &self,
+        request: Request<ControlTaskRequest>,
+    ) -> Result<Response<ControlTaskResponse>, Status> {
+        use control_task_request::Action;
+        let req = request.into_inner();
+        let action = Action::try_from(req.action)
+            .map_err(|_| Status::invalid_argument(format!("unknown action {}", req.action)))?;
+        let id = req.id;
+        match action {
+            Action::Cancel => {
+                self.propose(set_state(id, TaskState::Cancelling), None)
+                    .await?;
+            }
+            Action::Pause => {
+                self.propose(set_state(id, TaskState::Pausing), None)
+                    .await?;
+            }
+            Action::Resume => {
+                self.propose(set_state(id, TaskState::Resuming), None)
+                    .await?;
+            }
+            Action::Resolve => {
+                let state = self.task_state(id).await?;
+                if state != TaskState::AwaitingResolution.as_str() {
+                    return Err(Status::failed_precondition(format!(
+                        "task {id} is {state}; only an awaiting-resolution task is resolved"
+                    )));
+                }
+                // Failed subtasks go back to pending first, so the running
+                // task does not see them failed again.
+                self.propose(
+                    C::ChangeSubtasks(ChangeSubtasks {
+                        task_id: id,
+                        kind: change_subtasks::Kind::Resolve as i32,
+                        include_running: false,
+                        time_ms: now_ms(),
+                    }),
+                    None,
+                )
+                .await?;
+                self.propose(set_state(id, TaskState::Running), None)
+                    .await?;
+            }
+        }
+        let state = self.task_state(id).await?;
+        Ok(Response::new(ControlTaskResponse { state }))
+    }
+
+    async fn modify_task(
+        &self,
+        request: Request<ModifyTaskRequest>,
+    ) -> Result<Response<ModifyTaskResponse>, Status> {
+        let req = request.into_inner();
+        self.propose(
+            C::ModifyTask(ModifyTask {
+                id: req.id,
+                modification: req.modification,
+            }),
+            None,
+        )
+        .await?;
+        let state = self.task_state(req.id).await?;
+        Ok(Response::new(ModifyTaskResponse { state }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let (nodes, busy) = self
+            .read(|p, t| {
+                let nodes = queries::node_records(p, t)?;
+                let mut busy = Vec::with_capacity(nodes.len());
+                for n in &nodes {
+                    busy.push(queries::node_subtasks(p, t, n.id)?.len() as u32);
+                }
+                Ok((nodes, busy))
+            })
+            .await?;
+        Ok(Response::new(ListNodesResponse { nodes, busy }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        workers::heartbeat(&self.node, request.into_inner(), self.heartbeat_interval)
+            .await
+            .map(Response::new)
+    }
+
+    async fn assignments(
+        &self,
+        request: Request<stoker_proto::meta::AssignmentsRequest>,
+    ) -> Result<Response<stoker_proto::meta::AssignmentsResponse>, Status> {
+        workers::assignments(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Counts by state in the state machine's order, zero counts left out.
+pub fn state_counts(counts: &StepCounts) -> Vec<StateCount> {
+    SubtaskState::ALL
+        .iter()
+        .filter_map(|s| {
+            let n = counts.get(*s);
+            (n > 0).then(|| StateCount {
+                state: s.to_string(),
+                count: n,
+            })
+        })
+        .collect()
+}
