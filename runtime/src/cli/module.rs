@@ -125,7 +125,7 @@ async fn upload(
         .clone()
         .upload_module(stream)
         .await
-        .map_err(|s| c.error("module upload", &s))?
+        .map_err(|s| c.error(&file.display().to_string(), &s))?
         .into_inner();
     let module = resp.module.unwrap_or_default();
     match output {
@@ -136,7 +136,7 @@ async fn upload(
         }
         Output::Text => {
             if !resp.created {
-                eprintln!("already uploaded ({size} bytes); name and tag recorded");
+                eprintln!("these {size} bytes were already uploaded");
             }
             println!("{}", module.hash);
         }

@@ -281,7 +281,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         async move { api.submit_task(req).await }
     })
     .await
-    .map_err(|s| c.error("submit", &s))?
+    .map_err(|s| c.error("", &s))?
     .into_inner();
     match args.output {
         Output::Json => println!("{}", json!({ "id": resp.id })),
@@ -661,6 +661,8 @@ impl WaitDisplay {
                 .progress_chars("=> "),
             );
             pb.set_prefix(t.step.to_string());
+            pb.set_message(t.state.clone());
+            pb.set_position(done);
             pb.enable_steady_tick(Duration::from_millis(200));
             self.bar = Some((t.step, pb));
         }
