@@ -1,4 +1,3 @@
-#![allow(dead_code, unused_imports)] // TODO(owner): removed once every helper below is used
 //! The task framework across real `stoker server` processes on 127.0.0.1:
 //! scheduler nodes (Raft voters, the leader owning the scheduling) and
 //! worker-only nodes, with `kill -9` of workers and of the owner.
@@ -278,4 +277,295 @@ async fn three_schedulers_and_two_workers_run_wordcount_and_sort() {
         std::fs::read_to_string(h.cluster.blob_dir().join("tenants/default").join(key)).unwrap();
     records.sort();
     assert_eq!(sorted.lines().collect::<Vec<_>>(), records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_step_loses_nothing_and_commits_each_output_once() {
+    let _one = CLUSTERS.lock().await;
+    let mut h = Harness::start(3, &["--no-worker"], &[&["--slots", "2"], &["--slots", "2"]]).await;
+    let m = h.upload("misbehave").await;
+    let (n, millions) = (12, 60);
+    let id = h.submit(submit_req(&m, spins(n, millions))).await;
+    h.wait_for(id, |r| {
+        r.subtasks
+            .iter()
+            .any(|s| s.state == "running" && s.node == 4)
+    })
+    .await;
+    h.cluster.kill(4);
+    let r = h.wait(id).await;
+    assert_each_output_once(&r, n, millions);
+    // What ran on the dead worker ran again elsewhere, under a new attempt.
+    assert!(r.subtasks.iter().all(|s| s.node == 5 || s.node == 4));
+    assert!(
+        r.subtasks.iter().any(|s| s.node == 5 && s.attempt >= 2),
+        "a subtask of the dead node was re-run: {:?}",
+        r.subtasks
+    );
+    let nodes = h.client().list_nodes(ListNodesRequest {}).await.unwrap();
+    let dead = nodes.get_ref().nodes.iter().find(|n| n.id == 4).unwrap();
+    assert!(!dead.up, "the killed worker is down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_killed_mid_task_is_replaced_and_the_task_succeeds() {
+    let _one = CLUSTERS.lock().await;
+    let mut h = Harness::start(3, &["--no-worker"], &[&["--slots", "2"], &["--slots", "2"]]).await;
+    let m = h.upload("misbehave").await;
+    let (n, millions) = (12, 60);
+    let id = h.submit(submit_req(&m, spins(n, millions))).await;
+    h.wait_for(id, |r| r.subtasks.iter().any(|s| s.state == "succeed"))
+        .await;
+    let owner = h.cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+    h.cluster.kill(owner);
+    let new_owner = h
+        .cluster
+        .wait_leader(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_ne!(owner, new_owner);
+    let _ = h.client_avoiding(owner);
+    let r = h.wait(id).await;
+    assert_each_output_once(&r, n, millions);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_stops_every_subtask_and_resume_finishes_the_task() {
+    let _one = CLUSTERS.lock().await;
+    let h = Harness::start(1, &[], &[&["--slots", "2"]]).await;
+    let m = h.upload("misbehave").await;
+    let (n, millions) = (10, 60);
+    let id = h.submit(submit_req(&m, spins(n, millions))).await;
+    h.wait_for(id, |r| running_count(r) > 0).await;
+    let now = h.control(id, Action::Pause).await.unwrap();
+    assert!(now == "pausing" || now == "paused", "{now}");
+    let paused = h.wait_for(id, |r| state(r) == "paused").await;
+    assert_eq!(running_count(&paused), 0);
+    let done = paused
+        .subtasks
+        .iter()
+        .filter(|s| s.state == "succeed")
+        .count();
+    assert!(done < n, "paused before the end");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let later = h.get(id).await;
+    assert_eq!(state(&later), "paused");
+    assert_eq!(running_count(&later), 0, "nothing runs while paused");
+    assert_eq!(
+        later
+            .subtasks
+            .iter()
+            .filter(|s| s.state == "succeed")
+            .count(),
+        done,
+        "nothing finished while paused"
+    );
+    h.control(id, Action::Resume).await.unwrap();
+    let r = h.wait(id).await;
+    assert_each_output_once(&r, n, millions);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reverts_the_task_and_runs_its_revert_hook() {
+    let _one = CLUSTERS.lock().await;
+    let h = Harness::start(1, &[], &[&["--slots", "2"]]).await;
+    let m = h.upload("misbehave").await;
+    let id = h.submit(submit_req(&m, spins(10, 60))).await;
+    h.wait_for(id, |r| running_count(r) > 0).await;
+    h.control(id, Action::Cancel).await.unwrap();
+    let r = h.wait(id).await;
+    let task = r.task.unwrap();
+    assert_eq!(task.state, "reverted", "{task:?}");
+    assert_eq!(task.error, "cancelled");
+    assert!(r
+        .subtasks
+        .iter()
+        .all(|s| s.state == "succeed" || s.state == "canceled"));
+    let marker = h
+        .cluster
+        .blob_dir()
+        .join(format!("tenants/default/reverted/{id}"));
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modifying_concurrency_changes_how_many_run_at_once() {
+    let _one = CLUSTERS.lock().await;
+    let h = Harness::start(1, &["--no-worker"], &[&["--slots", "4"]]).await;
+    let m = h.upload("misbehave").await;
+    let n = 24;
+    let mut req = submit_req(&m, spins(n, 150));
+    req.concurrency = 1;
+    let id = h.submit(req).await;
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_millis(1200);
+    while Instant::now() < until {
+        most = most.max(running_count(&h.get(id).await));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(most, 1, "concurrency 1 runs one at a time");
+    let now = h
+        .client()
+        .modify_task(ModifyTaskRequest {
+            id,
+            modification: Some(TaskModification {
+                concurrency: Some(4),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state;
+    assert!(now == "modifying" || now == "running", "{now}");
+    let r = h
+        .wait_for(id, |r| running_count(r) > 1 || finished(&state(r)))
+        .await;
+    assert!(running_count(&r) > 1, "more run at once after the change");
+    assert_eq!(r.task.unwrap().concurrency, 4);
+    let r = h.wait(id).await;
+    assert_each_output_once(&r, n, 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_task_preempts_a_lower_ones_slots_and_both_finish() {
+    let _one = CLUSTERS.lock().await;
+    let h = Harness::start(1, &["--no-worker"], &[&["--slots", "2"]]).await;
+    let m = h.upload("misbehave").await;
+    let mut low = submit_req(&m, spins(12, 60));
+    low.priority = 900;
+    let low = h.submit(low).await;
+    h.wait_for(low, |r| running_count(r) == 2).await;
+    let mut high = submit_req(&m, spins(2, 60));
+    high.priority = 10;
+    let high = h.submit(high).await;
+    let r = h.wait(high).await;
+    assert_each_output_once(&r, 2, 60);
+    let l = h.get(low).await;
+    assert!(
+        !finished(&state(&l)),
+        "the high task ran while the low one waited"
+    );
+    assert!(
+        l.subtasks.iter().any(|s| s.attempt >= 2),
+        "a low subtask was preempted and re-run: {:?}",
+        l.subtasks
+    );
+    let l = h.wait(low).await;
+    assert_each_output_once(&l, 12, 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dist_worker_label_and_background_scope_decide_where_subtasks_run() {
+    let _one = CLUSTERS.lock().await;
+    // Node 1 schedules and works; 2 is labelled role=dist_worker; 3 is a
+    // plain worker.
+    let h = Harness::start(
+        1,
+        &[],
+        &[
+            &["--slots", "2", "--labels", "role=dist_worker"],
+            &["--slots", "2"],
+        ],
+    )
+    .await;
+    let m = h.upload("misbehave").await;
+    let id = h.submit(submit_req(&m, "ok\n".repeat(12))).await;
+    let r = h.wait(id).await;
+    assert_eq!(state(&r), "succeed");
+    assert!(
+        r.subtasks.iter().all(|s| s.node == 2),
+        "only the dist_worker runs subtasks: {:?}",
+        r.subtasks.iter().map(|s| s.node).collect::<Vec<_>>()
+    );
+    drop(h);
+
+    // Without the label every node works; with a `background` node, tasks
+    // without a scope prefer it; a task with scope `x` goes to scope x.
+    let h = Harness::start(
+        1,
+        &[],
+        &[
+            &["--slots", "2", "--scope", "background"],
+            &["--slots", "2", "--scope", "x"],
+        ],
+    )
+    .await;
+    let m = h.upload("misbehave").await;
+    let id = h.submit(submit_req(&m, "ok\n".repeat(12))).await;
+    let r = h.wait(id).await;
+    assert_eq!(state(&r), "succeed");
+    assert!(
+        r.subtasks.iter().all(|s| s.node == 2),
+        "background preferred"
+    );
+    let mut scoped = submit_req(&m, "ok\n".repeat(6));
+    scoped.scope = "x".into();
+    let id = h.submit(scoped).await;
+    let r = h.wait(id).await;
+    assert!(r.subtasks.iter().all(|s| s.node == 3), "scope x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_nodes_run_subtasks_when_none_is_a_dist_worker() {
+    let _one = CLUSTERS.lock().await;
+    let h = Harness::start(1, &[], &[&["--slots", "1"]]).await;
+    let m = h.upload("misbehave").await;
+    let id = h.submit(submit_req(&m, spins(8, 30))).await;
+    let r = h.wait(id).await;
+    assert_eq!(state(&r), "succeed");
+    let nodes: std::collections::BTreeSet<u64> = r.subtasks.iter().map(|s| s.node).collect();
+    assert_eq!(nodes, [1, 2].into_iter().collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_traps_manual_recovery_and_illegal_transitions() {
+    let _one = CLUSTERS.lock().await;
+    let h = Harness::start(1, &[], &[]).await;
+    let m = h.upload("misbehave").await;
+
+    // A plan that traps fails the task with the trap's message.
+    let id = h.submit(submit_req(&m, "plan:trap\nok\n")).await;
+    let r = h.wait(id).await;
+    let task = r.task.unwrap();
+    assert_eq!(task.state, "failed");
+    assert!(
+        task.error.contains("plan of step 0 failed") && task.error.contains("unreachable"),
+        "{}",
+        task.error
+    );
+
+    // A subtask failing for good under manual recovery waits for a person;
+    // `resolve` retries it (its next attempt succeeds).
+    let mut req = submit_req(&m, "ok\nflaky:2\n");
+    req.max_attempts = 1;
+    req.manual_recovery = true;
+    let id = h.submit(req).await;
+    let r = h.wait_for(id, |r| state(r) == "awaiting-resolution").await;
+    assert!(r.task.unwrap().error.contains("flaky"));
+    // Illegal requests get a clear error and change nothing.
+    let err = h.control(id, Action::Pause).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("illegal task transition awaiting-resolution -> pausing"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(state(&h.get(id).await), "awaiting-resolution");
+    h.control(id, Action::Resolve).await.unwrap();
+    let r = h.wait(id).await;
+    let task = r.task.unwrap();
+    assert_eq!(task.state, "succeed", "{task:?}");
+    assert_eq!(task.result, b"okok at attempt 2");
+
+    let err = h.control(id, Action::Resume).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("the task has finished"),
+        "{}",
+        err.message()
+    );
+    let err = h.control(999, Action::Cancel).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
 }

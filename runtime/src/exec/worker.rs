@@ -22,7 +22,6 @@
 //! ignored, and the fencing of claims and reports makes the rest safe.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -84,8 +83,6 @@ pub struct WorkerConfig {
     /// Wall-clock time one subtask run may take (not counting time the fuel
     /// governor holds it), in milliseconds. Default 60,000.
     pub deadline_ms: u64,
-    /// The shared blob store directory; `None`: the server's default.
-    pub blob_dir: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -103,7 +100,6 @@ impl Default for WorkerConfig {
             fuel_limit: limits.fuel,
             memory_limit: limits.memory_bytes,
             deadline_ms: limits.deadline.as_millis() as u64,
-            blob_dir: None,
         }
     }
 }
