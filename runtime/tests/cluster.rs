@@ -5,7 +5,6 @@
 //! Clusters are started one at a time (a file-wide lock), and every process
 //! is killed when its cluster is dropped.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -226,21 +225,6 @@ fn text() -> String {
     text
 }
 
-/// The reference word count (see `examples.rs`).
-fn expected_top20(text: &str) -> Vec<(String, u64)> {
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    for word in text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-    {
-        *counts.entry(word.to_lowercase()).or_default() += 1;
-    }
-    let mut all: Vec<_> = counts.into_iter().collect();
-    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    all.truncate(20);
-    all
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_schedulers_and_two_workers_run_wordcount_and_sort() {
     let _one = CLUSTERS.lock().await;
@@ -252,7 +236,7 @@ async fn three_schedulers_and_two_workers_run_wordcount_and_sort() {
     let task = r.task.clone().unwrap();
     assert_eq!(task.state, "succeed", "{task:?}");
     let got: Vec<(String, u64)> = serde_json::from_slice(&task.result).unwrap();
-    assert_eq!(got, expected_top20(&text));
+    assert_eq!(got, stoker_test_artifacts::wordcount_top20(&text));
     assert!(task.fuel_used > 0);
     // Only the worker-only nodes ran subtasks, and both of them did.
     let nodes: std::collections::BTreeSet<u64> = r.subtasks.iter().map(|s| s.node).collect();

@@ -1,7 +1,6 @@
 //! The example task types, run end to end by the local runner, checked
 //! against answers computed here independently.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -46,22 +45,6 @@ fn json(summary: &Summary) -> serde_json::Value {
     serde_json::from_slice(bytes).expect("result is JSON")
 }
 
-/// The reference word count: maximal alphanumeric runs, lowercased; top 20
-/// by count desc, then word asc.
-fn expected_top20(text: &str) -> Vec<(String, u64)> {
-    let mut counts: HashMap<String, u64> = HashMap::new();
-    for word in text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-    {
-        *counts.entry(word.to_lowercase()).or_default() += 1;
-    }
-    let mut all: Vec<_> = counts.into_iter().collect();
-    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    all.truncate(20);
-    all
-}
-
 #[tokio::test]
 async fn wordcount_counts_the_top_20_words() {
     let mut text = String::new();
@@ -73,7 +56,7 @@ async fn wordcount_counts_the_top_20_words() {
     }
     let summary = run("wordcount", text.as_bytes(), 2, None).await;
     let got: Vec<(String, u64)> = serde_json::from_value(json(&summary)).unwrap();
-    assert_eq!(got, expected_top20(&text));
+    assert_eq!(got, stoker_test_artifacts::wordcount_top20(&text));
     assert!(summary.steps >= 2, "count then merge");
     assert!(summary.fuel_used > 0);
 }

@@ -41,6 +41,24 @@ pub fn read(name: &str) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
 }
 
+/// The reference answer of the `wordcount` example, computed here
+/// independently of the guest: words are maximal alphanumeric runs,
+/// lowercased; the 20 most frequent by count descending, then word
+/// ascending.
+pub fn wordcount_top20(text: &str) -> Vec<(String, u64)> {
+    let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for word in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        *counts.entry(word.to_lowercase()).or_default() += 1;
+    }
+    let mut all: Vec<_> = counts.into_iter().collect();
+    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    all.truncate(20);
+    all
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
