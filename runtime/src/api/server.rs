@@ -167,7 +167,9 @@ impl RunningServer {
     /// # Panics
     /// On a worker-only node, which has none.
     pub fn meta(&self) -> &MetaNode {
-        self.node.as_ref().expect("a scheduler node has a metadata node")
+        self.node
+            .as_ref()
+            .expect("a scheduler node has a metadata node")
     }
 
     /// Stops the worker, the owner, serving, and the Raft loop.
