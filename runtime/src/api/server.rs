@@ -19,6 +19,7 @@ use super::service::StokerService;
 use crate::blob::BlobStore;
 use crate::exec::worker::{self, WorkerConfig, WorkerHandle};
 use crate::meta::{MetaConfig, MetaError, MetaNode, RedbStorage};
+use crate::resource::{Governor, GovernorConfig, ManagerConfig, ResourceManager};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::sched::owner::{self, OwnerConfig};
 use stoker_proto::meta::stoker_server::StokerServer;
@@ -62,6 +63,11 @@ pub struct ServerConfig {
     /// The task executor manager; `worker.enabled = false` makes a
     /// scheduler-only node.
     pub worker: WorkerConfig,
+    /// The resource manager that tunes the worker's fuel governor (a
+    /// `[resource]` table turns it on, e.g. `scheduler = "cpu"` to keep
+    /// node CPU in a band). Without it the governor lets every slot run
+    /// at full speed.
+    pub resource: Option<ManagerConfig>,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +85,7 @@ impl Default for ServerConfig {
             sandbox: SandboxConfig::default(),
             owner: OwnerConfig::default(),
             worker: WorkerConfig::default(),
+            resource: None,
         }
     }
 }
@@ -121,6 +128,10 @@ impl ServerConfig {
         self.owner.validate().map_err(MetaError::Config)?;
         self.worker.validate().map_err(MetaError::Config)?;
         self.sandbox.validate().map_err(MetaError::Config)?;
+        if let Some(r) = &self.resource {
+            r.validate()
+                .map_err(|e| MetaError::Config(format!("resource: {e}")))?;
+        }
         if self.id == 0 {
             return Err(MetaError::Config("id must be > 0".into()));
         }
@@ -159,6 +170,8 @@ pub struct RunningServer {
     owner_stop: Option<tokio::sync::watch::Sender<bool>>,
     owner: Option<JoinHandle<()>>,
     worker: Option<WorkerHandle>,
+    /// Tunes the worker's governor while it lives (dropping it stops it).
+    _resource: Option<ResourceManager>,
 }
 
 impl RunningServer {
@@ -210,6 +223,32 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> MetaError {
     move |source| MetaError::Io { what, source }
 }
 
+/// The worker's fuel governor (every subtask takes its fuel quanta from
+/// it), and the resource manager tuning it when the config asks for one.
+async fn governor(
+    cfg: &ServerConfig,
+    sandbox: &Sandbox,
+) -> Result<(Option<Governor>, Option<ResourceManager>), MetaError> {
+    if !cfg.worker.enabled {
+        return Ok((None, None));
+    }
+    let config_err = |e: crate::resource::ResourceError| MetaError::Config(e.to_string());
+    let governor = Governor::new(GovernorConfig::for_sandbox(
+        sandbox,
+        cfg.worker.slots as usize,
+    ))
+    .map_err(config_err)?;
+    let manager = match &cfg.resource {
+        Some(r) => Some(
+            ResourceManager::for_sandbox(sandbox, governor.clone(), r.clone())
+                .await
+                .map_err(config_err)?,
+        ),
+        None => None,
+    };
+    Ok((Some(governor), manager))
+}
+
 /// The engine and blob store every role of a node shares.
 fn node_parts(cfg: &ServerConfig) -> Result<(Arc<Sandbox>, BlobStore), MetaError> {
     let mut sandbox_cfg = cfg.sandbox.clone();
@@ -247,6 +286,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         source,
     })?;
     let (sandbox, blobs) = node_parts(cfg)?;
+    let (governor, resource) = governor(cfg, &sandbox).await?;
     if !cfg.scheduler {
         let addr: SocketAddr = cfg
             .listen
@@ -259,7 +299,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             cfg.worker.clone(),
             sandbox,
             blobs,
-            None,
+            governor,
         );
         info!(node_id = cfg.id, "worker-only node started");
         return Ok(RunningServer {
@@ -270,6 +310,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             owner_stop: None,
             owner: None,
             worker: Some(worker),
+            _resource: resource,
         });
     }
     let storage = RedbStorage::open(&cfg.data_dir.join(META_DB_FILE))?;
@@ -342,7 +383,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         if wcfg.endpoints.is_empty() {
             wcfg.endpoints = vec![addr.to_string()];
         }
-        worker::start(id, addr.to_string(), true, wcfg, sandbox, blobs, None)
+        worker::start(id, addr.to_string(), true, wcfg, sandbox, blobs, governor)
     });
     Ok(RunningServer {
         node: Some(node),
@@ -352,6 +393,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         owner_stop: Some(owner_stop),
         owner: Some(owner),
         worker,
+        _resource: resource,
     })
 }
 
@@ -385,6 +427,19 @@ mod tests {
             parse_peers(&cfg.peers).unwrap(),
             vec![(1, "127.0.0.1:7401".into()), (2, "127.0.0.1:7402".into())]
         );
+        assert!(cfg.resource.is_none(), "no resource manager unless asked");
+        let tuned: ServerConfig = toml::from_str(
+            "id = 1\npeers = \"1=a:1\"\n[resource]\nscheduler = \"cpu\"\n[worker]\nslots = 3\nlabels = { zone = \"z1\" }\n[owner]\nnode_timeout_ms = 900\n",
+        )
+        .unwrap();
+        tuned.validate().unwrap();
+        assert_eq!(tuned.resource.unwrap().scheduler, "cpu");
+        assert_eq!(tuned.worker.slots, 3);
+        assert_eq!(tuned.owner.node_timeout_ms, 900);
+        let bad: ServerConfig =
+            toml::from_str("id = 1\npeers = \"1=a:1\"\n[resource]\nscheduler = \"nope\"\n")
+                .unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("resource"));
         let err = toml::from_str::<ServerConfig>("id = 1\nlisten_addr = \"x\"").unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
     }
