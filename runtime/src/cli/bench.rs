@@ -33,6 +33,11 @@ enum What {
     ///
     /// Example: stoker bench meta
     Meta(super::bench_meta::Args),
+    /// The task framework on 3 server processes: no-op subtasks/s, submit
+    /// to running latency.
+    ///
+    /// Example: stoker bench cluster --module target/wasm32-wasip1/release/misbehave.wasm
+    Cluster(super::bench_cluster::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +78,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         What::Governor(args) => governor(args).await,
         What::Meta(args) => super::bench_meta::run(args).await,
+        What::Cluster(args) => super::bench_cluster::run(args).await,
     }
 }
 

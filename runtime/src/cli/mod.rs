@@ -2,6 +2,7 @@
 //! become one actionable line on stderr and a non-zero exit code.
 
 mod bench;
+mod bench_cluster;
 mod bench_meta;
 mod client;
 mod cluster;
