@@ -205,6 +205,7 @@ fn random_command(rng: &mut Rng, hash: &str, time: u64) -> C {
             or_fail: rng.below(2) == 0,
             reason: "lost".into(),
             time_ms: time,
+            only_pending: rng.below(2) == 0,
         }),
         _ => C::ChangeSubtasks(ChangeSubtasks {
             task_id: task,

@@ -618,6 +618,17 @@ fn requeue_needs_idempotence_and_retries_count_attempts() {
         e,
         "illegal subtask transition running -> pending: only subtasks of idempotent steps are re-run elsewhere"
     );
+    // A balancing move of a subtask that has started since is refused.
+    let e = sm.rejected(C::RequeueSubtask(RequeueSubtask {
+        subtask: sref(task, 0, 0),
+        reason: "rebalanced".into(),
+        only_pending: true,
+        ..Default::default()
+    }));
+    assert!(
+        e.contains("it is running, and only a pending subtask is moved"),
+        "{e}"
+    );
     match sm.ok(requeue(true)) {
         command_result::Kind::SubtaskState(r) => assert_eq!(r.state, "failed"),
         k => panic!("unexpected {k:?}"),

@@ -376,6 +376,13 @@ pub(crate) fn requeue_subtask(
         .into());
     }
     let from = subtask_state(&s)?;
+    if c.only_pending && from != SubtaskState::Pending {
+        return Err(Rejection::StaleReport {
+            subtask: subtask_name(r.task_id, r.step, r.ordinal),
+            why: format!("it is {from}, and only a pending subtask is moved"),
+        }
+        .into());
+    }
     if from == SubtaskState::Pending && s.node != 0 {
         s.node = 0;
         s.error = c.reason.clone();

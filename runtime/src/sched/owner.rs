@@ -330,6 +330,7 @@ impl Owner {
                     or_fail: true,
                     reason: format!("node {} is down", n.id),
                     time_ms: now,
+                    only_pending: false,
                 }));
             }
         }
@@ -406,7 +407,13 @@ impl Owner {
                 .collect();
             for m in balance(&queued, eligible) {
                 let (step, ordinal, attempt) = m.subtask;
-                commands.push(requeue(*task, step, ordinal, attempt, "rebalanced", now));
+                // The view may be stale: if the worker claimed it since,
+                // the move is refused rather than throwing the run away.
+                let mut cmd = requeue(*task, step, ordinal, attempt, "rebalanced", now);
+                if let C::RequeueSubtask(r) = &mut cmd {
+                    r.only_pending = true;
+                }
+                commands.push(cmd);
             }
         }
         // Freed slots are reused in the next round, once the requeues are
@@ -454,6 +461,7 @@ fn requeue(task: TaskId, step: u32, ordinal: u32, attempt: u32, why: &str, now: 
         or_fail: false,
         reason: why.into(),
         time_ms: now,
+        only_pending: false,
     })
 }
 
