@@ -4,7 +4,7 @@
 //! leader), reads are linearizable unless they only feed a long poll.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::StreamExt;
 use stoker_proto::meta::command::Kind as C;
@@ -24,18 +24,10 @@ use super::meta::to_status;
 use super::workers;
 use crate::meta::queries::{self, TaskFilter};
 use crate::meta::records::{DEFAULT_TENANT, MAX_CHUNK_BYTES, MAX_MODULE_BYTES};
-use crate::meta::{MetaError, MetaNode, RequestId};
+use crate::meta::{now_ms, MetaError, MetaNode, RequestId};
 use crate::model::{SubtaskState, TaskState};
 use crate::sandbox::{Sandbox, ABI_VERSION};
 use crate::sched::task::StepCounts;
-
-/// Milliseconds since the Unix epoch by this node's clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// A rejected command as a gRPC status whose code says why.
 pub fn rejection_status(message: &str) -> Status {

@@ -8,7 +8,7 @@
 //! reports are fenced by (node, attempt), so a worker acting on a stale view
 //! is refused, never wrong.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use stoker_proto::meta::command::Kind;
 use stoker_proto::meta::{
@@ -19,17 +19,10 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::meta::to_status;
-use crate::meta::{queries, MetaNode};
+use crate::meta::{now_ms, queries, records, MetaNode};
 
 /// Longest wait of one assignment long poll.
 pub const MAX_ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
-
-/// Milliseconds since the Unix epoch on this server's clock.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Whether a stored node record already says what a registration would.
 fn same_description(stored: &NodeRecord, desc: &RegisterNode) -> bool {
@@ -190,6 +183,7 @@ fn assignment(mut s: SubtaskRecord, t: &TaskRecord) -> Assignment {
         memory_limit: t.memory_limit,
         priority: t.priority,
         task_create_time_ms: t.create_time_ms,
+        accepts_work: records::accepts_work(t).unwrap_or(false),
     }
 }
 

@@ -148,28 +148,7 @@ where
 
 /// 16 random bytes that make a retried submit a no-op.
 pub(super) fn request_id() -> Vec<u8> {
-    use std::io::Read as _;
-    let mut id = [0u8; 16];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .is_ok()
-    {
-        return id.to_vec();
-    }
-    // No /dev/urandom: the std hasher's per-process random keys.
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let state = std::collections::hash_map::RandomState::new();
-    for (i, half) in id.chunks_mut(8).enumerate() {
-        let mut h = state.build_hasher();
-        h.write_u128(nanos);
-        h.write_u32(std::process::id());
-        h.write_usize(i);
-        half.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    id.to_vec()
+    stoker::meta::RequestId::random().0.to_vec()
 }
 
 /// The one line shown for a failed call.

@@ -109,7 +109,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             max_attempts: args.max_attempts,
             ..RetryPolicy::default()
         },
-        task_id: format!("local-{}", unix_millis()),
+        task_id: format!("local-{}", stoker::meta::now_ms()),
     };
     let display = Display::new(args.output);
     let summary = runner
@@ -134,12 +134,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-fn unix_millis() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
 }
 
 /// The governor's final state: the manager's with `--governor cpu`.

@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -45,7 +45,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::blob::BlobStore;
 use crate::meta::records::MAX_INLINE_BYTES;
-use crate::meta::RequestId;
+use crate::meta::{now_ms, RequestId};
 use crate::model::{Rank, SubtaskState, TaskState};
 use crate::resource::{FuelGate, Governor, TaskInfo};
 use crate::sandbox::{module_hash, CallEnv, CallLimits, Sandbox, SandboxError, TaskModule};
@@ -162,12 +162,6 @@ fn physical_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 // ---------------------------------------------------------------------------
 // The decision: what to start and stop (pure).
 // ---------------------------------------------------------------------------
@@ -262,11 +256,7 @@ pub fn decide(
         }
         match s.state.parse::<SubtaskState>() {
             Ok(SubtaskState::Running) => adopt.push(index),
-            Ok(SubtaskState::Pending)
-                if task_state_is(a, &[TaskState::Running, TaskState::Resuming]) =>
-            {
-                claim.push(index)
-            }
+            Ok(SubtaskState::Pending) if a.accepts_work => claim.push(index),
             _ => {}
         }
     }
@@ -1196,6 +1186,9 @@ mod tests {
                 ..SubtaskRecord::default()
             }),
             task_state: task_state.into(),
+            accepts_work: task_state
+                .parse::<TaskState>()
+                .is_ok_and(|s| s.accepts_work(None)),
             priority: 512,
             ..Assignment::default()
         }
@@ -1270,6 +1263,14 @@ mod tests {
             let d = decide(&list, &BTreeMap::new(), &HashSet::new(), 4);
             assert_eq!(!d.start.is_empty(), claims, "{state}");
         }
+        // The server says whether the task accepts work: a task modified
+        // while it runs does.
+        let modified = Assignment {
+            accepts_work: true,
+            ..a(1, 0, 1, "pending", "modifying")
+        };
+        let d = decide(&[modified], &BTreeMap::new(), &HashSet::new(), 4);
+        assert_eq!(d.start.len(), 1);
     }
 
     #[test]

@@ -65,6 +65,33 @@ impl RequestId {
         RequestId(id)
     }
 
+    /// A random id, for clients that have no node id: 16 bytes from the
+    /// OS's random source (falling back to the std hasher's per-process
+    /// random keys mixed with the clock and process id).
+    pub fn random() -> Self {
+        use std::io::Read as _;
+        let mut id = [0u8; 16];
+        if std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut id))
+            .is_ok()
+        {
+            return RequestId(id);
+        }
+        use std::hash::{BuildHasher as _, Hasher as _};
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let state = std::collections::hash_map::RandomState::new();
+        for (i, half) in id.chunks_mut(8).enumerate() {
+            let mut h = state.build_hasher();
+            h.write_u128(nanos);
+            h.write_u32(std::process::id());
+            h.write_usize(i);
+            half.copy_from_slice(&h.finish().to_le_bytes());
+        }
+        RequestId(id)
+    }
+
     /// Parses 16 bytes.
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         b.try_into().ok().map(RequestId)

@@ -44,6 +44,14 @@ pub use handle::{Consistency, Forwarder, MetaNode, RequestId};
 pub use storage::RedbStorage;
 pub use transport::{Reporter, Transport};
 
+/// Milliseconds since the Unix epoch by this process's clock: the time a
+/// command carries (commands never read the clock while applying).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Who leads the Raft group, as this node sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LeaderState {

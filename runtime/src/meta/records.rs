@@ -195,6 +195,12 @@ pub fn task_state(t: &TaskRecord) -> Result<TaskState, Rejection> {
     })
 }
 
+/// Whether a stored task's subtasks may be assigned and started (see
+/// [`TaskState::accepts_work`]).
+pub fn accepts_work(t: &TaskRecord) -> Result<bool, Rejection> {
+    Ok(task_state(t)?.accepts_work(t.modifying_from.parse().ok()))
+}
+
 pub fn subtask_state(s: &SubtaskRecord) -> Result<SubtaskState, Rejection> {
     s.state.parse().map_err(|_| Rejection::Corrupt {
         table: "sm_subtasks".into(),

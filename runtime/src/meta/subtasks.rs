@@ -16,9 +16,9 @@ use stoker_proto::meta::{
 use stoker_proto::Message;
 
 use super::records::{
-    by_node_key, get, get_node, get_task, invalid, put, subtask_key, subtask_name, subtask_range,
-    subtask_state, task_key, task_state, Applied, Rejection, MAX_INLINE_BYTES, MAX_SUBTASK_BATCH,
-    SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, TASKS_TABLE,
+    self, by_node_key, get, get_node, get_task, invalid, put, subtask_key, subtask_name,
+    subtask_range, subtask_state, task_key, task_state, Applied, Rejection, MAX_INLINE_BYTES,
+    MAX_SUBTASK_BATCH, SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, TASKS_TABLE,
 };
 use crate::model::{check_subtask_transition, SubtaskChange, SubtaskState, TaskState};
 
@@ -69,16 +69,6 @@ fn node_index_key(s: &SubtaskRecord) -> Option<[u8; 24]> {
 
 fn subtask_ref(c: Option<&SubtaskRef>) -> Applied<&SubtaskRef> {
     c.ok_or_else(|| Rejection::Invalid("the command names no subtask".into()).into())
-}
-
-/// Whether the task's subtasks may be handed out and started: it runs (or
-/// is being modified while it runs).
-fn accepts_work(task: &TaskRecord) -> Applied<bool> {
-    Ok(match task_state(task)? {
-        TaskState::Running | TaskState::Resuming => true,
-        TaskState::Modifying => task.modifying_from == TaskState::Running.as_str(),
-        _ => false,
-    })
 }
 
 /// Every subtask of one step (or of the task), in ordinal order.
@@ -225,7 +215,7 @@ pub(crate) fn assign_subtask(
 ) -> Applied<SubtaskStateResult> {
     let r = subtask_ref(c.subtask.as_ref())?;
     let task = get_task(txn, r.task_id)?;
-    if !accepts_work(&task)? {
+    if !records::accepts_work(&task)? {
         return invalid(format!(
             "task {} is {}: its subtasks are not assigned",
             task.id, task.state
@@ -283,7 +273,7 @@ pub(crate) fn claim_subtask(
     let mut s = get_subtask(txn, r)?;
     fence(&s, c.node, c.attempt, SubtaskState::Pending)?;
     let task = get_task(txn, r.task_id)?;
-    if !accepts_work(&task)? {
+    if !records::accepts_work(&task)? {
         return invalid(format!(
             "task {} is {}: its subtasks do not start",
             task.id, task.state

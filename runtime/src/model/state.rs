@@ -70,9 +70,15 @@ impl TaskState {
         )
     }
 
-    /// States whose subtasks may hold slots and run.
-    pub fn runs_subtasks(self) -> bool {
-        matches!(self, TaskState::Running | TaskState::Resuming)
+    /// Whether subtasks of a task in this state may be assigned and
+    /// started: it runs, resumes, or is modified while it runs
+    /// (`modifying_from` is the state a `modifying` task came from).
+    pub fn accepts_work(self, modifying_from: Option<TaskState>) -> bool {
+        match self {
+            TaskState::Running | TaskState::Resuming => true,
+            TaskState::Modifying => modifying_from == Some(TaskState::Running),
+            _ => false,
+        }
     }
 }
 
@@ -262,6 +268,20 @@ pub fn check_subtask_transition(
 mod tests {
     use super::*;
     use TaskState::*;
+
+    #[test]
+    fn only_running_resuming_or_modified_while_running_tasks_accept_work() {
+        for s in TaskState::ALL {
+            assert_eq!(
+                s.accepts_work(None),
+                matches!(s, Running | Resuming),
+                "{s}"
+            );
+        }
+        assert!(Modifying.accepts_work(Some(Running)));
+        assert!(!Modifying.accepts_work(Some(Paused)));
+        assert!(!Modifying.accepts_work(Some(Pending)));
+    }
 
     #[test]
     fn task_edges_are_exactly_the_design() {

@@ -34,12 +34,11 @@ use tracing::{debug, info, warn};
 use super::balance::{balance, Queued};
 use super::placement::{admit, assign, eligible_nodes, preempt, Candidate, Held, Usage};
 use super::task::{decide, Action, StepCounts};
-use crate::api::service::now_ms;
 use crate::blob::BlobStore;
 use crate::exec::local::RetryPolicy;
 use crate::meta::queries::{self, TaskFilter};
 use crate::meta::records::{subtask_name, MAX_INLINE_BYTES};
-use crate::meta::{MetaError, MetaNode};
+use crate::meta::{now_ms, MetaError, MetaNode};
 use crate::model::{NodeId, NodeView, SubtaskState, TaskId, TaskState};
 use crate::sandbox::{CallEnv, CallLimits, Plan, Sandbox, SandboxError, TaskModule};
 
@@ -171,18 +170,11 @@ async fn own(ctx: Arc<Ctx>) {
         tokio::select! {
             _ = applied.changed() => {}
             _ = tokio::time::sleep(tick) => {}
-            Some(done) = owner.actions.join_next_with_id() => {
-                let id = match &done { Ok((id, _)) => *id, Err(e) => e.id() };
-                owner.busy.retain(|_, v| *v != id);
-            }
+            Some(done) = owner.actions.join_next_with_id() => owner.ended(done),
         }
         // Reap every other action that ended meanwhile.
         while let Some(done) = owner.actions.try_join_next_with_id() {
-            let id = match &done {
-                Ok((id, _)) => *id,
-                Err(e) => e.id(),
-            };
-            owner.busy.retain(|_, v| *v != id);
+            owner.ended(done);
         }
     }
 }
@@ -195,21 +187,30 @@ struct TaskView {
     counts: StepCounts,
 }
 
-/// Everything a round reads, in one read transaction.
+/// Everything a round reads, in one read transaction. Only the current
+/// step of an unfinished task can have pending or running subtasks (a step
+/// advances once all of its subtasks succeeded, a task finishes once none
+/// is left unfinished), so the task views hold every active subtask.
 struct ClusterView {
     nodes: Vec<NodeRecord>,
     tasks: Vec<TaskView>,
-    /// Active (pending or running) subtasks assigned to each node.
-    node_subtasks: BTreeMap<NodeId, Vec<SubtaskRecord>>,
+}
+
+impl ClusterView {
+    /// The active (pending or running) subtasks assigned to `node`.
+    fn on_node(&self, node: NodeId) -> impl Iterator<Item = &SubtaskRecord> {
+        self.tasks.iter().flat_map(move |t| {
+            t.subtasks.iter().filter(move |s| {
+                s.node == node
+                    && (is_state(s, SubtaskState::Pending) || is_state(s, SubtaskState::Running))
+            })
+        })
+    }
 }
 
 fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
     node.read_local(|p, t| {
         let nodes = queries::node_records(p, t)?;
-        let mut node_subtasks = BTreeMap::new();
-        for n in &nodes {
-            node_subtasks.insert(n.id, queries::node_subtasks(p, t, n.id)?);
-        }
         let mut tasks = Vec::new();
         for task in queries::list_tasks(p, t, &TaskFilter::default())? {
             let state = task
@@ -231,11 +232,7 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
                 counts,
             });
         }
-        Ok(ClusterView {
-            nodes,
-            tasks,
-            node_subtasks,
-        })
+        Ok(ClusterView { nodes, tasks })
     })
     .map(|(v, _)| v)
 }
@@ -265,14 +262,19 @@ fn is_state(s: &SubtaskRecord, st: SubtaskState) -> bool {
 
 /// Whether a task's subtasks may be assigned and started.
 fn accepts_work(t: &TaskView) -> bool {
-    match t.state {
-        TaskState::Running | TaskState::Resuming => true,
-        TaskState::Modifying => t.task.modifying_from == TaskState::Running.as_str(),
-        _ => false,
-    }
+    t.state.accepts_work(t.task.modifying_from.parse().ok())
 }
 
 impl Owner {
+    /// An action ended (or panicked): its task may act again.
+    fn ended(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        self.busy.retain(|_, v| *v != id);
+    }
+
     async fn round(&mut self) -> Result<(), MetaError> {
         let view = read_view(&self.ctx.node)?;
         let now = now_ms();
@@ -323,7 +325,7 @@ impl Owner {
             } else if !down {
                 continue;
             }
-            for s in view.node_subtasks.get(&n.id).into_iter().flatten() {
+            for s in view.on_node(n.id) {
                 requeues.push(C::RequeueSubtask(RequeueSubtask {
                     subtask: Some(sref(s)),
                     attempt: s.attempt,
@@ -392,7 +394,13 @@ impl Owner {
         for h in preempt(&admission, &held) {
             let (step, ordinal, attempt, _) = h.subtask;
             taken_back.insert((h.task, step, ordinal));
-            commands.push(requeue(h.task, step, ordinal, attempt, "preempted", now));
+            commands.push(requeue(
+                h.task,
+                (step, ordinal, attempt),
+                "preempted",
+                false,
+                now,
+            ));
         }
         // The balancer: queued (assigned, not started) subtasks.
         for (task, eligible) in &eligible_of {
@@ -409,11 +417,13 @@ impl Owner {
                 let (step, ordinal, attempt) = m.subtask;
                 // The view may be stale: if the worker claimed it since,
                 // the move is refused rather than throwing the run away.
-                let mut cmd = requeue(*task, step, ordinal, attempt, "rebalanced", now);
-                if let C::RequeueSubtask(r) = &mut cmd {
-                    r.only_pending = true;
-                }
-                commands.push(cmd);
+                commands.push(requeue(
+                    *task,
+                    (step, ordinal, attempt),
+                    "rebalanced",
+                    true,
+                    now,
+                ));
             }
         }
         // Freed slots are reused in the next round, once the requeues are
@@ -446,11 +456,21 @@ impl Owner {
     }
 }
 
+/// A subtask's state; every state was checked when the view was read
+/// (`step_subtasks` refuses an unknown one).
 fn parse_sub(s: &SubtaskRecord) -> SubtaskState {
     s.state.parse().unwrap_or(SubtaskState::Failed)
 }
 
-fn requeue(task: TaskId, step: u32, ordinal: u32, attempt: u32, why: &str, now: u64) -> C {
+/// Takes (step, ordinal) back from the node it holds at `attempt`;
+/// `only_pending` leaves it alone if it has started since.
+fn requeue(
+    task: TaskId,
+    (step, ordinal, attempt): (u32, u32, u32),
+    why: &str,
+    only_pending: bool,
+    now: u64,
+) -> C {
     C::RequeueSubtask(RequeueSubtask {
         subtask: Some(SubtaskRef {
             task_id: task,
@@ -461,7 +481,7 @@ fn requeue(task: TaskId, step: u32, ordinal: u32, attempt: u32, why: &str, now: 
         or_fail: false,
         reason: why.into(),
         time_ms: now,
-        only_pending: false,
+        only_pending,
     })
 }
 
@@ -525,7 +545,7 @@ async fn carry_out(ctx: &Ctx, task: TaskRecord, subtasks: Vec<SubtaskRecord>, ac
     match action {
         Action::Wait => {}
         Action::PlanNextStep => {
-            if let Err(e) = plan_next(ctx, &task).await {
+            if let Err(e) = plan_next(ctx, &task, &subtasks).await {
                 warn!(task_id = id, error = %e, "planning failed");
             }
         }
@@ -691,7 +711,13 @@ async fn fail_task(ctx: &Ctx, task: &TaskRecord, error: String) {
 }
 
 /// Plans the next step (or re-plans a partly written one), or finishes.
-async fn plan_next(ctx: &Ctx, task: &TaskRecord) -> Result<(), StepError> {
+/// `current` are the subtasks of the task's current step as the round saw
+/// them.
+async fn plan_next(
+    ctx: &Ctx,
+    task: &TaskRecord,
+    current: &[SubtaskRecord],
+) -> Result<(), StepError> {
     let id = task.id;
     let pending = task.state == TaskState::Pending.as_str();
     if pending && task.started && task.step_planned {
@@ -762,7 +788,13 @@ async fn plan_next(ctx: &Ctx, task: &TaskRecord) -> Result<(), StepError> {
                 subtasks = subtasks.len(),
                 "step planned"
             );
-            write_step(ctx, task, step, subtasks, !non_idempotent).await?;
+            // Re-planning the current step: skip what an earlier owner wrote.
+            let written: BTreeSet<u32> = if task.started && step == task.step {
+                current.iter().map(|s| s.ordinal).collect()
+            } else {
+                BTreeSet::new()
+            };
+            write_step(ctx, task, step, subtasks, !non_idempotent, &written).await?;
             if pending {
                 propose(&ctx.node, set_state(id, TaskState::Running, String::new())).await;
             }
@@ -779,15 +811,8 @@ async fn write_step(
     step: u32,
     payloads: Vec<Vec<u8>>,
     idempotent: bool,
+    existing: &BTreeSet<u32>,
 ) -> Result<(), StepError> {
-    let existing: BTreeSet<u32> = if task.started && step == task.step {
-        let ((written, _), _) = ctx
-            .node
-            .read_local(|p, t| queries::step_subtasks(p, t, task.id, step))?;
-        written.iter().map(|s| s.ordinal).collect()
-    } else {
-        BTreeSet::new()
-    };
     let fresh: Vec<NewSubtask> = payloads
         .into_iter()
         .enumerate()
