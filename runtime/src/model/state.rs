@@ -272,11 +272,7 @@ mod tests {
     #[test]
     fn only_running_resuming_or_modified_while_running_tasks_accept_work() {
         for s in TaskState::ALL {
-            assert_eq!(
-                s.accepts_work(None),
-                matches!(s, Running | Resuming),
-                "{s}"
-            );
+            assert_eq!(s.accepts_work(None), matches!(s, Running | Resuming), "{s}");
         }
         assert!(Modifying.accepts_work(Some(Running)));
         assert!(!Modifying.accepts_work(Some(Paused)));
