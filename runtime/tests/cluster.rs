@@ -55,7 +55,10 @@ impl Harness {
         } else {
             workers.len() + schedulers as usize
         };
-        h.wait_workers(want).await;
+        h.cluster
+            .wait_workers(want, Duration::from_secs(30))
+            .await
+            .unwrap();
         h
     }
 
@@ -73,25 +76,6 @@ impl Harness {
             .find(|id| *id != not && self.cluster.running().contains(id))
             .unwrap();
         connect_stoker(self.cluster.addr(id), Duration::from_secs(20)).unwrap()
-    }
-
-    async fn wait_workers(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = self.client().list_nodes(ListNodesRequest {}).await {
-                let up = r
-                    .get_ref()
-                    .nodes
-                    .iter()
-                    .filter(|n| n.up && n.worker)
-                    .count();
-                if up >= n {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "{n} workers never came up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     async fn upload(&self, name: &str) -> String {

@@ -10,23 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stoker::api::local_cluster::LocalCluster;
-use stoker::api::meta::connect_lazy;
-use stoker_proto::meta::{
-    command, query, query_result, Command, ListConfig, ProposeRequest, Query, QueryRequest,
-    SetConfig,
-};
+use stoker::api::meta::{connect_lazy, set_config_request};
+use stoker_proto::meta::{query, query_result, ListConfig, Query, QueryRequest};
 
 const CONFIG: &str = "[meta]\nsnapshot_interval = 100\nlog_retain = 10\n";
-
-fn set(key: String, value: String) -> ProposeRequest {
-    ProposeRequest {
-        command: Some(Command {
-            kind: Some(command::Kind::SetConfig(SetConfig { key, value })),
-        }),
-        forwarded: false,
-        request_id: Vec::new(),
-    }
-}
 
 /// All settings of the node at `addr`, read linearizably (so the node has
 /// applied everything committed before the read).
@@ -102,7 +89,11 @@ fn start_writers(cluster: &LocalCluster, tag: &str) -> Writers {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let (k, v) = (format!("{tag}/{id}/{i}"), i.to_string());
-                if client.propose(set(k.clone(), v.clone())).await.is_ok() {
+                if client
+                    .propose(set_config_request(k.clone(), v.clone()))
+                    .await
+                    .is_ok()
+                {
                     acked.push((k, v, Instant::now()));
                 } else {
                     tokio::time::sleep(Duration::from_millis(20)).await;

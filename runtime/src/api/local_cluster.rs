@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use stoker_proto::meta::StatusRequest;
+use stoker_proto::meta::{ListNodesRequest, StatusRequest};
 
-use super::meta::connect_lazy;
+use super::meta::{connect_lazy, connect_stoker};
 
 /// One server process.
 struct ProcNode {
@@ -230,6 +230,42 @@ impl LocalCluster {
             .filter(|(_, n)| !n.worker_only)
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Waits until the cluster lists at least `n` up workers.
+    ///
+    /// # Errors
+    /// When fewer are up after `timeout`.
+    pub async fn wait_workers(&self, n: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut up = 0;
+        loop {
+            for id in self
+                .running()
+                .into_iter()
+                .filter(|id| !self.nodes[id].worker_only)
+            {
+                let Ok(mut c) = connect_stoker(self.addr(id), Duration::from_millis(500)) else {
+                    continue;
+                };
+                if let Ok(r) = c.list_nodes(ListNodesRequest {}).await {
+                    up = r
+                        .get_ref()
+                        .nodes
+                        .iter()
+                        .filter(|n| n.up && n.worker)
+                        .count();
+                    break;
+                }
+            }
+            if up >= n {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{up} of {n} workers up after {timeout:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until a running node reports itself leader and returns its id.

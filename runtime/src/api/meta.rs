@@ -52,6 +52,19 @@ fn from_status(leader: u64, s: Status) -> MetaError {
     }
 }
 
+/// A `Propose` request that sets cluster setting `key` to `value`.
+pub fn set_config_request(key: String, value: String) -> ProposeRequest {
+    ProposeRequest {
+        command: Some(Command {
+            kind: Some(stoker_proto::meta::command::Kind::SetConfig(
+                stoker_proto::meta::SetConfig { key, value },
+            )),
+        }),
+        forwarded: false,
+        request_id: Vec::new(),
+    }
+}
+
 /// A lazily connected client to `addr` (host:port).
 ///
 /// # Errors

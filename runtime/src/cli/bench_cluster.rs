@@ -23,8 +23,8 @@ use stoker::api::local_cluster::LocalCluster;
 use stoker::api::meta::{connect_lazy, connect_stoker};
 use stoker_proto::meta::stoker_client::StokerClient;
 use stoker_proto::meta::{
-    GetTaskRequest, GetTaskResponse, ListNodesRequest, StatusRequest, SubmitTaskRequest,
-    TaskRecord, UploadModuleRequest,
+    GetTaskRequest, GetTaskResponse, StatusRequest, SubmitTaskRequest, TaskRecord,
+    UploadModuleRequest,
 };
 use tonic::transport::Channel;
 
@@ -242,7 +242,11 @@ async fn bench(
         .map_err(anyhow::Error::msg)?;
     let timeout = Duration::from_secs(15);
     let mut client = connect_stoker(cluster.addr(leader), timeout)?;
-    wait_workers(&mut client, 3, deadline).await?;
+    let until = deadline.saturating_duration_since(Instant::now());
+    cluster
+        .wait_workers(3, until.min(Duration::from_secs(30)))
+        .await
+        .map_err(|e| anyhow::anyhow!("timed out (--timeout-secs): {e}"))?;
     let startup_s = began.elapsed().as_secs_f64();
     progress(
         args,
@@ -309,30 +313,6 @@ async fn bench(
 fn progress(args: &Args, line: String) {
     if args.output == Output::Text {
         eprintln!("  .. {line}");
-    }
-}
-
-async fn wait_workers(
-    client: &mut StokerClient<Channel>,
-    n: usize,
-    deadline: Instant,
-) -> anyhow::Result<()> {
-    let until = (Instant::now() + Duration::from_secs(30)).min(deadline);
-    let mut up = 0;
-    loop {
-        if let Ok(r) = client.list_nodes(ListNodesRequest {}).await {
-            up = r
-                .get_ref()
-                .nodes
-                .iter()
-                .filter(|n| n.up && n.worker)
-                .count();
-            if up >= n {
-                return Ok(());
-            }
-        }
-        check(until, || format!("{up} of {n} workers came up"))?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

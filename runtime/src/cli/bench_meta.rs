@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use stoker::api::local_cluster::LocalCluster;
-use stoker::api::meta::connect_lazy;
+use stoker::api::meta::{connect_lazy, set_config_request};
 use stoker_proto::meta::meta_client::MetaClient;
-use stoker_proto::meta::{command, Command, ProposeRequest, SetConfig};
 use tonic::transport::Channel;
 
 #[derive(Debug, clap::Args)]
@@ -30,16 +29,6 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     meta(args).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn set(key: String, value: String) -> ProposeRequest {
-    ProposeRequest {
-        command: Some(Command {
-            kind: Some(command::Kind::SetConfig(SetConfig { key, value })),
-        }),
-        forwarded: false,
-        request_id: Vec::new(),
-    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -114,7 +103,7 @@ async fn run_bench(
     loop {
         let mut c = survivors[i % survivors.len()].clone();
         i += 1;
-        if c.propose(set("failover".into(), i.to_string()))
+        if c.propose(set_config_request("failover".into(), i.to_string()))
             .await
             .is_ok()
         {
@@ -150,7 +139,7 @@ async fn load(
             let mut i = 0u64;
             while Instant::now() < *stop {
                 let t = Instant::now();
-                let req = set(format!("bench/{w}/{}", i % 128), i.to_string());
+                let req = set_config_request(format!("bench/{w}/{}", i % 128), i.to_string());
                 match client.propose(req).await {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,

@@ -3,8 +3,7 @@
 use std::process::ExitCode;
 
 use stoker_proto::meta::{
-    command, command_result, query, query_result, Command, GetConfig, ListConfig, ProposeRequest,
-    Query, QueryRequest, SetConfig,
+    command_result, query, query_result, GetConfig, ListConfig, Query, QueryRequest,
 };
 
 use super::Endpoint;
@@ -49,13 +48,7 @@ async fn run_inner(cmd: ConfigCommand) -> anyhow::Result<()> {
         } => {
             let resp = endpoint
                 .client()?
-                .propose(ProposeRequest {
-                    command: Some(Command {
-                        kind: Some(command::Kind::SetConfig(SetConfig { key, value })),
-                    }),
-                    forwarded: false,
-                    request_id: Vec::new(),
-                })
+                .propose(stoker::api::meta::set_config_request(key, value))
                 .await
                 .map_err(|s| anyhow::anyhow!("config set failed: {}", s.message()))?
                 .into_inner();
