@@ -536,4 +536,44 @@ async fn plan_traps_manual_recovery_and_illegal_transitions() {
     );
     let err = h.control(999, Action::Cancel).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+
+    // Bad requests are refused with the reason, and accept nothing.
+    let garbage = UploadModuleRequest {
+        name: "garbage".into(),
+        tag: String::new(),
+        data: b"\0asm but not really".to_vec(),
+    };
+    let err = h
+        .client()
+        .upload_module(futures::stream::iter(vec![garbage]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("invalid module"),
+        "{}",
+        err.message()
+    );
+    let err = h
+        .client()
+        .submit_task(submit_req("garbage", "ok"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let mut bad = submit_req(&m, "ok");
+    bad.priority = 5000;
+    let err = h.client().submit_task(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("priority 5000"), "{}", err.message());
+    let tasks = h
+        .client()
+        .list_tasks(stoker_proto::meta::ListTasksRequest {
+            include_finished: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert_eq!(tasks.len(), 2, "only the two good tasks exist");
 }
