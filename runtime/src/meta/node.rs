@@ -1,18 +1,30 @@
-//! The Raft loop: one `RawNode` driven by a Ready loop on its own thread.
+//! The Raft loop: one `RawNode` driven by a Ready loop on its own thread,
+//! with persistence pipelined on a second thread, the log writer (raft-rs's
+//! asynchronous Ready: `advance_append_async`, `on_persist_ready`).
 //!
-//! Order of one Ready, as raft-rs requires: send messages; persist the
-//! snapshot, entries and hard state in one synced transaction; send the
-//! persisted messages; apply committed entries; advance; handle the
-//! LightReady (commit index, messages, committed entries); advance_apply.
+//! One Ready: send its messages (a leader's may leave before its own log
+//! write, Raft thesis 10.2.1); apply its committed entries (raft-rs hands out
+//! only entries this node has persisted); stage its entries and hard state
+//! in the storage, where Raft reads them at once; `advance_append_async`;
+//! queue the write for the log writer; hold its persisted messages
+//! (a follower's acknowledgements and votes). The log writer writes
+//! everything queued meanwhile in one synced transaction and reports the
+//! last Ready number written; the loop then calls `on_persist_ready` and
+//! sends the messages held up to it. So the loop keeps taking proposals,
+//! sending appends and applying while a sync is in flight, and one sync
+//! covers every Ready queued behind the previous one.
+//!
+//! A Ready with a snapshot is the exception: the loop waits until the writer
+//! has caught up, then installs the snapshot synchronously (`advance`).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
 };
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 use stoker_proto::meta::{
     membership_request::Kind as MemberKind, Command, CommandResult, ConfChangeContext, EntryBatch,
     Proposal, COMMAND_VERSION,
@@ -22,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::state_machine;
-use super::storage::{ApplyTxn, RedbStorage};
+use super::storage::{ApplyTxn, LogWrite, RedbStorage};
 use super::transport::Transport;
 use super::{LeaderState, MemberStatus, MetaConfig, MetaError, NodeStatus, RequestId};
 
@@ -87,6 +99,94 @@ pub(crate) struct Driver {
     last_compact: u64,
     /// Peer → consecutive rejects saying its log ends before what it acked.
     lost_log_strikes: HashMap<u64, u32>,
+    /// Number of the last Ready whose log write was queued for the writer.
+    submitted: u64,
+    /// Number of the last Ready known persisted (`on_persist_ready` done);
+    /// writes are in flight while it is below `submitted`.
+    persisted: u64,
+    /// Persisted messages waiting for the write of their Ready (its number).
+    held: VecDeque<(u64, Vec<Message>)>,
+}
+
+/// The log writer thread: writes staged [`LogWrite`]s in batches and
+/// reports the last Ready number written.
+struct LogWriter {
+    queue: Option<std::sync::mpsc::Sender<LogWrite>>,
+    written: watch::Receiver<u64>,
+    failed: Arc<Mutex<Option<MetaError>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogWriter {
+    fn start(id: u64, storage: RedbStorage) -> Result<Self, MetaError> {
+        let (queue, rx) = std::sync::mpsc::channel::<LogWrite>();
+        let (written_tx, written) = watch::channel(0u64);
+        let failed = Arc::new(Mutex::new(None));
+        let fail_slot = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-log-{id}"))
+            .spawn(move || {
+                // Everything queued while the previous batch was syncing
+                // goes into the next one.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    if let Err(e) = storage.write(&batch) {
+                        *fail_slot.lock().expect("writer error slot") = Some(e);
+                        written_tx.send_modify(|_| {});
+                        return;
+                    }
+                    let last = batch.last().map_or(0, |w| w.number);
+                    written_tx.send_replace(last);
+                }
+            })
+            .map_err(|e| MetaError::Config(format!("cannot spawn raft log writer: {e}")))?;
+        Ok(LogWriter {
+            queue: Some(queue),
+            written,
+            failed,
+            thread: Some(thread),
+        })
+    }
+
+    fn submit(&self, w: LogWrite) -> Result<(), MetaError> {
+        self.queue
+            .as_ref()
+            .and_then(|q| q.send(w).ok())
+            .ok_or_else(|| self.error())
+    }
+
+    /// The writer's failure (or that it stopped).
+    fn error(&self) -> MetaError {
+        self.failed
+            .lock()
+            .expect("writer error slot")
+            .take()
+            .unwrap_or(MetaError::Stopped)
+    }
+
+    /// The last Ready number written, or the writer's failure.
+    fn written(&mut self) -> Result<u64, MetaError> {
+        let failed = self.failed.lock().expect("writer error slot").take();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(*self.written.borrow_and_update())
+    }
+
+    /// Lets the writer finish what is queued and waits for it.
+    fn stop(&mut self) {
+        self.queue = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Rejects in a row after which a peer is taken to have lost its log.
@@ -124,11 +224,22 @@ impl Driver {
             next_id,
             last_compact,
             lost_log_strikes: HashMap::new(),
+            submitted: 0,
+            persisted: 0,
+            held: VecDeque::new(),
         }
     }
 
     /// Runs the loop until shutdown or a fatal storage error.
     pub(crate) async fn run(mut self) {
+        let mut writer = match LogWriter::start(self.id, self.storage.clone()) {
+            Ok(w) => w,
+            Err(e) => {
+                error!(node_id = self.id, error = %e, "raft loop not started");
+                self.fail_waiters(|| MetaError::Stopped);
+                return;
+            }
+        };
         let mut ticker = tokio::time::interval(self.config.tick());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let drain_limit = self.config.max_batch.max(256) * 4;
@@ -137,6 +248,14 @@ impl Driver {
                 _ = ticker.tick() => {
                     self.raw.tick();
                     self.reads.retain(|_, r| !r.is_closed());
+                    None
+                }
+                // A failed write shows in `drive`.
+                changed = writer.written.changed() => {
+                    if changed.is_err() {
+                        error!(node_id = self.id, "raft log writer stopped");
+                        break;
+                    }
                     None
                 }
                 msg = self.inbox.recv() => match msg {
@@ -157,7 +276,7 @@ impl Driver {
                 drained += 1;
             }
             self.flush_batch();
-            if let Err(e) = self.on_ready() {
+            if let Err(e) = self.drive(&mut writer).await {
                 error!(node_id = self.id, error = %e, "raft loop stopped on error");
                 break;
             }
@@ -165,8 +284,37 @@ impl Driver {
                 break;
             }
         }
+        writer.stop();
         self.fail_waiters(|| MetaError::Stopped);
         info!(node_id = self.id, "raft loop stopped");
+    }
+
+    /// Takes what the writer finished, then handles Readies until there are
+    /// none.
+    async fn drive(&mut self, writer: &mut LogWriter) -> Result<(), MetaError> {
+        self.on_written(writer)?;
+        while self.raw.has_ready() {
+            self.on_ready(writer).await?;
+            self.on_written(writer)?;
+        }
+        self.maybe_compact()
+    }
+
+    /// Tells raft what the writer has made durable and sends the messages
+    /// that waited for it.
+    fn on_written(&mut self, writer: &mut LogWriter) -> Result<(), MetaError> {
+        let written = writer.written()?;
+        if written <= self.persisted {
+            return Ok(());
+        }
+        self.persisted = written;
+        self.raw.on_persist_ready(written);
+        while self.held.front().is_some_and(|(n, _)| *n <= written) {
+            if let Some((_, msgs)) = self.held.pop_front() {
+                self.transport.send(msgs);
+            }
+        }
+        Ok(())
     }
 
     fn is_leader(&self) -> bool {
@@ -371,20 +519,49 @@ impl Driver {
         }
     }
 
-    fn on_ready(&mut self) -> Result<(), MetaError> {
-        if !self.raw.has_ready() {
-            return Ok(());
-        }
+    async fn on_ready(&mut self, writer: &mut LogWriter) -> Result<(), MetaError> {
         let mut ready = self.raw.ready();
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
-        let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
-        self.storage
-            .persist(snapshot.as_ref(), ready.entries(), ready.hs())?;
-        if let Some(snap) = &snapshot {
-            self.after_snapshot(snap.get_metadata().index)?;
+        if !ready.snapshot().is_empty() {
+            return self.on_snapshot_ready(ready, writer).await;
         }
+        self.on_ready_state(&mut ready);
+        // Committed entries handed out are persisted here already.
+        self.apply(ready.take_committed_entries())?;
+        let number = ready.number();
+        let write = LogWrite {
+            number,
+            entries: ready.take_entries(),
+            hard_state: ready.hs().cloned(),
+            sync: ready.must_sync(),
+        };
+        let msgs = ready.take_persisted_messages();
+        if write.is_empty() && self.submitted <= self.persisted {
+            // Nothing to write and nothing in flight to wait for.
+            self.raw.advance_append_async(ready);
+            self.raw.on_persist_ready(number);
+            self.persisted = number;
+            if !msgs.is_empty() {
+                self.transport.send(msgs);
+            }
+        } else {
+            // Raft reads staged entries from the storage from now on.
+            self.storage.stage(&write)?;
+            self.raw.advance_append_async(ready);
+            writer.submit(write)?;
+            self.submitted = number;
+            if !msgs.is_empty() {
+                self.held.push_back((number, msgs));
+            }
+        }
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    /// Soft state and read states of a Ready.
+    fn on_ready_state(&mut self, ready: &mut Ready) {
         if let Some(ss) = ready.ss() {
             self.on_soft_state(ss.leader_id, ss.raft_state);
         }
@@ -394,10 +571,36 @@ impl Driver {
                 let _ = reply.send(Ok(rs.index));
             }
         }
+    }
+
+    /// A Ready with a snapshot: once every earlier write is done, installs it
+    /// with the Ready's entries and hard state in one synced transaction,
+    /// then completes the Ready the synchronous way.
+    async fn on_snapshot_ready(
+        &mut self,
+        mut ready: Ready,
+        writer: &mut LogWriter,
+    ) -> Result<(), MetaError> {
+        // No `on_persist_ready` while this Ready is out: `advance` below
+        // covers every earlier Ready.
+        while writer.written()? < self.submitted {
+            if writer.written.changed().await.is_err() {
+                return Err(writer.error());
+            }
+        }
+        let snapshot = ready.snapshot().clone();
+        self.storage
+            .persist(Some(&snapshot), ready.entries(), ready.hs())?;
+        self.after_snapshot(snapshot.get_metadata().index)?;
+        for (_, msgs) in std::mem::take(&mut self.held) {
+            self.transport.send(msgs);
+        }
+        self.on_ready_state(&mut ready);
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
         self.apply(ready.take_committed_entries())?;
+        self.persisted = ready.number();
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             self.storage.set_commit(commit)?;
@@ -405,7 +608,7 @@ impl Driver {
         self.transport.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
-        self.maybe_compact()
+        Ok(())
     }
 
     fn on_soft_state(&mut self, leader_id: u64, role: StateRole) {

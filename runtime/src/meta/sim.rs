@@ -248,10 +248,14 @@ impl SimCluster {
         c
     }
 
+    /// The data file of node `id`.
+    pub(crate) fn data_path(&self, id: u64) -> std::path::PathBuf {
+        self.dir.path().join(format!("node-{id}.redb"))
+    }
+
     /// Starts (or restarts) node `id` on its data file.
     pub(crate) fn start_node(&mut self, id: u64, initial: &[(u64, String)]) -> MetaNode {
-        let storage = RedbStorage::open(&self.dir.path().join(format!("node-{id}.redb")))
-            .expect("open storage");
+        let storage = RedbStorage::open(&self.data_path(id)).expect("open storage");
         let transport = Arc::new(SimTransport {
             me: id,
             net: self.net.clone(),
@@ -279,7 +283,7 @@ impl SimCluster {
     /// Stops node `id` and deletes its data.
     pub(crate) fn wipe_node(&mut self, id: u64) {
         self.stop_node(id);
-        std::fs::remove_file(self.dir.path().join(format!("node-{id}.redb"))).expect("wipe");
+        std::fs::remove_file(self.data_path(id)).expect("wipe");
     }
 
     pub(crate) fn node(&self, id: u64) -> &MetaNode {

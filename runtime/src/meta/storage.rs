@@ -4,9 +4,17 @@
 //!
 //! The state machine tables *are* the snapshot: a snapshot is exported from
 //! them on demand at the applied index, and the log is compacted behind it.
+//!
+//! Log appends and hard state changes are *staged* first ([`RedbStorage::stage`]):
+//! kept in memory, where the `Storage` reads see them at once, until the
+//! log writer has written them in one synced transaction with everything
+//! else staged meanwhile ([`RedbStorage::write`]). Raft learns that they are
+//! durable only after that (`on_persist_ready`), so nothing that depends on
+//! them (acknowledgements, votes, commit, apply) happens before.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -54,7 +62,37 @@ struct Cached {
 struct Inner {
     db: Database,
     path: PathBuf,
+    /// The logical state: hard state and last index include what is staged.
     state: RwLock<Cached>,
+    /// Staged entries not yet written, each with the number of the
+    /// [`LogWrite`] that staged it: contiguous indexes ending at the last
+    /// index. Entries below the first staged one are read from the database.
+    staged: Mutex<VecDeque<(u64, Entry)>>,
+}
+
+/// One Ready's log update: staged in memory by the Raft loop, then written by
+/// the log writer, in order, batched with the updates staged meanwhile.
+#[derive(Debug, Clone, Default)]
+pub struct LogWrite {
+    /// The Ready's number; a written batch is reported up to its last one.
+    pub number: u64,
+    /// Entries to append (conflicting entries from the first index on are
+    /// replaced).
+    pub entries: Vec<Entry>,
+    /// The new hard state, if it changed.
+    pub hard_state: Option<HardState>,
+    /// Whether the write must be synced: entries, or a term or vote change.
+    /// A write that only moves the commit index is not (a lost commit index
+    /// is learnt again from the leader).
+    pub sync: bool,
+}
+
+impl LogWrite {
+    /// Whether there is nothing to write (the update only orders messages
+    /// behind earlier writes).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.hard_state.is_none()
+    }
 }
 
 /// Raft storage backed by one redb file. Cheap to clone; clones share the
@@ -100,6 +138,24 @@ fn encode_entry(e: &Entry) -> Result<Vec<u8>, MetaError> {
     Ok(out)
 }
 
+/// Checks that `entries` (not empty) continue or overwrite the log of `c`.
+fn check_append(entries: &[Entry], c: &Cached) -> Result<(), MetaError> {
+    let first = entries[0].index;
+    if first <= c.snap_index {
+        return Err(MetaError::Invalid(format!(
+            "append at {first} rewrites the compacted log (first index {})",
+            c.snap_index + 1
+        )));
+    }
+    if first > c.last_index + 1 {
+        return Err(MetaError::Invalid(format!(
+            "append at {first} leaves a hole after {}",
+            c.last_index
+        )));
+    }
+    Ok(())
+}
+
 impl RedbStorage {
     /// Opens (or creates) the metadata database at `path`.
     ///
@@ -129,6 +185,7 @@ impl RedbStorage {
                 db,
                 path: path.to_path_buf(),
                 state: RwLock::new(state),
+                staged: Mutex::new(VecDeque::new()),
             }),
         })
     }
@@ -279,78 +336,126 @@ impl RedbStorage {
     }
 
     /// Persists one Ready's snapshot, entries and hard state in a single
-    /// synced transaction (the `sync` of the Ready contract). When only the
-    /// commit index changed, the write is not synced (see the body).
+    /// synced transaction, at once (nothing may be staged). When only the
+    /// commit index changed, the write is not synced (see [`LogWrite::sync`]).
     ///
     /// # Errors
     /// [`MetaError::Invalid`] for entries that would leave a hole or rewrite
-    /// the compacted log; decode failures of the snapshot; storage failures.
+    /// the compacted log, or while writes are staged; decode failures of the
+    /// snapshot; storage failures.
     pub fn persist(
         &self,
         snapshot: Option<&Snapshot>,
         entries: &[Entry],
         hard_state: Option<&HardState>,
     ) -> Result<(), MetaError> {
+        if !self.staged().is_empty() {
+            return Err(MetaError::Invalid(
+                "persist while log writes are staged".into(),
+            ));
+        }
+        let Some(snap) = snapshot else {
+            let cur = self.cached().hard_state;
+            let write = LogWrite {
+                number: 0,
+                entries: entries.to_vec(),
+                hard_state: hard_state.cloned(),
+                sync: !entries.is_empty()
+                    || hard_state.is_some_and(|hs| hs.term != cur.term || hs.vote != cur.vote),
+            };
+            self.stage(&write)?;
+            return self.write(std::slice::from_ref(&write));
+        };
         let mut next = self.cached();
-        let mut txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
-        // A Ready that only moves the commit index needs no sync: a lost
-        // commit index is learnt again from the leader. Entries, snapshots,
-        // terms and votes are always synced.
-        let commit_only = snapshot.is_none()
-            && entries.is_empty()
-            && hard_state.is_some_and(|hs| {
-                hs.term == next.hard_state.term && hs.vote == next.hard_state.vote
-            });
-        if commit_only {
-            txn.set_durability(Durability::None)
-                .map_err(|e| self.err(redb::Error::from(e)))?;
-        }
-        if let Some(snap) = snapshot {
-            self.install_snapshot(&txn, snap, &mut next)?;
-        }
+        let txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        self.install_snapshot(&txn, snap, &mut next)?;
         if !entries.is_empty() {
-            self.append(&txn, entries, &mut next)?;
+            check_append(entries, &next)?;
+            self.append(&txn, entries)?;
+            next.last_index = entries[entries.len() - 1].index;
         }
         if let Some(hs) = hard_state {
             next.hard_state = hs.clone();
         }
-        if snapshot.is_some() || hard_state.is_some() {
-            self.write_hard_state(&txn, &next.hard_state)?;
-        }
+        self.write_hard_state(&txn, &next.hard_state)?;
         txn.commit().map_err(|e| self.err(e))?;
         self.set_cached(next);
         Ok(())
     }
 
-    fn append(
-        &self,
-        txn: &WriteTransaction,
-        entries: &[Entry],
-        next: &mut Cached,
-    ) -> Result<(), MetaError> {
-        let first = entries[0].index;
-        if first <= next.snap_index {
-            return Err(MetaError::Invalid(format!(
-                "append at {first} rewrites the compacted log (first index {})",
-                next.snap_index + 1
-            )));
+    fn staged(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Entry)>> {
+        self.inner.staged.lock().expect("staged lock")
+    }
+
+    /// Stages a log update: the `Storage` reads see it at once; it becomes
+    /// durable when [`Self::write`] has written it. Only the Raft loop
+    /// stages, in Ready order.
+    ///
+    /// # Errors
+    /// [`MetaError::Invalid`] for entries that would leave a hole or rewrite
+    /// the compacted log.
+    pub fn stage(&self, w: &LogWrite) -> Result<(), MetaError> {
+        let mut next = self.cached();
+        if !w.entries.is_empty() {
+            check_append(&w.entries, &next)?;
+            let first = w.entries[0].index;
+            let mut staged = self.staged();
+            while staged.back().is_some_and(|(_, e)| e.index >= first) {
+                staged.pop_back();
+            }
+            staged.extend(w.entries.iter().map(|e| (w.number, e.clone())));
+            next.last_index = w.entries[w.entries.len() - 1].index;
         }
-        if first > next.last_index + 1 {
-            return Err(MetaError::Invalid(format!(
-                "append at {first} leaves a hole after {}",
-                next.last_index
-            )));
+        if let Some(hs) = &w.hard_state {
+            next.hard_state = hs.clone();
         }
+        self.set_cached(next);
+        Ok(())
+    }
+
+    /// Writes staged updates, in order, in one transaction, synced if any of
+    /// them must be; then drops their entries from memory. Called by the log
+    /// writer (one at a time) with updates staged earlier.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn write(&self, batch: &[LogWrite]) -> Result<(), MetaError> {
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        if batch.iter().any(|w| !w.is_empty()) {
+            let mut txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+            if !batch.iter().any(|w| w.sync) {
+                txn.set_durability(Durability::None)
+                    .map_err(|e| self.err(redb::Error::from(e)))?;
+            }
+            for w in batch.iter().filter(|w| !w.entries.is_empty()) {
+                self.append(&txn, &w.entries)?;
+            }
+            if let Some(hs) = batch.iter().rev().find_map(|w| w.hard_state.as_ref()) {
+                self.write_hard_state(&txn, hs)?;
+            }
+            txn.commit().map_err(|e| self.err(e))?;
+        }
+        // Entries staged by later updates (numbers above the batch's) stay:
+        // they are not written yet, or replaced what was just written.
+        let mut staged = self.staged();
+        while staged.front().is_some_and(|(n, _)| *n <= last.number) {
+            staged.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Writes `entries` to the log table, replacing the log from their first
+    /// index on.
+    fn append(&self, txn: &WriteTransaction, entries: &[Entry]) -> Result<(), MetaError> {
         let mut log = txn.open_table(LOG).map_err(|e| self.err(e))?;
-        if first <= next.last_index {
-            log.retain_in(first.., |_, _| false)
-                .map_err(|e| self.err(e))?;
-        }
+        log.retain_in(entries[0].index.., |_, _| false)
+            .map_err(|e| self.err(e))?;
         for e in entries {
             log.insert(e.index, encode_entry(e)?.as_slice())
                 .map_err(|e| self.err(e))?;
         }
-        next.last_index = entries[entries.len() - 1].index;
         Ok(())
     }
 
@@ -507,42 +612,80 @@ impl RedbStorage {
         state_machine::members(&self.inner.path, &txn)
     }
 
+    /// Entries [low, high) with at most `max` bytes (at least one entry):
+    /// written ones from the database, then staged ones from memory.
     fn read_entries(&self, low: u64, high: u64, max: Option<u64>) -> Result<Vec<Entry>, MetaError> {
-        let txn = self.read()?;
-        let log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+        // Held throughout, so the writer cannot drop staged entries between
+        // the two reads (it drops them only once they are in the database).
+        let staged = self.staged();
+        let staged_first = staged.front().map_or(high, |(_, e)| e.index.min(high));
         let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut size = 0u64;
-        let mut limited = false;
-        let hole = || MetaError::Corrupt {
-            path: self.inner.path.clone(),
-            what: format!("log has a hole in [{low}, {high})"),
-        };
-        for row in log.range(low..high).map_err(|e| self.err(e))? {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            let bytes = v.value();
-            let entry = bytes
-                .get(8..)
-                .and_then(|b| Entry::parse_from_bytes(b).ok())
-                .filter(|e| e.index == k.value())
-                .ok_or_else(|| MetaError::Corrupt {
-                    path: self.inner.path.clone(),
-                    what: format!("bad log entry {}", k.value()),
-                })?;
-            if entry.index != low + out.len() as u64 {
-                return Err(hole());
-            }
-            size += (bytes.len() - 8) as u64;
+        let mut push = |out: &mut Vec<Entry>, entry: Entry, bytes: u64| {
+            size += bytes;
             // Always at least one entry, even if it alone exceeds the limit.
             if !out.is_empty() && max.is_some_and(|m| size > m) {
-                limited = true;
-                break;
+                return false;
             }
             out.push(entry);
+            true
+        };
+        if low < staged_first {
+            let hole = || MetaError::Corrupt {
+                path: self.inner.path.clone(),
+                what: format!("log has a hole in [{low}, {staged_first})"),
+            };
+            let txn = self.read()?;
+            let log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+            for row in log.range(low..staged_first).map_err(|e| self.err(e))? {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                let bytes = v.value();
+                let entry = bytes
+                    .get(8..)
+                    .and_then(|b| Entry::parse_from_bytes(b).ok())
+                    .filter(|e| e.index == k.value())
+                    .ok_or_else(|| MetaError::Corrupt {
+                        path: self.inner.path.clone(),
+                        what: format!("bad log entry {}", k.value()),
+                    })?;
+                if entry.index != low + out.len() as u64 {
+                    return Err(hole());
+                }
+                if !push(&mut out, entry, (bytes.len() - 8) as u64) {
+                    return Ok(out);
+                }
+            }
+            if out.len() as u64 != staged_first - low {
+                return Err(hole());
+            }
         }
-        if !limited && out.len() as u64 != high - low {
-            return Err(hole());
+        if let Some((_, front)) = staged.front() {
+            let from = low.max(front.index) - front.index;
+            for (_, e) in staged
+                .range(from as usize..)
+                .take_while(|(_, e)| e.index < high)
+            {
+                let bytes = u64::from(protobuf::Message::compute_size(e));
+                if !push(&mut out, e.clone(), bytes) {
+                    return Ok(out);
+                }
+            }
+        }
+        if out.len() as u64 != high - low {
+            return Err(MetaError::Corrupt {
+                path: self.inner.path.clone(),
+                what: format!("log has a hole in [{low}, {high})"),
+            });
         }
         Ok(out)
+    }
+
+    /// The term of the staged entry at `idx`, if it is staged.
+    fn staged_term(&self, idx: u64) -> Option<u64> {
+        let staged = self.staged();
+        let first = staged.front()?.1.index;
+        let i = usize::try_from(idx.checked_sub(first)?).ok()?;
+        staged.get(i).map(|(_, e)| e.term)
     }
 }
 
@@ -651,6 +794,9 @@ impl raft::Storage for RedbStorage {
         }
         if idx > c.last_index {
             return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if let Some(term) = self.staged_term(idx) {
+            return Ok(term);
         }
         let read = || -> Result<u64, MetaError> {
             let txn = self.read()?;

@@ -142,6 +142,111 @@ fn restart_recovers_log_hard_state_and_applied() {
     assert!(s.initialize(&[(1, "a".into())]).is_err());
 }
 
+fn staged(number: u64, entries: Vec<Entry>, commit: u64) -> LogWrite {
+    LogWrite {
+        number,
+        entries,
+        hard_state: Some(HardState {
+            term: 3,
+            vote: 1,
+            commit,
+            ..Default::default()
+        }),
+        sync: true,
+    }
+}
+
+fn terms(s: &RedbStorage, low: u64, high: u64) -> Vec<(u64, u64)> {
+    s.entries(low, high, None, ctx())
+        .unwrap()
+        .iter()
+        .map(|e| (e.index, e.term))
+        .collect()
+}
+
+#[test]
+fn staged_entries_are_read_at_once_and_durable_only_once_written() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(&dir);
+        s.persist(
+            None,
+            &(1..=3).map(|i| entry(i, 1)).collect::<Vec<_>>(),
+            None,
+        )
+        .unwrap();
+        let w1 = staged(1, (4..=6).map(|i| entry(i, 1)).collect(), 3);
+        s.stage(&w1).unwrap();
+        assert_eq!(s.last_index().unwrap(), 6);
+        assert_eq!(s.term(5).unwrap(), 1);
+        // Written and staged entries in one read, and a size limit across both.
+        assert_eq!(terms(&s, 2, 7), (2..=6).map(|i| (i, 1)).collect::<Vec<_>>());
+        let one = protobuf::Message::compute_size(&entry(1, 1)) as u64;
+        assert_eq!(s.entries(2, 7, Some(one * 3), ctx()).unwrap().len(), 3);
+        // A conflict inside the staged entries, then one reaching into the
+        // written log.
+        let w2 = staged(2, (5..=7).map(|i| entry(i, 2)).collect(), 4);
+        s.stage(&w2).unwrap();
+        assert_eq!(terms(&s, 4, 8), vec![(4, 1), (5, 2), (6, 2), (7, 2)]);
+        let w3 = staged(3, vec![entry(3, 3), entry(4, 3)], 2);
+        s.stage(&w3).unwrap();
+        assert_eq!(s.last_index().unwrap(), 4);
+        assert_eq!(terms(&s, 1, 5), vec![(1, 1), (2, 1), (3, 3), (4, 3)]);
+        assert_eq!(s.term(3).unwrap(), 3);
+        assert!(unavailable(s.term(5)));
+        assert!(unavailable(s.entries(4, 6, None, ctx())));
+        // Holes and compacted indexes are refused when staging too.
+        assert!(s.stage(&staged(4, vec![entry(9, 3)], 2)).is_err());
+        // Nothing staged reached the file: a crash now loses it all.
+    }
+    let s = open(&dir);
+    assert_eq!(s.last_index().unwrap(), 3);
+    assert_eq!(s.initial_state().unwrap().hard_state, HardState::default());
+    assert_eq!(terms(&s, 1, 4), vec![(1, 1), (2, 1), (3, 1)]);
+
+    let batch = [
+        staged(1, (4..=6).map(|i| entry(i, 1)).collect(), 3),
+        staged(2, (5..=7).map(|i| entry(i, 2)).collect(), 4),
+        staged(3, vec![entry(3, 3), entry(4, 3)], 2),
+    ];
+    for w in &batch {
+        s.stage(w).unwrap();
+    }
+    s.write(&batch).unwrap();
+    assert_eq!(terms(&s, 1, 5), vec![(1, 1), (2, 1), (3, 3), (4, 3)]);
+    drop(s);
+    let s = open(&dir);
+    assert_eq!(s.last_index().unwrap(), 4);
+    assert_eq!(terms(&s, 1, 5), vec![(1, 1), (2, 1), (3, 3), (4, 3)]);
+    let hs = s.initial_state().unwrap().hard_state;
+    assert_eq!((hs.term, hs.vote, hs.commit), (3, 1, 2));
+}
+
+#[test]
+fn a_written_batch_leaves_later_staged_entries_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let w1 = staged(1, (1..=3).map(|i| entry(i, 1)).collect(), 0);
+    let w2 = staged(2, vec![entry(2, 2)], 0);
+    let w3 = staged(3, vec![entry(3, 2), entry(4, 2)], 1);
+    for w in [&w1, &w2, &w3] {
+        s.stage(w).unwrap();
+    }
+    // The file now holds 1..=3 of term 1, but 2 and 3 were replaced since.
+    s.write(std::slice::from_ref(&w1)).unwrap();
+    assert_eq!(terms(&s, 1, 5), vec![(1, 1), (2, 2), (3, 2), (4, 2)]);
+    assert_eq!(s.term(3).unwrap(), 2);
+    // `persist` refuses to run while anything is staged.
+    assert!(s.persist(None, &[entry(5, 2)], None).is_err());
+    s.write(&[w2, w3]).unwrap();
+    drop(s);
+    let s = open(&dir);
+    assert_eq!(terms(&s, 1, 5), vec![(1, 1), (2, 2), (3, 2), (4, 2)]);
+    assert_eq!(s.initial_state().unwrap().hard_state.commit, 1);
+    s.persist(None, &[entry(5, 2)], None).unwrap();
+    assert_eq!(s.last_index().unwrap(), 5);
+}
+
 #[test]
 fn snapshot_moves_state_between_stores() {
     let dir = tempfile::tempdir().unwrap();
