@@ -134,6 +134,13 @@ impl Harness {
             if done(&r) {
                 return r;
             }
+            // A finished task will not change any more: say so now rather
+            // than after the whole wait.
+            assert!(
+                !finished(&state(&r)),
+                "task {id} finished before it got there: {:?}",
+                r.task
+            );
             assert!(
                 Instant::now() < deadline,
                 "task {id} did not get there: {:?}",
@@ -248,7 +255,7 @@ async fn a_worker_killed_mid_step_loses_nothing_and_commits_each_output_once() {
     let _one = CLUSTERS.lock().await;
     let mut h = Harness::start(3, &["--no-worker"], &[&["--slots", "2"], &["--slots", "2"]]).await;
     let m = h.upload("misbehave").await;
-    let (n, millions) = (12, 60);
+    let (n, millions) = (12, 200);
     let id = h.submit(submit_req(&m, spins(n, millions))).await;
     h.wait_for(id, |r| {
         r.subtasks
@@ -276,7 +283,7 @@ async fn the_owner_killed_mid_task_is_replaced_and_the_task_succeeds() {
     let _one = CLUSTERS.lock().await;
     let mut h = Harness::start(3, &["--no-worker"], &[&["--slots", "2"], &["--slots", "2"]]).await;
     let m = h.upload("misbehave").await;
-    let (n, millions) = (12, 60);
+    let (n, millions) = (12, 200);
     let id = h.submit(submit_req(&m, spins(n, millions))).await;
     h.wait_for(id, |r| r.subtasks.iter().any(|s| s.state == "succeed"))
         .await;
@@ -297,7 +304,7 @@ async fn pause_stops_every_subtask_and_resume_finishes_the_task() {
     let _one = CLUSTERS.lock().await;
     let h = Harness::start(1, &[], &[&["--slots", "2"]]).await;
     let m = h.upload("misbehave").await;
-    let (n, millions) = (10, 60);
+    let (n, millions) = (10, 200);
     let id = h.submit(submit_req(&m, spins(n, millions))).await;
     h.wait_for(id, |r| running_count(r) > 0).await;
     let now = h.control(id, Action::Pause).await.unwrap();
@@ -333,7 +340,7 @@ async fn cancel_reverts_the_task_and_runs_its_revert_hook() {
     let _one = CLUSTERS.lock().await;
     let h = Harness::start(1, &[], &[&["--slots", "2"]]).await;
     let m = h.upload("misbehave").await;
-    let id = h.submit(submit_req(&m, spins(10, 60))).await;
+    let id = h.submit(submit_req(&m, spins(10, 200))).await;
     h.wait_for(id, |r| running_count(r) > 0).await;
     h.control(id, Action::Cancel).await.unwrap();
     let r = h.wait(id).await;
@@ -395,7 +402,9 @@ async fn a_higher_priority_task_preempts_a_lower_ones_slots_and_both_finish() {
     let _one = CLUSTERS.lock().await;
     let h = Harness::start(1, &["--no-worker"], &[&["--slots", "2"]]).await;
     let m = h.upload("misbehave").await;
-    let mut low = submit_req(&m, spins(12, 60));
+    // Each low subtask spins long enough (~0.4 s) that the task is surely
+    // still running two at once when the poll looks, even on a busy machine.
+    let mut low = submit_req(&m, spins(12, 400));
     low.priority = 900;
     let low = h.submit(low).await;
     h.wait_for(low, |r| running_count(r) == 2).await;
@@ -415,7 +424,7 @@ async fn a_higher_priority_task_preempts_a_lower_ones_slots_and_both_finish() {
         l.subtasks
     );
     let l = h.wait(low).await;
-    assert_each_output_once(&l, 12, 60);
+    assert_each_output_once(&l, 12, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
