@@ -6,6 +6,8 @@
 //!   and hand-written guests in other languages share one definition.
 //! - [`meta`] (feature `grpc`): the replicated metadata commands, snapshot
 //!   format, Raft transport and metadata client services (tonic).
+//! - [`api`] (feature `grpc`): the public `Stoker` service (`stoker.proto`):
+//!   modules, tasks, nodes, worker heartbeats and assignments.
 
 /// The guest ABI, version 1 (see `docs/guest-abi.md`).
 pub mod guest {
@@ -26,6 +28,12 @@ pub mod meta {
     pub const COMMAND_VERSION: u32 = 1;
     /// The version of [`SnapshotData`] this build writes and understands.
     pub const SNAPSHOT_VERSION: u32 = 1;
+}
+
+/// The public API that clients, workers and the CLI use (`stoker.proto`).
+#[cfg(feature = "grpc")]
+pub mod api {
+    include!(concat!(env!("OUT_DIR"), "/api/stoker.v1.rs"));
 }
 
 pub use prost::Message;

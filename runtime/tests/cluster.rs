@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use stoker::api::local_cluster::LocalCluster;
 use stoker::api::meta::connect_stoker;
-use stoker_proto::meta::stoker_client::StokerClient;
-use stoker_proto::meta::{
+use stoker_proto::api::stoker_client::StokerClient;
+use stoker_proto::api::{
     control_task_request::Action, ControlTaskRequest, GetTaskRequest, GetTaskResponse,
-    ListNodesRequest, ModifyTaskRequest, SubmitTaskRequest, TaskModification, UploadModuleRequest,
+    ListNodesRequest, ModifyTaskRequest, SubmitTaskRequest, UploadModuleRequest,
 };
+use stoker_proto::meta::TaskModification;
 use tonic::transport::Channel;
 
 static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -571,7 +572,7 @@ async fn plan_traps_manual_recovery_and_illegal_transitions() {
     assert!(err.message().contains("priority 5000"), "{}", err.message());
     let tasks = h
         .client()
-        .list_tasks(stoker_proto::meta::ListTasksRequest {
+        .list_tasks(stoker_proto::api::ListTasksRequest {
             include_finished: true,
             ..Default::default()
         })

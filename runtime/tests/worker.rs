@@ -12,8 +12,8 @@ use stoker::api::meta::connect_stoker;
 use stoker::api::server::{self, RunningServer, ServerConfig};
 use stoker::exec::worker::WorkerConfig;
 use stoker::meta::MetaConfig;
-use stoker_proto::meta::stoker_client::StokerClient;
-use stoker_proto::meta::{
+use stoker_proto::api::stoker_client::StokerClient;
+use stoker_proto::api::{
     control_task_request::Action, ControlTaskRequest, GetTaskRequest, GetTaskResponse,
     ListNodesRequest, SubmitTaskRequest, UploadModuleRequest,
 };

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use stoker_proto::meta::{ListNodesRequest, StatusRequest};
+use stoker_proto::api::ListNodesRequest;
+use stoker_proto::meta::StatusRequest;
 
 use super::meta::{connect_lazy, connect_stoker};
 

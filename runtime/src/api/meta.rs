@@ -7,10 +7,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use stoker_proto::api::stoker_client::StokerClient;
 use stoker_proto::meta::membership_request::Kind as MemberKind;
 use stoker_proto::meta::meta_client::MetaClient;
 use stoker_proto::meta::meta_server::Meta;
-use stoker_proto::meta::stoker_client::StokerClient;
 use stoker_proto::meta::{
     Command, CommandResult, Member, MembershipRequest, MembershipResponse, ProposeRequest,
     ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,

@@ -22,7 +22,7 @@ use crate::meta::{MetaConfig, MetaError, MetaNode, RedbStorage};
 use crate::resource::{Governor, GovernorConfig, ManagerConfig, ResourceManager};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::sched::owner::{self, OwnerConfig};
-use stoker_proto::meta::stoker_server::StokerServer;
+use stoker_proto::api::stoker_server::StokerServer;
 
 /// Name of the metadata database inside the data directory.
 pub const META_DB_FILE: &str = "meta.redb";

@@ -7,16 +7,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use stoker_proto::api::stoker_server::Stoker;
+use stoker_proto::api::{
+    control_task_request, ControlTaskRequest, ControlTaskResponse, GetModuleRequest,
+    GetModuleResponse, GetTaskRequest, GetTaskResponse, HeartbeatRequest, HeartbeatResponse,
+    ListModulesRequest, ListModulesResponse, ListNodesRequest, ListNodesResponse, ListTasksRequest,
+    ListTasksResponse, ModifyTaskRequest, ModifyTaskResponse, StateCount, StepInfo,
+    SubmitTaskRequest, SubmitTaskResponse, UploadModuleRequest, UploadModuleResponse,
+};
 use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::command_result::Kind as R;
-use stoker_proto::meta::stoker_server::Stoker;
 use stoker_proto::meta::{
-    change_subtasks, control_task_request, ChangeSubtasks, Command, CommandResult, CommitModule,
-    ControlTaskRequest, ControlTaskResponse, GetModuleRequest, GetModuleResponse, GetTaskRequest,
-    GetTaskResponse, HeartbeatRequest, HeartbeatResponse, ListModulesRequest, ListModulesResponse,
-    ListNodesRequest, ListNodesResponse, ListTasksRequest, ListTasksResponse, ModifyTask,
-    ModifyTaskRequest, ModifyTaskResponse, PutModuleChunk, SetTaskState, StateCount, StepInfo,
-    SubmitTask, SubmitTaskRequest, SubmitTaskResponse, UploadModuleRequest, UploadModuleResponse,
+    change_subtasks, ChangeSubtasks, Command, CommandResult, CommitModule, ModifyTask,
+    PutModuleChunk, SetTaskState, SubmitTask,
 };
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -417,8 +420,8 @@ impl Stoker for StokerService {
 
     async fn assignments(
         &self,
-        request: Request<stoker_proto::meta::AssignmentsRequest>,
-    ) -> Result<Response<stoker_proto::meta::AssignmentsResponse>, Status> {
+        request: Request<stoker_proto::api::AssignmentsRequest>,
+    ) -> Result<Response<stoker_proto::api::AssignmentsResponse>, Status> {
         workers::assignments(&self.node, request.into_inner())
             .await
             .map(Response::new)

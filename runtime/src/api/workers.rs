@@ -10,10 +10,12 @@
 
 use std::time::Duration;
 
+use stoker_proto::api::{
+    Assignment, AssignmentsRequest, AssignmentsResponse, HeartbeatRequest, HeartbeatResponse,
+};
 use stoker_proto::meta::command::Kind;
 use stoker_proto::meta::{
-    Assignment, AssignmentsRequest, AssignmentsResponse, Command, HeartbeatRequest,
-    HeartbeatResponse, NodeHeartbeat, NodeRecord, RegisterNode, SubtaskRecord, TaskRecord,
+    Command, NodeHeartbeat, NodeRecord, RegisterNode, SubtaskRecord, TaskRecord,
 };
 use tokio::time::Instant;
 use tonic::Status;

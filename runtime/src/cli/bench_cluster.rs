@@ -21,11 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use stoker::api::local_cluster::LocalCluster;
 use stoker::api::meta::{connect_lazy, connect_stoker};
-use stoker_proto::meta::stoker_client::StokerClient;
-use stoker_proto::meta::{
-    GetTaskRequest, GetTaskResponse, StatusRequest, SubmitTaskRequest, TaskRecord,
-    UploadModuleRequest,
-};
+use stoker_proto::api::stoker_client::StokerClient;
+use stoker_proto::api::{GetTaskRequest, GetTaskResponse, SubmitTaskRequest, UploadModuleRequest};
+use stoker_proto::meta::{StatusRequest, TaskRecord};
 use tonic::transport::Channel;
 
 use super::Output;

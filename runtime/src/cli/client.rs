@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 use stoker::api::meta::{channel, MAX_API_MESSAGE};
 use stoker::model::SubtaskState;
-use stoker_proto::meta::stoker_client::StokerClient;
-use stoker_proto::meta::{GetTaskResponse, ModuleRecord, StepInfo, TaskRecord};
+use stoker_proto::api::stoker_client::StokerClient;
+use stoker_proto::api::{GetTaskResponse, StepInfo};
+use stoker_proto::meta::{ModuleRecord, TaskRecord};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -438,7 +439,7 @@ pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stoker_proto::meta::StateCount;
+    use stoker_proto::api::StateCount;
 
     fn sc(state: &str, count: u32) -> StateCount {
         StateCount {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use stoker::meta::records::MAX_MODULE_BYTES;
-use stoker_proto::meta::{ListModulesRequest, UploadModuleRequest};
+use stoker_proto::api::{ListModulesRequest, UploadModuleRequest};
 
 use super::client::{self, Conn};
 use super::Output;

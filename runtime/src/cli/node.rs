@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use serde_json::{json, Value};
-use stoker_proto::meta::{ListNodesRequest, ListNodesResponse, NodeRecord};
+use stoker_proto::api::{ListNodesRequest, ListNodesResponse};
+use stoker_proto::meta::NodeRecord;
 
 use super::client::{self, Conn};
 use super::Output;

@@ -9,11 +9,12 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use stoker::model::{parse_labels, TaskState, PRIORITY_RANGE};
-use stoker_proto::meta::control_task_request::Action;
-use stoker_proto::meta::{
+use stoker_proto::api::control_task_request::Action;
+use stoker_proto::api::{
     ControlTaskRequest, GetTaskRequest, GetTaskResponse, ListTasksRequest, ModifyTaskRequest,
-    SubmitTaskRequest, TaskModification,
+    SubmitTaskRequest,
 };
+use stoker_proto::meta::TaskModification;
 
 use super::client::{self, Client, Conn};
 use super::Output;
@@ -866,7 +867,8 @@ mod tests {
 
     #[test]
     fn show_text_summarises_the_task() {
-        use stoker_proto::meta::{StateCount, StepInfo, TaskRecord};
+        use stoker_proto::api::{StateCount, StepInfo};
+        use stoker_proto::meta::TaskRecord;
         let resp = GetTaskResponse {
             task: Some(TaskRecord {
                 id: 9,

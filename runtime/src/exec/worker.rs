@@ -28,13 +28,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use stoker_proto::api::stoker_client::StokerClient;
+use stoker_proto::api::{Assignment, AssignmentsRequest, GetModuleRequest, HeartbeatRequest};
 use stoker_proto::guest::RunRequest;
 use stoker_proto::meta::command::Kind;
 use stoker_proto::meta::meta_client::MetaClient;
-use stoker_proto::meta::stoker_client::StokerClient;
 use stoker_proto::meta::{
-    Assignment, AssignmentsRequest, ClaimSubtask, Command, CommandResult, GetModuleRequest,
-    HeartbeatRequest, ProposeRequest, RegisterNode, ReportSubtask, SubtaskRecord, SubtaskRef,
+    ClaimSubtask, Command, CommandResult, ProposeRequest, RegisterNode, ReportSubtask,
+    SubtaskRecord, SubtaskRef,
 };
 use tokio::sync::{watch, OnceCell};
 use tokio::task::{AbortHandle, JoinHandle};
