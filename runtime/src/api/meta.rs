@@ -16,7 +16,7 @@ use stoker_proto::meta::{
     ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
     TransferLeaderRequest, TransferLeaderResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::meta::{
@@ -74,17 +74,12 @@ pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<MetaClient<Channel>
 }
 
 /// A lazily connected channel to `addr` (host:port), each call bounded by
-/// `timeout`.
+/// `timeout`; over TLS when the process installed a client TLS setting.
 ///
 /// # Errors
 /// [`MetaError::Invalid`] for a malformed address.
 pub fn channel(addr: &str, timeout: Duration) -> Result<Channel, MetaError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| MetaError::Invalid(format!("bad address {addr}: {e}")))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(timeout)
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_lazy())
+    Ok(super::tls::endpoint(addr)?.timeout(timeout).connect_lazy())
 }
 
 /// A lazily connected client of the public `Stoker` API at `addr`. Module

@@ -9,6 +9,8 @@
 //!   tests).
 //! - [`server`]: [`server::ServerConfig`] and starting a node's metadata
 //!   layer with its gRPC server.
+//! - [`tls`]: the `[tls]` config table; TLS on the server and on every
+//!   outgoing channel.
 //! - [`workers`]: the server side of the worker RPCs (heartbeat, the
 //!   assignment long poll).
 
@@ -17,4 +19,5 @@ pub mod meta;
 pub mod raft;
 pub mod server;
 pub mod service;
+pub mod tls;
 pub mod workers;

@@ -12,7 +12,7 @@ use stoker_proto::meta::raft_transport_client::RaftTransportClient;
 use stoker_proto::meta::raft_transport_server::RaftTransport;
 use stoker_proto::meta::{RaftAck, RaftBatch, SnapshotChunk};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -168,11 +168,8 @@ impl Transport for GrpcTransport {
         let Some(reporter) = self.reporter.get().cloned() else {
             return;
         };
-        let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(self.config.send_timeout())
-                .tcp_nodelay(true),
+        let endpoint = match super::tls::endpoint(addr) {
+            Ok(e) => e.timeout(self.config.send_timeout()),
             Err(e) => {
                 warn!(peer = id, addr, error = %e, "bad peer address");
                 return;

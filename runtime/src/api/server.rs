@@ -16,6 +16,7 @@ use tracing::{error, info};
 use super::meta::{GrpcForwarder, MetaService, MAX_API_MESSAGE};
 use super::raft::{GrpcTransport, RaftService, TransportConfig};
 use super::service::StokerService;
+use super::tls::TlsConfig;
 use crate::blob::BlobStore;
 use crate::exec::worker::{self, WorkerConfig, WorkerHandle};
 use crate::meta::{MetaConfig, MetaError, MetaNode, RedbStorage};
@@ -68,6 +69,10 @@ pub struct ServerConfig {
     /// node CPU in a band). Without it the governor lets every slot run
     /// at full speed.
     pub resource: Option<ManagerConfig>,
+    /// TLS for the node's port and its outgoing connections (a `[tls]`
+    /// table with `cert`, `key`, `ca` and optionally `client_auth`).
+    /// Default off.
+    pub tls: TlsConfig,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +91,7 @@ impl Default for ServerConfig {
             owner: OwnerConfig::default(),
             worker: WorkerConfig::default(),
             resource: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -128,6 +134,7 @@ impl ServerConfig {
         self.owner.validate().map_err(MetaError::Config)?;
         self.worker.validate().map_err(MetaError::Config)?;
         self.sandbox.validate().map_err(MetaError::Config)?;
+        self.tls.validate()?;
         if let Some(r) = &self.resource {
             r.validate()
                 .map_err(|e| MetaError::Config(format!("resource: {e}")))?;
@@ -285,6 +292,9 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         what: format!("create data directory {}", cfg.data_dir.display()),
         source,
     })?;
+    if let Some(tls) = cfg.tls.client()? {
+        super::tls::install_client(tls)?;
+    }
     let (sandbox, blobs) = node_parts(cfg)?;
     let (governor, resource) = governor(cfg, &sandbox).await?;
     if !cfg.scheduler {
@@ -356,8 +366,14 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let id = cfg.id;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = cfg.tls.server()? {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| MetaError::Config(format!("tls: {e}")))?;
+    }
     let task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
+        let served = builder
             .add_service(raft_svc)
             .add_service(meta_svc)
             .add_service(stoker_svc)

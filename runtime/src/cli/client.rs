@@ -37,6 +37,7 @@ pub(super) struct Conn {
 impl Conn {
     /// A lazily connected client: nothing is dialled until the first call.
     pub(super) fn connect(&self) -> anyhow::Result<Client> {
+        self.endpoint.install_tls()?;
         Client::new(
             &self.endpoint.endpoint,
             Duration::from_secs(self.endpoint.timeout_secs),

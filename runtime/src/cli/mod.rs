@@ -13,6 +13,7 @@ mod run_local;
 mod server;
 mod task;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -95,10 +96,36 @@ struct Endpoint {
     /// Request timeout in seconds.
     #[arg(long, default_value_t = 15)]
     timeout_secs: u64,
+    /// PEM certificate of the cluster's certificate authority: talk TLS to
+    /// the endpoint and trust the certificates it signed.
+    #[arg(long, env = "STOKER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for clusters that demand one
+    /// (`client_auth`); needs --client-key.
+    #[arg(long, env = "STOKER_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "STOKER_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 impl Endpoint {
+    /// Turns TLS on for this process's connections when --ca-cert is given.
+    fn install_tls(&self) -> anyhow::Result<()> {
+        let Some(ca) = &self.ca_cert else {
+            return Ok(());
+        };
+        let tls = stoker::api::tls::client_config(
+            Some(ca),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+        )?;
+        stoker::api::tls::install_client(tls)?;
+        Ok(())
+    }
+
     fn client(&self) -> anyhow::Result<MetaClient<Channel>> {
+        self.install_tls()?;
         stoker::api::meta::connect_lazy(&self.endpoint, Duration::from_secs(self.timeout_secs))
             .with_context(|| format!("cannot use endpoint {}", self.endpoint))
     }
