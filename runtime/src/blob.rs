@@ -55,7 +55,8 @@ impl BlobStore {
             path: dir.display().to_string(),
             source,
         })?;
-        let store = LocalFileSystem::new_with_prefix(dir)?;
+        // Deleting a task's blobs also removes the directories they leave.
+        let store = LocalFileSystem::new_with_prefix(dir)?.with_automatic_cleanup(true);
         Ok(BlobStore {
             store: Arc::new(store),
         })

@@ -39,10 +39,20 @@ impl Harness {
     /// `schedulers` scheduler nodes (`sched_args` each) and worker-only
     /// nodes with the given arguments (ids after the schedulers').
     async fn start(schedulers: u64, sched_args: &[&str], workers: &[&[&str]]) -> Harness {
+        Self::start_with(CONFIG, schedulers, sched_args, workers).await
+    }
+
+    /// [`Harness::start`] with every node reading the TOML `config`.
+    async fn start_with(
+        config: &str,
+        schedulers: u64,
+        sched_args: &[&str],
+        workers: &[&[&str]],
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let args: Vec<String> = sched_args.iter().map(|s| s.to_string()).collect();
         let mut cluster =
-            LocalCluster::start_with_args(exe(), schedulers, dir.path(), Some(CONFIG), &|_| {
+            LocalCluster::start_with_args(exe(), schedulers, dir.path(), Some(config), &|_| {
                 args.clone()
             })
             .unwrap();
@@ -357,6 +367,17 @@ async fn cancel_reverts_the_task_and_runs_its_revert_hook() {
         .blob_dir()
         .join(format!("tenants/default/reverted/{id}"));
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "cancelled");
+    let intermediate = h
+        .cluster
+        .blob_dir()
+        .join(format!("tenants/default/tasks/{id}"));
+    let left: Vec<_> = std::fs::read_dir(&intermediate)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "reverting deletes the task's blobs: {left:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,4 +602,49 @@ async fn plan_traps_manual_recovery_and_illegal_transitions() {
         .into_inner()
         .tasks;
     assert_eq!(tasks.len(), 2, "only the two good tasks exist");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_and_their_blobs_are_collected_after_the_history_ttl() {
+    let _one = CLUSTERS.lock().await;
+    let config = "[owner]\nnode_timeout_ms = 1500\ntick_ms = 100\nhistory_ttl_secs = 2\n\
+                  gc_interval_secs = 1\n\n[worker]\nheartbeat_interval_ms = 300\n";
+    let h = Harness::start_with(config, 1, &[], &[]).await;
+    let m = h.upload("misbehave").await;
+    let id = h.submit(submit_req(&m, "ok\nok\n")).await;
+    let r = h.wait(id).await;
+    assert_eq!(state(&r), "succeed");
+    // Data the task left in its blob space (as a guest may) stays while
+    // the task is in history.
+    let blob_dir = h
+        .cluster
+        .blob_dir()
+        .join(format!("tenants/default/tasks/{id}"));
+    std::fs::create_dir_all(blob_dir.join("out")).unwrap();
+    std::fs::write(blob_dir.join("out/left-behind"), b"data").unwrap();
+    let finished_at = Instant::now();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let gone = h
+            .client()
+            .get_task(GetTaskRequest {
+                id,
+                with_subtasks: false,
+            })
+            .await
+            .is_err_and(|s| s.code() == tonic::Code::NotFound);
+        if gone {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task {id} was never collected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        finished_at.elapsed() >= Duration::from_secs(1),
+        "kept for its time in history"
+    );
+    let left: Vec<_> = std::fs::read_dir(&blob_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the task's blobs are deleted: {left:?}");
 }

@@ -15,9 +15,9 @@ use stoker_proto::Message;
 
 use super::error::storage_err;
 use super::records::{
-    by_node_key, chunk_key, id_of_rank_key, node_key, rank_of, subtask_range, task_key, task_state,
-    HISTORY_TABLE, MODULES_TABLE, MODULE_CHUNKS_TABLE, NODES_TABLE, SUBTASKS_BY_NODE_TABLE,
-    SUBTASKS_TABLE, TASKS_TABLE, TASK_INPUTS_TABLE, UNFINISHED_TABLE,
+    by_node_key, chunk_key, history_key, id_of_rank_key, node_key, rank_of, subtask_range,
+    task_key, task_state, HISTORY_TABLE, MODULES_TABLE, MODULE_CHUNKS_TABLE, NODES_TABLE,
+    SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, TASKS_TABLE, TASK_INPUTS_TABLE, UNFINISHED_TABLE,
 };
 use super::state_machine::SmTable;
 use super::MetaError;
@@ -108,6 +108,39 @@ pub fn task_input(path: &Path, txn: &ReadTransaction, id: TaskId) -> Result<Vec<
         .map_err(|e| storage_err(path, e))?
         .map(|v| v.value().to_vec())
         .unwrap_or_default())
+}
+
+/// The oldest `limit` finished tasks that finished before `before_ms`: the
+/// ones a `GcHistory { before_ms, limit }` command deletes, in its order.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn history_before(
+    path: &Path,
+    txn: &ReadTransaction,
+    before_ms: u64,
+    limit: usize,
+) -> Result<Vec<TaskRecord>, MetaError> {
+    let err = |e: redb::StorageError| storage_err(path, e);
+    let history = txn
+        .open_table(HISTORY_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    let end = history_key(before_ms, 0);
+    let mut out = Vec::new();
+    for row in history.range(..end.as_slice()).map_err(err)?.take(limit) {
+        let key = row.map_err(err)?.0;
+        let id = key
+            .value()
+            .get(8..16)
+            .and_then(|b| b.try_into().ok())
+            .map(TaskId::from_be_bytes)
+            .ok_or_else(|| corrupt(path, "bad history key"))?;
+        out.push(
+            task(path, txn, id)?
+                .ok_or_else(|| corrupt(path, format!("task {id} in history is missing")))?,
+        );
+    }
+    Ok(out)
 }
 
 /// Which tasks [`list_tasks`] returns.

@@ -298,16 +298,39 @@ impl Owner {
         self.place(&view, now).await;
         if now.saturating_sub(self.last_gc_ms) >= self.ctx.config.gc_interval_secs * 1000 {
             self.last_gc_ms = now;
-            let before = now.saturating_sub(self.ctx.config.history_ttl_secs * 1000);
-            propose(
-                &self.ctx.node,
-                C::GcHistory(GcHistory {
-                    before_ms: before,
-                    limit: 0,
-                }),
-            )
-            .await;
+            self.collect_history(now).await?;
         }
+        Ok(())
+    }
+
+    /// Deletes tasks that finished more than `history_ttl_secs` ago: first
+    /// their blobs (`tasks/<id>/` and a blob input), then their records.
+    /// A crash in between only repeats the blob deletion next time.
+    async fn collect_history(&self, now: u64) -> Result<(), MetaError> {
+        let before = now.saturating_sub(self.ctx.config.history_ttl_secs * 1000);
+        let old = self
+            .ctx
+            .node
+            .read_local(|p, t| queries::history_before(p, t, before, GC_BATCH))?
+            .0;
+        if old.is_empty() {
+            return Ok(());
+        }
+        for task in &old {
+            if let Err(e) = delete_task_blobs(&self.ctx.blobs, task).await {
+                // Keep the records so that the next collection tries again.
+                warn!(task_id = task.id, error = %e, "cannot delete the blobs of an old task");
+                return Ok(());
+            }
+        }
+        propose(
+            &self.ctx.node,
+            C::GcHistory(GcHistory {
+                before_ms: before,
+                limit: old.len() as u32,
+            }),
+        )
+        .await;
         Ok(())
     }
 
@@ -458,6 +481,26 @@ impl Owner {
 
 /// A subtask's state; every state was checked when the view was read
 /// (`step_subtasks` refuses an unknown one).
+/// Finished tasks deleted by one history collection at most.
+const GC_BATCH: usize = 1000;
+
+/// The blobs a task owns: everything under `tasks/<id>/` of its tenant, and
+/// its input when that was stored as a blob.
+async fn delete_task_blobs(blobs: &BlobStore, task: &TaskRecord) -> Result<(), String> {
+    let blobs = blobs.tenant(&task.tenant).map_err(|e| e.to_string())?;
+    blobs
+        .delete_prefix(&format!("tasks/{}", task.id))
+        .await
+        .map_err(|e| e.to_string())?;
+    if !task.input_blob.is_empty() {
+        blobs
+            .delete(&task.input_blob)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn parse_sub(s: &SubtaskRecord) -> SubtaskState {
     s.state.parse().unwrap_or(SubtaskState::Failed)
 }
@@ -909,7 +952,7 @@ async fn finish(
 /// Deletes the task's intermediate blobs (`tasks/<id>/…`).
 async fn delete_intermediate(ctx: &Ctx, task: &TaskRecord) {
     if let Ok(blobs) = ctx.blobs.tenant(&task.tenant) {
-        if let Err(e) = blobs.delete_prefix(&format!("tasks/{}/", task.id)).await {
+        if let Err(e) = blobs.delete_prefix(&format!("tasks/{}", task.id)).await {
             warn!(task_id = task.id, error = %e, "cannot delete intermediate blobs");
         }
     }
