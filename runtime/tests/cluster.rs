@@ -240,6 +240,19 @@ async fn three_schedulers_and_two_workers_run_wordcount_and_sort() {
     let nodes: std::collections::BTreeSet<u64> = r.subtasks.iter().map(|s| s.node).collect();
     assert!(nodes.iter().all(|n| *n == 4 || *n == 5), "{nodes:?}");
 
+    // An input over the 1 MiB inline limit is kept as a blob of the
+    // tenant, not replicated through the log.
+    let big = text.repeat(60);
+    assert!(big.len() > 1 << 20);
+    let id = h.submit(submit_req(&wc, big.clone())).await;
+    let r = h.wait(id).await;
+    let task = r.task.clone().unwrap();
+    assert_eq!(task.state, "succeed", "{task:?}");
+    assert_eq!(task.input_size, big.len() as u64);
+    assert!(task.input_blob.starts_with("inputs/"), "{task:?}");
+    let got: Vec<(String, u64)> = serde_json::from_slice(&task.result).unwrap();
+    assert_eq!(got, stoker_test_artifacts::wordcount_top20(&big));
+
     // sort: records in a blob, sorted output in a blob.
     let sort = h.upload("sort").await;
     let mut records: Vec<String> = (0..500)

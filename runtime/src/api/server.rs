@@ -359,10 +359,14 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         .max_decoding_message_size(usize::MAX);
     let meta_svc = MetaServer::new(MetaService::new(node.clone(), timeout));
     let heartbeat = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms);
-    let stoker_svc =
-        StokerServer::new(StokerService::new(node.clone(), sandbox.clone(), heartbeat))
-            .max_decoding_message_size(MAX_API_MESSAGE)
-            .max_encoding_message_size(MAX_API_MESSAGE);
+    let stoker_svc = StokerServer::new(StokerService::new(
+        node.clone(),
+        sandbox.clone(),
+        blobs.clone(),
+        heartbeat,
+    ))
+    .max_decoding_message_size(MAX_API_MESSAGE)
+    .max_encoding_message_size(MAX_API_MESSAGE);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let id = cfg.id;

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use stoker_proto::api::stoker_server::Stoker;
 use stoker_proto::api::{
@@ -25,8 +26,9 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::meta::to_status;
 use super::workers;
+use crate::blob::BlobStore;
 use crate::meta::queries::{self, TaskFilter};
-use crate::meta::records::{DEFAULT_TENANT, MAX_CHUNK_BYTES, MAX_MODULE_BYTES};
+use crate::meta::records::{DEFAULT_TENANT, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, MAX_MODULE_BYTES};
 use crate::meta::{now_ms, MetaError, MetaNode, RequestId};
 use crate::model::{SubtaskState, TaskState};
 use crate::sandbox::{Sandbox, ABI_VERSION};
@@ -61,16 +63,50 @@ pub struct StokerService {
     /// Validates uploaded modules (compiles them once, which also warms
     /// this node's cache for planning).
     sandbox: Arc<Sandbox>,
+    /// Where inputs too large to replicate inline are stored.
+    blobs: BlobStore,
     heartbeat_interval: Duration,
 }
 
 impl StokerService {
-    pub fn new(node: MetaNode, sandbox: Arc<Sandbox>, heartbeat_interval: Duration) -> Self {
+    pub fn new(
+        node: MetaNode,
+        sandbox: Arc<Sandbox>,
+        blobs: BlobStore,
+        heartbeat_interval: Duration,
+    ) -> Self {
         StokerService {
             node,
             sandbox,
+            blobs,
             heartbeat_interval,
         }
+    }
+
+    /// Keeps an input over the inline limit in the tenant's blob space
+    /// (`inputs/<request id>`, so a retried submit rewrites the same blob);
+    /// returns the inline input and the blob key, one of them empty.
+    async fn stage_input(
+        &self,
+        tenant: &str,
+        input: Vec<u8>,
+        rid: Option<RequestId>,
+    ) -> Result<(Vec<u8>, String), Status> {
+        if input.len() <= MAX_INLINE_BYTES {
+            return Ok((input, String::new()));
+        }
+        let id = rid.unwrap_or_else(RequestId::random);
+        let key = format!("inputs/{}", hex(&id.0));
+        let size = input.len();
+        self.blobs
+            .tenant(tenant)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .put(&key, Bytes::from(input))
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!("cannot store the {size}-byte input as a blob: {e}"))
+            })?;
+        Ok((Vec::new(), key))
     }
 
     async fn propose(&self, kind: C, request_id: Option<RequestId>) -> Result<Option<R>, Status> {
@@ -96,6 +132,10 @@ impl StokerService {
             .map(|t| t.state)
             .ok_or_else(|| Status::not_found(format!("task {id} not found")))
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn request_id(bytes: &[u8]) -> Result<Option<RequestId>, Status> {
@@ -238,12 +278,17 @@ impl Stoker for StokerService {
             .read(|p, t| queries::find_module(p, t, DEFAULT_TENANT, &req.module, &req.module_tag))
             .await?
             .ok_or_else(|| Status::not_found(format!("module {} not found", req.module)))?;
+        let size = req.input.len() as u64;
+        let (input, input_blob) = self.stage_input(DEFAULT_TENANT, req.input, rid).await?;
+        let staged = (!input_blob.is_empty()).then(|| input_blob.clone());
+        let input_blob_size = if input_blob.is_empty() { 0 } else { size };
         let cmd = C::SubmitTask(SubmitTask {
             tenant: String::new(),
             key: req.key,
             module_hash: module.hash,
-            input: req.input,
-            input_blob: String::new(),
+            input,
+            input_blob,
+            input_blob_size,
             priority: req.priority,
             create_time_ms: now_ms(),
             concurrency: req.concurrency.max(1),
@@ -255,7 +300,20 @@ impl Stoker for StokerService {
             max_attempts: req.max_attempts,
             manual_recovery: req.manual_recovery,
         });
-        match self.propose(cmd, rid).await? {
+        let submitted = self.propose(cmd, rid).await;
+        if let (Err(status), Some(key)) = (&submitted, staged) {
+            // Refused for good: nothing refers to the staged input. (A
+            // timeout may still commit, so its blob stays.)
+            if matches!(
+                status.code(),
+                Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+            ) {
+                if let Ok(blobs) = self.blobs.tenant(DEFAULT_TENANT) {
+                    let _ = blobs.delete(&key).await;
+                }
+            }
+        }
+        match submitted? {
             Some(R::SubmitTask(r)) => Ok(Response::new(SubmitTaskResponse { id: r.id })),
             other => Err(Status::internal(format!("unexpected result {other:?}"))),
         }

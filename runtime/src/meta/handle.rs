@@ -396,7 +396,7 @@ impl MetaNode {
     ) -> Result<CommandResult, MetaError> {
         self.call(
             |reply| Inbound::Propose {
-                cmd,
+                cmd: Box::new(cmd),
                 request_id,
                 reply,
             },

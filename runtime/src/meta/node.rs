@@ -43,7 +43,8 @@ type Reply<T> = oneshot::Sender<Result<T, MetaError>>;
 /// Requests into the Raft loop.
 pub(crate) enum Inbound {
     Propose {
-        cmd: Command,
+        // Boxed: commands are large and the inbox holds many requests.
+        cmd: Box<Command>,
         request_id: RequestId,
         reply: Reply<CommandResult>,
     },
@@ -334,7 +335,7 @@ impl Driver {
                 request_id,
                 reply,
             } => {
-                self.batch.push((cmd, request_id, reply));
+                self.batch.push((*cmd, request_id, reply));
                 if self.batch.len() >= self.config.max_batch {
                     self.flush_batch();
                 }

@@ -120,7 +120,11 @@ pub(crate) fn submit_task(txn: &WriteTransaction, c: &SubmitTask) -> Applied<Sub
         tenant,
         key: c.key.clone(),
         module_hash: c.module_hash.clone(),
-        input_size: c.input.len() as u64,
+        input_size: if c.input_blob.is_empty() {
+            c.input.len() as u64
+        } else {
+            c.input_blob_size
+        },
         input_blob: c.input_blob.clone(),
         priority: if c.priority == 0 {
             DEFAULT_PRIORITY
