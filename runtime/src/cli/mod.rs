@@ -22,9 +22,39 @@ use clap::{Parser, Subcommand, ValueEnum};
 use stoker_proto::meta::meta_client::MetaClient;
 use tonic::transport::Channel;
 
+/// Shown after the command list of `stoker --help`.
+const EXAMPLES: &str = "\
+Examples:
+  Try it on one machine (a scheduler, the owner and a worker in one process):
+    stoker dev --listen 127.0.0.1:7400 &
+    export STOKER_ENDPOINT=127.0.0.1:7400
+    stoker module upload wordcount.wasm --name wordcount
+    ID=$(stoker task submit --module wordcount --input book.txt)
+    stoker task wait $ID && stoker task show $ID -o json
+
+  A cluster of three schedulers and a worker:
+    stoker server --id 1 --listen 10.0.0.1:7400 --data-dir /var/lib/stoker \\
+        --peers 1=10.0.0.1:7400,2=10.0.0.2:7400,3=10.0.0.3:7400 --no-worker
+    stoker server --id 11 --listen 10.0.1.1:7400 --worker-only \\
+        --endpoints 10.0.0.1:7400,10.0.0.2:7400,10.0.0.3:7400 --slots 8 --labels zone=z1
+    stoker cluster status -o json
+    stoker node list
+
+  Control tasks:
+    stoker task list
+    stoker task pause|resume|cancel|resolve ID
+    stoker task modify ID --concurrency 4 --priority 10
+
+  Run one task locally, without a cluster:
+    stoker run-local --module primes.wasm --input primes.json --slots 2
+
+Every client command takes --endpoint (STOKER_ENDPOINT), --token
+(STOKER_TOKEN), --ca-cert (STOKER_CA_CERT) and -o json where it prints
+something. `stoker help COMMAND` shows a command's options and examples.";
+
 /// Stoker: distributed tasks whose logic is WebAssembly.
 #[derive(Debug, Parser)]
-#[command(name = "stoker", version, about, long_about = None)]
+#[command(name = "stoker", version, about, long_about = None, after_help = EXAMPLES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
