@@ -128,19 +128,21 @@ pub fn history_before(
     let end = history_key(before_ms, 0);
     let mut out = Vec::new();
     for row in history.range(..end.as_slice()).map_err(err)?.take(limit) {
-        let key = row.map_err(err)?.0;
-        let id = key
-            .value()
-            .get(8..16)
-            .and_then(|b| b.try_into().ok())
-            .map(TaskId::from_be_bytes)
-            .ok_or_else(|| corrupt(path, "bad history key"))?;
+        let id = history_id(path, row.map_err(err)?.0.value())?;
         out.push(
             task(path, txn, id)?
                 .ok_or_else(|| corrupt(path, format!("task {id} in history is missing")))?,
         );
     }
     Ok(out)
+}
+
+/// The task id of a history key (finish time, then id).
+fn history_id(path: &Path, key: &[u8]) -> Result<TaskId, MetaError> {
+    key.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(TaskId::from_be_bytes)
+        .ok_or_else(|| corrupt(path, "bad history key"))
 }
 
 /// Which tasks [`list_tasks`] returns.
@@ -178,13 +180,7 @@ pub fn list_tasks(
             .open_table(HISTORY_TABLE)
             .map_err(|e| storage_err(path, e))?;
         for row in history.iter().map_err(err)? {
-            let key = row.map_err(err)?.0;
-            let id = key
-                .value()
-                .get(8..16)
-                .and_then(|b| b.try_into().ok())
-                .map(TaskId::from_be_bytes)
-                .ok_or_else(|| corrupt(path, "bad history key"))?;
+            let id = history_id(path, row.map_err(err)?.0.value())?;
             ids.push(id);
         }
     }
