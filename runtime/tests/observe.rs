@@ -374,3 +374,61 @@ async fn a_per_subtask_fuel_limit_ends_a_runaway_guest() {
         Some(task.fuel_used as f64)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_only_node_serves_its_own_metrics_and_health() {
+    let _serial = CLUSTERS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = stoker::api::local_cluster::LocalCluster::start_with_config(
+        exe(),
+        1,
+        dir.path(),
+        Some(CONFIG),
+    )
+    .unwrap();
+    cluster.add_worker(2, &["--slots", "3"]).unwrap();
+    cluster
+        .wait_leader(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    cluster
+        .wait_workers(2, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let worker = cluster.addr(2).to_string();
+    let health = http_get(&worker, "/healthz", &[]);
+    assert_eq!(health.status, 200);
+    assert_eq!(http_get(&worker, "/readyz", &[]).status, 200);
+    let m = scrape(&worker);
+    assert_eq!(one(&m, "stoker_worker_slots", &[]), 3.0);
+    assert_eq!(one(&m, "stoker_governor_allowed_concurrency", &[]), 3.0);
+    assert!(
+        samples(&m, "stoker_raft_term", &[]).is_empty(),
+        "a worker has no Raft state"
+    );
+    // The dashboard's data lives on scheduler nodes; the worker says where.
+    let r = http_get(&worker, "/api/overview", &[]);
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains(cluster.addr(1)), "{}", r.body);
+    // The scheduler reports the worker's state from its heartbeats.
+    let sched = cluster.addr(1).to_string();
+    let m = eventually("the worker's load on the scheduler", async || {
+        let m = scrape(&sched);
+        (!samples(
+            &m,
+            "stoker_cluster_node_allowed_concurrency",
+            &[("node", "2")],
+        )
+        .is_empty())
+        .then_some(m)
+    })
+    .await;
+    assert_eq!(
+        one(
+            &m,
+            "stoker_cluster_node_allowed_concurrency",
+            &[("node", "2")]
+        ),
+        3.0
+    );
+}
