@@ -13,9 +13,15 @@
 //!   outgoing channel.
 //! - [`workers`]: the server side of the worker RPCs (heartbeat, the
 //!   assignment long poll).
+//! - [`http`]: HTTP beside gRPC: `/healthz`, `/readyz`, `/metrics`
+//!   ([`metrics`]) and the web dashboard ([`dashboard`]) with its JSON
+//!   endpoints and their one authorization function.
 
+pub mod dashboard;
+pub mod http;
 pub mod local_cluster;
 pub mod meta;
+pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod service;

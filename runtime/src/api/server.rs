@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
+use super::http::{self, HttpState};
 use super::meta::{GrpcForwarder, MetaService, MAX_API_MESSAGE};
 use super::raft::{GrpcTransport, RaftService, TransportConfig};
 use super::service::StokerService;
@@ -20,7 +21,7 @@ use super::tls::TlsConfig;
 use crate::blob::BlobStore;
 use crate::exec::worker::{self, WorkerConfig, WorkerHandle};
 use crate::meta::{MetaConfig, MetaError, MetaNode, RedbStorage};
-use crate::resource::{Governor, GovernorConfig, ManagerConfig, ResourceManager};
+use crate::resource::{Governor, GovernorConfig, ManagerConfig, ResourceControl};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::sched::owner::{self, OwnerConfig};
 use stoker_proto::api::stoker_server::StokerServer;
@@ -177,8 +178,6 @@ pub struct RunningServer {
     owner_stop: Option<tokio::sync::watch::Sender<bool>>,
     owner: Option<JoinHandle<()>>,
     worker: Option<WorkerHandle>,
-    /// Tunes the worker's governor while it lives (dropping it stops it).
-    _resource: Option<ResourceManager>,
 }
 
 impl RunningServer {
@@ -231,13 +230,14 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> MetaError {
 }
 
 /// The worker's fuel governor (every subtask takes its fuel quanta from
-/// it), and the resource manager tuning it when the config asks for one.
+/// it) with the resource manager tuning it when the node's config or,
+/// later, the cluster config asks for one.
 async fn governor(
     cfg: &ServerConfig,
-    sandbox: &Sandbox,
-) -> Result<(Option<Governor>, Option<ResourceManager>), MetaError> {
+    sandbox: &Arc<Sandbox>,
+) -> Result<Option<Arc<ResourceControl>>, MetaError> {
     if !cfg.worker.enabled {
-        return Ok((None, None));
+        return Ok(None);
     }
     let config_err = |e: crate::resource::ResourceError| MetaError::Config(e.to_string());
     let governor = Governor::new(GovernorConfig::for_sandbox(
@@ -245,15 +245,39 @@ async fn governor(
         cfg.worker.slots as usize,
     ))
     .map_err(config_err)?;
-    let manager = match &cfg.resource {
-        Some(r) => Some(
-            ResourceManager::for_sandbox(sandbox, governor.clone(), r.clone())
-                .await
-                .map_err(config_err)?,
-        ),
-        None => None,
-    };
-    Ok((Some(governor), manager))
+    let control = ResourceControl::start(governor, sandbox.clone(), cfg.resource.clone())
+        .await
+        .map_err(config_err)?;
+    Ok(Some(Arc::new(control)))
+}
+
+/// Serves `router` (HTTP/1.1 and h2c) on `listener` until `stop`.
+fn serve_http(
+    id: u64,
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    tls: &TlsConfig,
+    stop: oneshot::Receiver<()>,
+) -> Result<JoinHandle<()>, MetaError> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls.server()? {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| MetaError::Config(format!("tls: {e}")))?;
+    }
+    Ok(tokio::spawn(async move {
+        let served = builder
+            .accept_http1(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop.await;
+            })
+            .await;
+        if let Err(e) = served {
+            error!(node_id = id, error = %e, "server failed");
+        }
+    }))
 }
 
 /// The engine and blob store every role of a node shares.
@@ -296,7 +320,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         super::tls::install_client(tls)?;
     }
     let (sandbox, blobs) = node_parts(cfg)?;
-    let (governor, resource) = governor(cfg, &sandbox).await?;
+    let resource = governor(cfg, &sandbox).await?;
     if !cfg.scheduler {
         let addr: SocketAddr = cfg
             .listen
@@ -309,18 +333,39 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             cfg.worker.clone(),
             sandbox,
             blobs,
-            governor,
+            resource,
         );
-        info!(node_id = cfg.id, "worker-only node started");
+        // HTTP only (metrics, health, the dashboard page): a worker-only
+        // node serves no gRPC.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetaError::Io {
+                what: format!("listen on {addr} (the worker's HTTP: metrics, health)"),
+                source,
+            })?;
+        let state = HttpState::new(
+            cfg.id,
+            None,
+            Some(worker.view()),
+            cfg.worker.endpoints.clone(),
+        );
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = serve_http(
+            cfg.id,
+            listener,
+            http::router(state).into(),
+            &cfg.tls,
+            stop_rx,
+        )?;
+        info!(node_id = cfg.id, %addr, "worker-only node started");
         return Ok(RunningServer {
             node: None,
             addr,
-            stop: None,
-            task: None,
+            stop: Some(stop_tx),
+            task: Some(task),
             owner_stop: None,
             owner: None,
             worker: Some(worker),
-            _resource: resource,
         });
     }
     let storage = RedbStorage::open(&cfg.data_dir.join(META_DB_FILE))?;
@@ -367,28 +412,36 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
     ))
     .max_decoding_message_size(MAX_API_MESSAGE)
     .max_encoding_message_size(MAX_API_MESSAGE);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let id = cfg.id;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = cfg.tls.server()? {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| MetaError::Config(format!("tls: {e}")))?;
-    }
-    let task = tokio::spawn(async move {
-        let served = builder
-            .add_service(raft_svc)
-            .add_service(meta_svc)
-            .add_service(stoker_svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        if let Err(e) = served {
-            error!(node_id = id, error = %e, "grpc server failed");
+    // The worker starts before serving: the HTTP side reads its state. Its
+    // first heartbeats wait in the listen backlog until serving starts.
+    let worker = cfg.worker.enabled.then(|| {
+        let mut wcfg = cfg.worker.clone();
+        if wcfg.endpoints.is_empty() {
+            wcfg.endpoints = vec![addr.to_string()];
         }
+        worker::start(
+            id,
+            addr.to_string(),
+            true,
+            wcfg,
+            sandbox.clone(),
+            blobs.clone(),
+            resource,
+        )
     });
+    let state = HttpState::new(
+        id,
+        Some(node.clone()),
+        worker.as_ref().map(WorkerHandle::view),
+        Vec::new(),
+    );
+    let routes = tonic::service::Routes::from(http::router(state))
+        .add_service(raft_svc)
+        .add_service(meta_svc)
+        .add_service(stoker_svc);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = serve_http(id, listener, routes, &cfg.tls, stop_rx)?;
     info!(node_id = id, %addr, "serving");
     let (owner_stop, owner_stop_rx) = tokio::sync::watch::channel(false);
     let owner = tokio::spawn(owner::run(
@@ -398,13 +451,6 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         cfg.owner.clone(),
         owner_stop_rx,
     ));
-    let worker = cfg.worker.enabled.then(|| {
-        let mut wcfg = cfg.worker.clone();
-        if wcfg.endpoints.is_empty() {
-            wcfg.endpoints = vec![addr.to_string()];
-        }
-        worker::start(id, addr.to_string(), true, wcfg, sandbox, blobs, governor)
-    });
     Ok(RunningServer {
         node: Some(node),
         addr,
@@ -413,7 +459,6 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         owner_stop: Some(owner_stop),
         owner: Some(owner),
         worker,
-        _resource: resource,
     })
 }
 

@@ -21,7 +21,8 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::meta::to_status;
-use crate::meta::{now_ms, queries, records, MetaNode};
+use crate::meta::{now_ms, queries, records, stats, MetaNode};
+use crate::resource::settings::RESOURCE_CONFIG_PREFIX;
 
 /// Longest wait of one assignment long poll.
 pub const MAX_ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
@@ -76,9 +77,10 @@ pub async fn heartbeat(
         let beat = NodeHeartbeat {
             id: desc.id,
             time_ms: now_ms(),
+            load: req.load,
         };
         match propose(node, Kind::NodeHeartbeat(beat)).await? {
-            Ok(()) => return Ok(response(interval)),
+            Ok(()) => return response(node, interval),
             // Unknown after all (this node's view was ahead of the log?):
             // register below.
             Err(e) if e.ends_with("not found") => {}
@@ -98,13 +100,20 @@ pub async fn heartbeat(
     propose(node, Kind::RegisterNode(register))
         .await?
         .map_err(Status::invalid_argument)?;
-    Ok(response(interval))
+    response(node, interval)
 }
 
-fn response(interval: Duration) -> HeartbeatResponse {
-    HeartbeatResponse {
+/// The answer to a heartbeat: the period, and the cluster config's
+/// `resource.*` keys from this server's applied state (a worker applies
+/// them on its next beat at the latest).
+fn response(node: &MetaNode, interval: Duration) -> Result<HeartbeatResponse, Status> {
+    let (resource_config, _) = node
+        .read_local(|path, txn| stats::config_with_prefix(path, txn, RESOURCE_CONFIG_PREFIX))
+        .map_err(to_status)?;
+    Ok(HeartbeatResponse {
         interval_ms: interval.as_millis() as u64,
-    }
+        resource_config,
+    })
 }
 
 /// The assignment long poll: the node's pending and running subtasks from

@@ -316,7 +316,7 @@ pub(super) fn task_json(resp: &GetTaskResponse) -> Value {
         }
         steps.push(json!({ "step": s.step, "counts": counts }));
     }
-    json!({
+    let mut v = json!({
         "id": t.id,
         "state": t.state,
         "step": t.step,
@@ -333,7 +333,27 @@ pub(super) fn task_json(resp: &GetTaskResponse) -> Value {
         "finish_time_ms": (t.finish_time_ms != 0).then_some(t.finish_time_ms),
         "tenant": t.tenant,
         "key": t.key,
-    })
+    });
+    // `task show --subtasks`: every subtask with its node and fuel.
+    if !resp.subtasks.is_empty() {
+        v["subtask_list"] = resp
+            .subtasks
+            .iter()
+            .map(|s| {
+                json!({
+                    "step": s.step,
+                    "ordinal": s.ordinal,
+                    "state": s.state,
+                    "node": s.node,
+                    "attempt": s.attempt,
+                    "retries": s.retries,
+                    "fuel_used": s.fuel_used,
+                    "error": non_empty(&s.error),
+                })
+            })
+            .collect();
+    }
+    v
 }
 
 /// One task of `task list -o json` (no step counts, no result).

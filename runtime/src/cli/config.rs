@@ -1,16 +1,21 @@
-//! `stoker config set|get|list`: cluster-wide settings in the replicated state.
+//! `stoker config set|get|list|delete`: cluster-wide settings in the
+//! replicated state (e.g. `resource.scheduler`, see `docs/observability.md`).
 
 use std::process::ExitCode;
 
 use stoker_proto::meta::{
-    command_result, query, query_result, GetConfig, ListConfig, Query, QueryRequest,
+    command, command_result, query, query_result, Command, DeleteConfig, GetConfig, ListConfig,
+    ProposeRequest, Query, QueryRequest,
 };
 
 use super::Endpoint;
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum ConfigCommand {
-    /// Set KEY to VALUE (any node accepts it).
+    /// Set KEY to VALUE (any node accepts it). `resource.*` keys switch
+    /// every worker's tuning scheduler and CPU band at runtime.
+    ///
+    /// Example: stoker config set resource.scheduler fixed
     Set {
         key: String,
         value: String,
@@ -23,6 +28,14 @@ pub(super) enum ConfigCommand {
         /// Read the node's local state without a ReadIndex round.
         #[arg(long)]
         stale: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Remove KEY (a `resource.*` key: nodes go back to their own config).
+    ///
+    /// Example: stoker config delete resource.scheduler
+    Delete {
+        key: String,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -78,6 +91,33 @@ async fn run_inner(cmd: ConfigCommand) -> anyhow::Result<()> {
                     None => anyhow::bail!("config key {key:?} is not set"),
                 },
                 other => anyhow::bail!("unexpected answer {other:?}"),
+            }
+        }
+        ConfigCommand::Delete { key, endpoint } => {
+            let req = ProposeRequest {
+                command: Some(Command {
+                    kind: Some(command::Kind::DeleteConfig(DeleteConfig {
+                        key: key.clone(),
+                    })),
+                }),
+                forwarded: false,
+                request_id: Vec::new(),
+            };
+            let resp = endpoint
+                .client()?
+                .propose(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("config delete failed: {}", s.message()))?
+                .into_inner();
+            let result = resp.result.unwrap_or_default();
+            if !result.error.is_empty() {
+                anyhow::bail!("config delete rejected: {}", result.error);
+            }
+            match result.kind {
+                Some(command_result::Kind::DeleteConfig(r)) if !r.existed => {
+                    anyhow::bail!("config key {key:?} is not set")
+                }
+                _ => Ok(()),
             }
         }
         ConfigCommand::List { stale, endpoint } => {

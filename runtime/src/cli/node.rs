@@ -4,15 +4,17 @@ use std::process::ExitCode;
 
 use serde_json::{json, Value};
 use stoker_proto::api::{ListNodesRequest, ListNodesResponse};
-use stoker_proto::meta::NodeRecord;
+use stoker_proto::meta::{NodeLoad, NodeRecord};
 
 use super::client::{self, Conn};
 use super::Output;
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum NodeCommand {
-    /// Every registered node: address, liveness, roles, scope, labels, slots
-    /// and assigned subtasks.
+    /// Every registered node: address, liveness, roles, scope, labels, slots,
+    /// assigned subtasks, and what its resource manager reported in the
+    /// last heartbeat (scheduler, command, active/allowed concurrency, fuel
+    /// rate, node CPU).
     ///
     /// Example: stoker node list -o json
     List {
@@ -61,6 +63,49 @@ fn roles(n: &NodeRecord) -> String {
     }
 }
 
+/// A node's resource state in `node list -o json`; `null` until its
+/// first heartbeat with a load.
+fn load_json(l: Option<&NodeLoad>) -> Value {
+    let Some(l) = l else {
+        return Value::Null;
+    };
+    json!({
+        "scheduler": l.scheduler,
+        "command": l.command,
+        "allowed": l.allowed,
+        "active": l.active,
+        "suspended": l.suspended,
+        "running": l.running,
+        "fuel_rate": if l.fuel_rate > 0.0 { json!(l.fuel_rate) } else { Value::Null },
+        "level": l.level,
+        "cpu": l.cpu,
+        "fuel_granted": l.fuel_granted,
+    })
+}
+
+/// The resource columns of the table: scheduler:command, active/allowed,
+/// fuel rate, CPU.
+fn load_columns(l: Option<&NodeLoad>) -> [String; 4] {
+    let Some(l) = l else {
+        return ["-".into(), "-".into(), "-".into(), "-".into()];
+    };
+    let scheduler = if l.scheduler.is_empty() {
+        "none"
+    } else {
+        &l.scheduler
+    };
+    [
+        format!("{scheduler}:{}", l.command),
+        format!("{}/{}", l.active, l.allowed),
+        if l.fuel_rate > 0.0 {
+            format!("{:.3e}/s", l.fuel_rate)
+        } else {
+            "unlimited".into()
+        },
+        l.cpu.map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+    ]
+}
+
 /// The array of `node list -o json`.
 fn nodes_json(resp: &ListNodesResponse) -> Value {
     Value::Array(
@@ -77,6 +122,7 @@ fn nodes_json(resp: &ListNodesResponse) -> Value {
                     "slots": n.slots,
                     "busy": busy,
                     "last_heartbeat_ms": n.last_heartbeat_ms,
+                    "resource": load_json(n.load.as_ref()),
                 })
             })
             .collect(),
@@ -86,6 +132,7 @@ fn nodes_json(resp: &ListNodesResponse) -> Value {
 fn nodes_table(resp: &ListNodesResponse) -> String {
     let rows: Vec<Vec<String>> = with_busy(resp)
         .map(|(n, busy)| {
+            let [governor, concurrency, rate, cpu] = load_columns(n.load.as_ref());
             vec![
                 n.id.to_string(),
                 n.addr.clone(),
@@ -99,12 +146,27 @@ fn nodes_table(resp: &ListNodesResponse) -> String {
                 client::fmt_labels(&n.labels),
                 n.slots.to_string(),
                 busy.to_string(),
+                governor,
+                concurrency,
+                rate,
+                cpu,
             ]
         })
         .collect();
     client::table(
         &[
-            "ID", "ADDR", "UP", "ROLES", "SCOPE", "LABELS", "SLOTS", "BUSY",
+            "ID",
+            "ADDR",
+            "UP",
+            "ROLES",
+            "SCOPE",
+            "LABELS",
+            "SLOTS",
+            "BUSY",
+            "GOVERNOR",
+            "ACTIVE/ALLOWED",
+            "FUEL RATE",
+            "CPU",
         ],
         &rows,
     )
@@ -126,6 +188,19 @@ mod tests {
                     up: true,
                     slots: 2,
                     last_heartbeat_ms: 99,
+                    load: Some(NodeLoad {
+                        scheduler: "cpu".into(),
+                        command: "downclock".into(),
+                        allowed: 1,
+                        active: 1,
+                        suspended: 1,
+                        running: 2,
+                        fuel_rate: 5e8,
+                        level: 0.5,
+                        cpu: Some(0.75),
+                        fuel_granted: 7,
+                        slots: 2,
+                    }),
                     ..NodeRecord::default()
                 },
                 NodeRecord {
@@ -150,9 +225,15 @@ mod tests {
                 "id": 1, "addr": "127.0.0.1:7401", "up": true, "scheduler": true,
                 "worker": true, "scope": "", "labels": {"zone": "a"}, "slots": 2,
                 "busy": 1, "last_heartbeat_ms": 99,
+                "resource": {
+                    "scheduler": "cpu", "command": "downclock", "allowed": 1, "active": 1,
+                    "suspended": 1, "running": 2, "fuel_rate": 5e8, "level": 0.5,
+                    "cpu": 0.75, "fuel_granted": 7,
+                },
             })
         );
         assert_eq!(v[1]["busy"], 0);
+        assert_eq!(v[1]["resource"], Value::Null);
         assert_eq!(v[1]["up"], false);
     }
 
@@ -163,6 +244,8 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("ID"));
         assert!(lines[1].contains("scheduler,worker") && lines[1].contains("zone=a"));
+        assert!(lines[1].contains("cpu:downclock") && lines[1].contains("1/1"));
+        assert!(lines[1].contains("75%") && lines[1].contains("5.000e8/s"));
         assert!(lines[2].contains("down") && lines[2].contains("background"));
     }
 }

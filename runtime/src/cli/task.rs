@@ -30,11 +30,15 @@ pub(super) enum TaskCommand {
     ///
     /// Example: stoker task wait $ID --timeout-secs 600
     Wait(WaitArgs),
-    /// A task's state, subtask counts per step and result.
+    /// A task's state, subtask counts per step, fuel used and result
+    /// (`--subtasks`: every subtask with its node, attempt and fuel).
     ///
-    /// Example: stoker task show 7 -o json
+    /// Example: stoker task show 7 --subtasks -o json
     Show {
         id: u64,
+        /// Also list every subtask (state, node, attempt, fuel used, error).
+        #[arg(long)]
+        subtasks: bool,
         #[command(flatten)]
         conn: Conn,
         /// Output format.
@@ -189,7 +193,12 @@ pub(super) async fn run(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TaskCommand::Submit(args) => submit(args).await,
         TaskCommand::Wait(args) => wait(args).await,
-        TaskCommand::Show { id, conn, output } => show(id, &conn, output).await,
+        TaskCommand::Show {
+            id,
+            subtasks,
+            conn,
+            output,
+        } => show(id, subtasks, &conn, output).await,
         TaskCommand::List {
             all,
             states,
@@ -292,22 +301,27 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn get_task(c: &Client, id: u64) -> Result<GetTaskResponse, tonic::Status> {
+    get_task_with(c, id, false).await
+}
+
+async fn get_task_with(
+    c: &Client,
+    id: u64,
+    with_subtasks: bool,
+) -> Result<GetTaskResponse, tonic::Status> {
     let mut api = c.api.clone();
-    api.get_task(GetTaskRequest {
-        id,
-        with_subtasks: false,
-    })
-    .await
-    .map(tonic::Response::into_inner)
+    api.get_task(GetTaskRequest { id, with_subtasks })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 fn state_of(resp: &GetTaskResponse) -> Option<TaskState> {
     resp.task.as_ref().and_then(|t| t.state.parse().ok())
 }
 
-async fn show(id: u64, conn: &Conn, output: Output) -> anyhow::Result<ExitCode> {
+async fn show(id: u64, subtasks: bool, conn: &Conn, output: Output) -> anyhow::Result<ExitCode> {
     let c = conn.connect()?;
-    let resp = client::retry(|| get_task(&c, id))
+    let resp = client::retry(|| get_task_with(&c, id, subtasks))
         .await
         .map_err(|s| c.error(&format!("task {id}"), &s))?;
     match output {
@@ -369,6 +383,38 @@ fn show_text(resp: &GetTaskResponse) -> String {
     }
     if !t.error.is_empty() {
         let _ = writeln!(out, "  error:       {}", t.error);
+    }
+    if !resp.subtasks.is_empty() {
+        let rows: Vec<Vec<String>> = resp
+            .subtasks
+            .iter()
+            .map(|s| {
+                vec![
+                    s.step.to_string(),
+                    s.ordinal.to_string(),
+                    s.state.clone(),
+                    if s.node == 0 {
+                        "-".into()
+                    } else {
+                        s.node.to_string()
+                    },
+                    s.attempt.to_string(),
+                    s.fuel_used.to_string(),
+                    if s.error.is_empty() {
+                        "-".into()
+                    } else {
+                        s.error.clone()
+                    },
+                ]
+            })
+            .collect();
+        let table = client::table(
+            &["STEP", "#", "STATE", "NODE", "ATTEMPT", "FUEL", "ERROR"],
+            &rows,
+        );
+        for line in table.lines() {
+            let _ = writeln!(out, "  {line}");
+        }
     }
     if !t.result.is_empty() {
         let text = client::result_text(&t.result);

@@ -5,6 +5,8 @@
 //!   on this machine.
 //! - `worker`: the task executor manager of a worker node: heartbeats,
 //!   assignment long polls, claims, sandboxed runs and fenced reports.
+//! - `stats`: the latency histograms a worker keeps for `/metrics`.
 
 pub mod local;
+pub mod stats;
 pub mod worker;

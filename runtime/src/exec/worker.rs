@@ -34,7 +34,7 @@ use stoker_proto::guest::RunRequest;
 use stoker_proto::meta::command::Kind;
 use stoker_proto::meta::meta_client::MetaClient;
 use stoker_proto::meta::{
-    ClaimSubtask, Command, CommandResult, ProposeRequest, RegisterNode, ReportSubtask,
+    ClaimSubtask, Command, CommandResult, NodeLoad, ProposeRequest, RegisterNode, ReportSubtask,
     SubtaskRecord, SubtaskRef,
 };
 use tokio::sync::{watch, OnceCell};
@@ -44,11 +44,12 @@ use tonic::transport::Channel;
 use tonic::Code;
 use tracing::{debug, info, warn, Instrument};
 
+use super::stats::WorkerStats;
 use crate::blob::BlobStore;
 use crate::meta::records::MAX_INLINE_BYTES;
 use crate::meta::{now_ms, RequestId};
 use crate::model::{Rank, SubtaskState, TaskState};
-use crate::resource::{FuelGate, Governor, TaskInfo};
+use crate::resource::{FuelGate, ResourceControl, TaskInfo};
 use crate::sandbox::{module_hash, CallEnv, CallLimits, Sandbox, SandboxError, TaskModule};
 
 /// Configuration of a node's worker (the `[worker]` table of the server
@@ -419,7 +420,8 @@ struct Shared {
     cfg: WorkerConfig,
     sandbox: Arc<Sandbox>,
     blobs: BlobStore,
-    governor: Option<Governor>,
+    resource: Option<Arc<ResourceControl>>,
+    stats: WorkerStats,
     endpoints: Endpoints,
     modules: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskModule>>>>>,
     state: Mutex<State>,
@@ -436,6 +438,27 @@ pub struct WorkerHandle {
     loops: Vec<JoinHandle<()>>,
 }
 
+/// A read-only view of a running worker: its load and latency histograms.
+#[derive(Clone)]
+pub struct WorkerView(Arc<Shared>);
+
+impl WorkerView {
+    /// The node's resource manager state and the subtasks it runs.
+    pub fn load(&self) -> NodeLoad {
+        self.0.load()
+    }
+
+    /// Run latency histograms.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.0.stats
+    }
+
+    /// The resource control, when the worker governs fuel.
+    pub fn resource(&self) -> Option<&Arc<ResourceControl>> {
+        self.0.resource.as_ref()
+    }
+}
+
 /// Marker type of the worker subsystem; see [`start`].
 pub struct Worker;
 
@@ -444,6 +467,11 @@ impl WorkerHandle {
     pub fn running(&self) -> Vec<(SubtaskKey, u32)> {
         let st = self.shared.state.lock().expect("state lock");
         st.running.iter().map(|(k, e)| (*k, e.attempt)).collect()
+    }
+
+    /// What metrics and the dashboard read of this worker while it runs.
+    pub fn view(&self) -> WorkerView {
+        WorkerView(self.shared.clone())
     }
 
     /// Stops the loops and aborts every local run (without reporting: the
@@ -474,7 +502,7 @@ pub fn start(
     cfg: WorkerConfig,
     sandbox: Arc<Sandbox>,
     blobs: BlobStore,
-    governor: Option<Governor>,
+    resource: Option<Arc<ResourceControl>>,
 ) -> WorkerHandle {
     let addrs = if cfg.endpoints.is_empty() {
         vec![advertise_addr.clone()]
@@ -491,7 +519,8 @@ pub fn start(
         cfg,
         sandbox,
         blobs,
-        governor,
+        resource,
+        stats: WorkerStats::default(),
         endpoints: Endpoints::new(addrs, timeout),
         modules: Mutex::new(HashMap::new()),
         state: Mutex::new(State::default()),
@@ -519,6 +548,24 @@ pub fn start(
 }
 
 impl Shared {
+    /// The resource manager's state (or the governor's, without one) and
+    /// the subtasks running here.
+    fn load(&self) -> NodeLoad {
+        let running = self.state.lock().expect("state lock").running.len() as u32;
+        let mut load = match &self.resource {
+            Some(r) => r.load(),
+            None => NodeLoad {
+                command: "hold".into(),
+                allowed: self.cfg.slots,
+                slots: self.cfg.slots,
+                ..NodeLoad::default()
+            },
+        };
+        load.running = running;
+        load.slots = self.cfg.slots;
+        load
+    }
+
     fn description(&self) -> RegisterNode {
         RegisterNode {
             id: self.id,
@@ -546,9 +593,16 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             let (i, mut client) = shared.endpoints.stoker()?;
             let req = HeartbeatRequest {
                 node: Some(shared.description()),
+                load: Some(shared.load()),
             };
             match client.heartbeat(req).await {
-                Ok(r) => Ok(r.into_inner().interval_ms),
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if let Some(control) = &shared.resource {
+                        control.apply_cluster(&r.resource_config).await;
+                    }
+                    Ok(r.interval_ms)
+                }
                 Err(s) => {
                     shared.endpoints.failed(i);
                     Err(format!("{}: {}", shared.endpoints.addr(i), s.message()))
@@ -727,6 +781,7 @@ fn reconcile(shared: &Arc<Shared>) {
             run,
             pause: pause_rx,
             concurrency,
+            claimed: std::sync::OnceLock::new(),
         };
         let handle = tokio::spawn(exec.run().instrument(span));
         st.running.insert(
@@ -772,6 +827,8 @@ struct Executor {
     run: u64,
     pause: watch::Receiver<bool>,
     concurrency: u32,
+    /// When this process's claim was accepted (not set for adopted runs).
+    claimed: std::sync::OnceLock<Instant>,
 }
 
 /// What a report says.
@@ -850,6 +907,15 @@ impl Executor {
                 return Ended::ClaimRefused;
             }
             debug!("claimed");
+            let _ = self.claimed.set(Instant::now());
+            let s = self.subtask();
+            if s.step == 0 && s.attempt == 1 {
+                let delay_ms = now_ms().saturating_sub(self.assignment.task_create_time_ms);
+                self.shared
+                    .stats
+                    .start_delay_seconds
+                    .observe(delay_ms as f64 / 1000.0);
+            }
         }
         let checkpoint = self.subtask().checkpoint.clone();
         if *self.pause.borrow() {
@@ -930,7 +996,8 @@ impl Executor {
             }
         };
         let task_id = s.task_id.to_string();
-        let gate = self.shared.governor.as_ref().map(|g| {
+        let gate = self.shared.resource.as_ref().map(|r| {
+            let g = r.governor();
             let info = TaskInfo {
                 tenant: a.tenant.clone(),
                 rank: Rank {
@@ -1040,6 +1107,11 @@ impl Executor {
 
     async fn report(&self, o: Outcome) -> Ended {
         let state = o.state;
+        if let Some(claimed) = self.claimed.get() {
+            self.shared
+                .stats
+                .observe_run(state, claimed.elapsed().as_secs_f64());
+        }
         let cmd = Kind::ReportSubtask(ReportSubtask {
             subtask: Some(self.subtask_ref()),
             node: self.shared.id,

@@ -117,6 +117,8 @@ struct Inner {
     is_leader: watch::Receiver<bool>,
     forwarder: OnceLock<Arc<dyn Forwarder>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Seconds from `propose` to its result, successful proposals only.
+    proposal_latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Drop for Inner {
@@ -212,6 +214,9 @@ impl MetaNode {
                 is_leader: is_leader_rx,
                 forwarder: OnceLock::new(),
                 thread: Mutex::new(Some(thread)),
+                proposal_latency: prometheus_client::metrics::histogram::Histogram::new(
+                    prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
+                ),
             }),
         })
     }
@@ -264,6 +269,12 @@ impl MetaNode {
     /// that flips.
     pub fn is_leader_watch(&self) -> watch::Receiver<bool> {
         self.inner.is_leader.clone()
+    }
+
+    /// Latency of this node's successful proposals (propose to applied
+    /// result, forwarding and retries included), in seconds.
+    pub fn proposal_latency(&self) -> &prometheus_client::metrics::histogram::Histogram {
+        &self.inner.proposal_latency
     }
 
     /// The applied index on this node; changes after every applied batch.
@@ -352,6 +363,21 @@ impl MetaNode {
     /// # Errors
     /// As [`Self::propose`].
     pub async fn propose_with_id(
+        &self,
+        cmd: Command,
+        request_id: RequestId,
+    ) -> Result<CommandResult, MetaError> {
+        let started = Instant::now();
+        let result = self.propose_retrying(cmd, request_id).await;
+        if result.is_ok() {
+            self.inner
+                .proposal_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn propose_retrying(
         &self,
         cmd: Command,
         request_id: RequestId,

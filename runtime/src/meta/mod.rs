@@ -8,7 +8,7 @@
 //! - [`state_machine`]: typed commands applied to tables; snapshots; digest.
 //! - [`records`]: the task framework's tables, keys and rejections;
 //!   `nodes`, `modules`, `tasks`, `subtasks`: its commands; [`queries`]:
-//!   its reads.
+//!   its reads; [`stats`]: fuel per tenant and the counts metrics read.
 //! - `node`: the Ready loop on its own thread.
 //! - [`handle`]: [`MetaNode`], the process-wide handle: propose, read,
 //!   membership, leadership watch.
@@ -24,6 +24,7 @@ mod nodes;
 pub mod queries;
 pub mod records;
 pub mod state_machine;
+pub mod stats;
 pub mod storage;
 mod subtasks;
 mod tasks;

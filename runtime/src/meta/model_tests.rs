@@ -8,8 +8,9 @@ use sha2::{Digest, Sha256};
 use stoker_proto::meta::{
     change_subtasks, command, command_result, AddSubtasks, AssignSubtask, ChangeSubtasks,
     ClaimSubtask, Command, CommandResult, CommitModule, CreateTenant, DeleteModule, FinishTask,
-    GcHistory, MarkNodeDown, ModifyTask, NewSubtask, NodeHeartbeat, PutModuleChunk, RegisterNode,
-    ReportSubtask, RequeueSubtask, SetTaskState, SubmitTask, SubtaskRef, TaskModification,
+    GcHistory, MarkNodeDown, ModifyTask, NewSubtask, NodeHeartbeat, NodeLoad, PutModuleChunk,
+    RegisterNode, ReportSubtask, RequeueSubtask, SetTaskState, SubmitTask, SubtaskRef,
+    TaskModification,
 };
 
 use super::queries::{self, TaskFilter};
@@ -270,6 +271,7 @@ fn nodes_register_heartbeat_and_go_down() {
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 2,
         time_ms: 900,
+        load: None,
     }));
     sm.ok(C::MarkNodeDown(MarkNodeDown { id: 1 }));
     let views = sm.read(queries::nodes);
@@ -282,9 +284,36 @@ fn nodes_register_heartbeat_and_go_down() {
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 1,
         time_ms: 950,
+        load: None,
     }));
     assert!(sm.read(queries::nodes)[0].up);
-    let e = sm.rejected(C::NodeHeartbeat(NodeHeartbeat { id: 9, time_ms: 1 }));
+    // A heartbeat's load is kept; an older, reordered one does not replace
+    // it, and a re-registration keeps it.
+    let load = |command: &str| NodeLoad {
+        command: command.into(),
+        allowed: 1,
+        ..NodeLoad::default()
+    };
+    sm.ok(C::NodeHeartbeat(NodeHeartbeat {
+        id: 2,
+        time_ms: 1000,
+        load: Some(load("downclock")),
+    }));
+    sm.ok(C::NodeHeartbeat(NodeHeartbeat {
+        id: 2,
+        time_ms: 990,
+        load: Some(load("overclock")),
+    }));
+    let n2 = sm.read(|p, t| queries::node(p, t, 2)).unwrap();
+    assert_eq!(n2.load, Some(load("downclock")));
+    register(&mut sm, 2, &[("zone", "b")]);
+    let n2 = sm.read(|p, t| queries::node(p, t, 2)).unwrap();
+    assert_eq!(n2.load, Some(load("downclock")));
+    let e = sm.rejected(C::NodeHeartbeat(NodeHeartbeat {
+        id: 9,
+        time_ms: 1,
+        load: None,
+    }));
     assert_eq!(e, "node 9 not found");
     let e = sm.rejected(C::RegisterNode(RegisterNode::default()));
     assert!(e.contains("must not be 0"), "{e}");
@@ -595,6 +624,33 @@ fn reports_are_fenced_by_node_and_attempt_and_commit_once() {
         (b"right".as_slice(), 3, 10)
     );
     assert_eq!(sm.task(task).fuel_used, 10);
+    // The tenant's total counts the committed report once.
+    let tenant = sm.task(task).tenant;
+    let fuel = sm.read(super::stats::tenant_fuel);
+    assert_eq!(fuel.get(&tenant), Some(&10), "{fuel:?}");
+}
+
+#[test]
+fn resource_config_is_checked_when_applied() {
+    use stoker_proto::meta::SetConfig;
+    let set = |key: &str, value: &str| {
+        C::SetConfig(SetConfig {
+            key: key.into(),
+            value: value.into(),
+        })
+    };
+    let mut sm = Sm::new();
+    let e = sm.rejected(set("resource.scheduler", "fastest"));
+    assert!(e.contains("cpu, fixed"), "{e}");
+    sm.ok(set("resource.scheduler", "fixed"));
+    sm.ok(set("resource.cpu.high", "0.4"));
+    let e = sm.rejected(set("resource.cpu.low", "0.6"));
+    assert!(e.contains("must be below"), "{e}");
+    let e = sm.rejected(set("resource.nope", "1"));
+    assert!(e.contains("unknown resource setting"), "{e}");
+    sm.ok(set("other.key", "anything"));
+    let config = sm.read(|p, t| super::stats::config_with_prefix(p, t, "resource."));
+    assert_eq!(config.len(), 2, "{config:?}");
 }
 
 #[test]

@@ -88,7 +88,8 @@ pub(crate) fn register_node(txn: &WriteTransaction, c: &RegisterNode) -> Applied
         worker: c.worker,
         up: true,
         last_heartbeat_ms: c.time_ms,
-        registered_ms: previous.map_or(c.time_ms, |p| p.registered_ms),
+        registered_ms: previous.as_ref().map_or(c.time_ms, |p| p.registered_ms),
+        load: previous.and_then(|p| p.load),
     };
     put(txn, NODES_TABLE, &node_key(c.id), &record)?;
     Ok(Done {})
@@ -97,7 +98,11 @@ pub(crate) fn register_node(txn: &WriteTransaction, c: &RegisterNode) -> Applied
 pub(crate) fn node_heartbeat(txn: &WriteTransaction, c: &NodeHeartbeat) -> Applied<Done> {
     let mut node = get_node(txn, c.id)?;
     node.up = true;
-    // Heartbeats may arrive out of order through forwarding; time only grows.
+    // Heartbeats may arrive out of order through forwarding; time only
+    // grows, and an older beat's load does not replace a newer one.
+    if c.load.is_some() && c.time_ms >= node.last_heartbeat_ms {
+        node.load = c.load.clone();
+    }
     node.last_heartbeat_ms = node.last_heartbeat_ms.max(c.time_ms);
     put(txn, NODES_TABLE, &node_key(c.id), &node)?;
     Ok(Done {})

@@ -54,6 +54,7 @@ pub const SM_TABLES: &[SmTable] = &[
     REQUESTS_TABLE,
     REQUEST_ORDER_TABLE,
     records::TENANTS_TABLE,
+    super::stats::TENANT_FUEL_TABLE,
     records::NODES_TABLE,
     records::MODULES_TABLE,
     records::MODULE_CHUNKS_TABLE,
@@ -229,6 +230,9 @@ fn set_config(txn: &WriteTransaction, c: &SetConfig) -> Applied<SetConfigResult>
         return Ok(Err(format!(
             "config value exceeds {MAX_CONFIG_VALUE} bytes"
         )));
+    }
+    if let Err(why) = super::stats::check_config_change(txn, &c.key, &c.value)? {
+        return Ok(Err(why));
     }
     let mut table = txn.open_table(CONFIG_TABLE)?;
     let previous = table

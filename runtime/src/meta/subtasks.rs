@@ -342,6 +342,7 @@ pub(crate) fn report_subtask(
     put_subtask(txn, &s)?;
     task.fuel_used += c.fuel_used;
     put(txn, TASKS_TABLE, &task_key(task.id), &task)?;
+    super::stats::add_tenant_fuel(txn, &task.tenant, c.fuel_used)?;
     Ok(state_result(&s))
 }
 

@@ -150,6 +150,20 @@ pub struct ManagerState {
     pub ticks: u64,
 }
 
+/// Fuel one core of this machine burns per second on `sandbox`'s engine
+/// (about 0.4 s of one core, off the async executor).
+///
+/// # Errors
+/// Calibration fails (fuel metering off).
+pub async fn calibrate(sandbox: &Sandbox) -> Result<f64, ResourceError> {
+    let engine = sandbox.engine().clone();
+    tokio::task::spawn_blocking(move || {
+        super::calibrate::fuel_per_core_second(&engine, Duration::from_millis(100), 3)
+    })
+    .await
+    .map_err(|e| ResourceError::Calibration(format!("calibration panicked: {e}")))?
+}
+
 /// A node's resource manager. Dropping it stops the ticks; the governor
 /// keeps its last rate and concurrency.
 #[derive(Debug)]
@@ -227,12 +241,7 @@ impl ResourceManager {
         governor: Governor,
         config: ManagerConfig,
     ) -> Result<Self, ResourceError> {
-        let engine = sandbox.engine().clone();
-        let fuel_per_core = tokio::task::spawn_blocking(move || {
-            super::calibrate::fuel_per_core_second(&engine, Duration::from_millis(100), 3)
-        })
-        .await
-        .map_err(|e| ResourceError::Calibration(format!("calibration panicked: {e}")))??;
+        let fuel_per_core = calibrate(sandbox).await?;
         Self::start(governor, fuel_per_core, config)
     }
 
@@ -251,9 +260,29 @@ impl ResourceManager {
     /// # Errors
     /// [`ResourceError::UnknownScheduler`].
     pub fn set_scheduler(&self, name: &str) -> Result<(), ResourceError> {
-        let next = scheduler::by_name(name, &self.shared.config.cpu)?;
+        self.set_scheduler_with(name, &self.shared.config.cpu)
+    }
+
+    /// Switches the scheduler by name, the `cpu` one with bounds `cpu`
+    /// (how the cluster config changes the band at runtime); the level
+    /// stays where it is.
+    ///
+    /// # Errors
+    /// [`ResourceError::UnknownScheduler`], invalid bounds.
+    pub fn set_scheduler_with(
+        &self,
+        name: &str,
+        cpu: &CpuSchedulerConfig,
+    ) -> Result<(), ResourceError> {
+        let next = scheduler::by_name(name, cpu)?;
         let mut st = self.shared.lock();
-        tracing::info!(from = st.scheduler.name(), to = name, "scheduler switched");
+        tracing::info!(
+            from = st.scheduler.name(),
+            to = name,
+            low = cpu.low,
+            high = cpu.high,
+            "scheduler switched"
+        );
         st.scheduler = next;
         Ok(())
     }

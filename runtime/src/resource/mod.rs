@@ -19,10 +19,14 @@
 //! - `manager`: the tick loop, the level that drives rate and concurrency.
 //! - `cpu`: whole-node CPU utilisation from `/proc/stat`.
 //! - `calibrate`: fuel one core burns per second on this machine.
+//! - `control`: a worker's governor and manager, reconfigured by the
+//!   cluster config; the load its heartbeats carry.
+//! - `settings`: the `resource.*` keys of the cluster config.
 //! - `hog`: a busy child process, the competing load of tests and benches.
 
 pub mod calibrate;
 pub mod choice;
+pub mod control;
 pub mod cpu;
 pub mod fair;
 mod gate;
@@ -30,7 +34,9 @@ pub mod governor;
 pub mod hog;
 pub mod manager;
 pub mod scheduler;
+pub mod settings;
 
+pub use control::ResourceControl;
 pub use gate::{DeadlineExceeded, FuelGate, Governed};
 pub use governor::{Governor, GovernorConfig, GovernorSnapshot, Lease, TaskInfo};
 pub use manager::{ManagerConfig, ManagerState, ResourceManager, TickReport};

@@ -1,0 +1,434 @@
+//! Observability across real `stoker server` processes: `/healthz`,
+//! `/readyz`, `/metrics` parsed as Prometheus text, the resource state in
+//! `node list`, schedulers switched through the cluster config, and fuel
+//! accounting per subtask, task and tenant.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::{eventually, exe, http_get, Harness, CLUSTERS, CONFIG};
+use prometheus_parse::{Sample, Scrape, Value};
+use stoker_proto::api::{ListNodesRequest, SubmitTaskRequest};
+use stoker_proto::meta::NodeLoad;
+
+fn scrape(addr: &str) -> Scrape {
+    let r = http_get(addr, "/metrics", &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
+        "{:?}",
+        r.headers
+    );
+    Scrape::parse(r.body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+fn value(v: &Value) -> f64 {
+    match v {
+        Value::Counter(x) | Value::Gauge(x) | Value::Untyped(x) => *x,
+        Value::Histogram(buckets) => buckets
+            .iter()
+            .find(|b| b.less_than.is_infinite())
+            .map_or(0.0, |b| b.count),
+        other => panic!("unexpected sample {other:?}"),
+    }
+}
+
+/// The samples of `name` whose labels include `labels`.
+fn samples<'a>(s: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .collect()
+}
+
+/// The one sample of `name` with `labels`; its value (a histogram's count).
+fn one(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found = samples(s, name, labels);
+    assert_eq!(
+        found.len(),
+        1,
+        "{name} {labels:?}: {found:?}\nall metrics: {:?}",
+        s.samples
+            .iter()
+            .map(|x| &x.metric)
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    value(&found[0].value)
+}
+
+async fn load_of(h: &Harness, id: u64) -> Option<NodeLoad> {
+    let nodes = h
+        .client()
+        .list_nodes(ListNodesRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .nodes;
+    nodes.into_iter().find(|n| n.id == id)?.load
+}
+
+fn stoker(args: &[&str]) -> std::process::Output {
+    Command::new(exe()).args(args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_fuel_after_a_task_ran() {
+    let _serial = CLUSTERS.lock().await;
+    let h = Harness::start(1, CONFIG).await;
+    let addr = h.addr(1).to_string();
+
+    let health = http_get(&addr, "/healthz", &[]);
+    assert_eq!((health.status, health.body.trim()), (200, "ok"));
+    let ready = eventually("/readyz to say ready", async || {
+        let r = http_get(&addr, "/readyz", &[]);
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&ready.body).unwrap();
+    assert_eq!(body["ready"], true);
+    assert_eq!(body["leader_id"], 1);
+    assert!(body["applied_index"].as_u64().unwrap() >= 1, "{body}");
+
+    let hash = h.upload("misbehave").await;
+    let id = h
+        .submit(SubmitTaskRequest {
+            module: hash.clone(),
+            input: b"spin:2\nspin:2\nspin:2\nok\n".to_vec(),
+            concurrency: 2,
+            ..Default::default()
+        })
+        .await;
+    let done = h.wait(id).await;
+    let task = done.task.clone().unwrap();
+    assert_eq!(task.state, "succeed", "{task:?}");
+
+    // Fuel is accounted per subtask, summed per task, and per tenant.
+    let per_subtask: u64 = done.subtasks.iter().map(|s| s.fuel_used).sum();
+    assert!(
+        done.subtasks.iter().all(|s| s.fuel_used > 0),
+        "{:?}",
+        done.subtasks
+    );
+    assert_eq!(task.fuel_used, per_subtask);
+    let show = stoker(&[
+        "task",
+        "show",
+        &id.to_string(),
+        "--subtasks",
+        "-o",
+        "json",
+        "--endpoint",
+        &addr,
+    ]);
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["fuel_used"], task.fuel_used);
+    let listed = shown["subtask_list"].as_array().unwrap();
+    assert_eq!(listed.len(), done.subtasks.len());
+    assert!(
+        listed.iter().all(|s| s["fuel_used"].as_u64().unwrap() > 0),
+        "{shown}"
+    );
+
+    let m = scrape(&addr);
+    assert!(one(&m, "stoker_raft_term", &[]) >= 1.0);
+    let commit = one(&m, "stoker_raft_commit_index", &[]);
+    let applied = one(&m, "stoker_raft_applied_index", &[]);
+    assert!(
+        commit >= 1.0 && applied >= 1.0 && applied <= commit + 1e-9,
+        "{commit} {applied}"
+    );
+    assert_eq!(one(&m, "stoker_raft_is_leader", &[]), 1.0);
+    assert!(
+        one(&m, "stoker_raft_proposal_seconds", &[]) >= 1.0,
+        "proposals were timed"
+    );
+    assert_eq!(one(&m, "stoker_tasks", &[("state", "succeed")]), 1.0);
+    assert_eq!(
+        one(&m, "stoker_subtasks", &[("state", "succeed")]),
+        done.subtasks.len() as f64
+    );
+    let tenant = task.tenant.as_str();
+    assert_eq!(
+        one(&m, "stoker_tenant_fuel_used_total", &[("tenant", tenant)]),
+        task.fuel_used as f64
+    );
+    assert_eq!(one(&m, "stoker_worker_slots", &[]), 2.0);
+    assert_eq!(one(&m, "stoker_worker_slots_in_use", &[]), 0.0);
+    assert_eq!(one(&m, "stoker_governor_allowed_concurrency", &[]), 2.0);
+    assert_eq!(
+        one(&m, "stoker_governor_command", &[("command", "hold")]),
+        1.0
+    );
+    assert_eq!(one(&m, "stoker_cluster_node_up", &[("node", "1")]), 1.0);
+    assert_eq!(one(&m, "stoker_cluster_node_slots", &[("node", "1")]), 2.0);
+    assert_eq!(
+        one(
+            &m,
+            "stoker_worker_subtask_run_seconds",
+            &[("state", "succeed")]
+        ),
+        done.subtasks.len() as f64,
+        "one run per subtask"
+    );
+    assert!(one(&m, "stoker_worker_subtask_start_delay_seconds", &[]) >= 1.0);
+    assert!(
+        one(
+            &m,
+            "stoker_worker_fuel_granted_total",
+            &[("tenant", tenant)]
+        ) > 0.0,
+        "the governor handed out fuel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_state_in_node_list_and_schedulers_switched_by_cluster_config() {
+    let _serial = CLUSTERS.lock().await;
+    // No `[resource]` table: the governor runs every slot at full speed
+    // until the cluster asks for a scheduler.
+    let h = Harness::start(1, CONFIG).await;
+    let addr = h.addr(1).to_string();
+
+    let load = eventually("a heartbeat with the load", async || load_of(&h, 1).await).await;
+    assert_eq!(load.scheduler, "");
+    assert_eq!((load.allowed, load.slots), (2, 2));
+    let listed = stoker(&["node", "list", "-o", "json", "--endpoint", &addr]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let nodes: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let resource = &nodes[0]["resource"];
+    assert_eq!(resource["command"], "hold", "{nodes}");
+    assert_eq!(resource["allowed"], 2, "{nodes}");
+    assert!(resource.get("cpu").is_some(), "{nodes}");
+
+    // The cluster switches on the cpu scheduler without a restart.
+    let set = stoker(&[
+        "config",
+        "set",
+        "resource.scheduler",
+        "cpu",
+        "--endpoint",
+        &addr,
+    ]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let load = eventually("the cpu scheduler to run", async || {
+        load_of(&h, 1).await.filter(|l| l.scheduler == "cpu")
+    })
+    .await;
+    assert!(load.level > 0.0, "{load:?}");
+    eventually("cpu readings from the manager", async || {
+        load_of(&h, 1).await.filter(|l| l.cpu.is_some())
+    })
+    .await;
+    let m = scrape(&addr);
+    assert_eq!(
+        one(&m, "stoker_resource_scheduler", &[("scheduler", "cpu")]),
+        1.0
+    );
+
+    // ... and back to fixed.
+    let set = stoker(&[
+        "config",
+        "set",
+        "resource.scheduler",
+        "fixed",
+        "--endpoint",
+        &addr,
+    ]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    eventually("the fixed scheduler", async || {
+        load_of(&h, 1)
+            .await
+            .filter(|l| l.scheduler == "fixed" && l.command == "hold")
+    })
+    .await;
+
+    // Bad settings are refused with the reason, and change nothing.
+    for (key, value, needle) in [
+        ("resource.scheduler", "fastest", "cpu, fixed"),
+        ("resource.cpu.low", "2", "between 0 and 1"),
+        ("resource.cpu.lo", "0.2", "unknown resource setting"),
+    ] {
+        let out = stoker(&["config", "set", key, value, "--endpoint", &addr]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}={value} accepted");
+        assert!(err.contains(needle), "{key}={value}: {err}");
+    }
+    let set = stoker(&[
+        "config",
+        "set",
+        "resource.cpu.high",
+        "0.4",
+        "--endpoint",
+        &addr,
+    ]);
+    assert!(set.status.success());
+    let out = stoker(&[
+        "config",
+        "set",
+        "resource.cpu.low",
+        "0.6",
+        "--endpoint",
+        &addr,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be below"));
+    let get = stoker(&["config", "get", "resource.scheduler", "--endpoint", &addr]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "fixed");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(load_of(&h, 1).await.unwrap().scheduler, "fixed");
+
+    // Without the cluster's scheduler the node goes back to its own
+    // config: no resource manager, every slot at full speed.
+    let del = stoker(&[
+        "config",
+        "delete",
+        "resource.scheduler",
+        "--endpoint",
+        &addr,
+    ]);
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    let load = eventually("the manager to stop", async || {
+        load_of(&h, 1).await.filter(|l| l.scheduler.is_empty())
+    })
+    .await;
+    assert_eq!((load.allowed, load.fuel_rate), (2, 0.0), "{load:?}");
+    let again = stoker(&[
+        "config",
+        "delete",
+        "resource.scheduler",
+        "--endpoint",
+        &addr,
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is not set"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_subtask_fuel_limit_ends_a_runaway_guest() {
+    let _serial = CLUSTERS.lock().await;
+    let h = Harness::start(1, CONFIG).await;
+    let hash = h.upload("misbehave").await;
+    let id = h
+        .submit(SubmitTaskRequest {
+            module: hash,
+            input: b"loop\n".to_vec(),
+            fuel_limit: 50_000_000,
+            max_attempts: 1,
+            ..Default::default()
+        })
+        .await;
+    let done = h.wait(id).await;
+    let task = done.task.unwrap();
+    assert_ne!(task.state, "succeed");
+    let failed: Vec<_> = done
+        .subtasks
+        .iter()
+        .filter(|s| s.state == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{:?}", done.subtasks);
+    assert!(
+        failed[0].error.starts_with("fuel_exhausted"),
+        "{}",
+        failed[0].error
+    );
+    // The fuel it burned up to the limit is accounted.
+    assert!(failed[0].fuel_used >= 50_000_000, "{}", failed[0].fuel_used);
+    assert_eq!(task.fuel_used, failed[0].fuel_used);
+    let m = scrape(h.addr(1));
+    let by_tenant: BTreeMap<String, f64> = samples(&m, "stoker_tenant_fuel_used_total", &[])
+        .into_iter()
+        .map(|s| {
+            (
+                s.labels.get("tenant").unwrap_or("").to_string(),
+                value(&s.value),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_tenant.get(&task.tenant).copied(),
+        Some(task.fuel_used as f64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_only_node_serves_its_own_metrics_and_health() {
+    let _serial = CLUSTERS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = stoker::api::local_cluster::LocalCluster::start_with_config(
+        exe(),
+        1,
+        dir.path(),
+        Some(CONFIG),
+    )
+    .unwrap();
+    cluster.add_worker(2, &["--slots", "3"]).unwrap();
+    cluster
+        .wait_leader(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    cluster
+        .wait_workers(2, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let worker = cluster.addr(2).to_string();
+    let health = http_get(&worker, "/healthz", &[]);
+    assert_eq!(health.status, 200);
+    assert_eq!(http_get(&worker, "/readyz", &[]).status, 200);
+    let m = scrape(&worker);
+    assert_eq!(one(&m, "stoker_worker_slots", &[]), 3.0);
+    assert_eq!(one(&m, "stoker_governor_allowed_concurrency", &[]), 3.0);
+    assert!(
+        samples(&m, "stoker_raft_term", &[]).is_empty(),
+        "a worker has no Raft state"
+    );
+    // The dashboard's data lives on scheduler nodes; the worker says where.
+    let r = http_get(&worker, "/api/overview", &[]);
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains(cluster.addr(1)), "{}", r.body);
+    // The scheduler reports the worker's state from its heartbeats.
+    let sched = cluster.addr(1).to_string();
+    let m = eventually("the worker's load on the scheduler", async || {
+        let m = scrape(&sched);
+        (!samples(
+            &m,
+            "stoker_cluster_node_allowed_concurrency",
+            &[("node", "2")],
+        )
+        .is_empty())
+        .then_some(m)
+    })
+    .await;
+    assert_eq!(
+        one(
+            &m,
+            "stoker_cluster_node_allowed_concurrency",
+            &[("node", "2")]
+        ),
+        3.0
+    );
+}
