@@ -1,6 +1,10 @@
 //! Network services of a node.
 //!
 //! # Layout
+//! - [`auth`]: who a request comes from (admin token, tenant tokens, the
+//!   open mode), and the bearer token of internal clients.
+//! - `tenancy`: the tenant, token and module-deletion calls.
+//! - `watch`: the `WatchTask` stream.
 //! - [`raft`]: the Raft transport between scheduler nodes (gRPC, batched per
 //!   peer, bounded queues, chunked snapshots).
 //! - [`meta`]: the client-facing `Meta` service, leader forwarding, error
@@ -12,9 +16,12 @@
 //! - [`workers`]: the server side of the worker RPCs (heartbeat, the
 //!   assignment long poll).
 
+pub mod auth;
 pub mod local_cluster;
 pub mod meta;
 pub mod raft;
 pub mod server;
 pub mod service;
+mod tenancy;
+mod watch;
 pub mod workers;

@@ -44,6 +44,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::api::auth::{AuthChannel, Bearer, Secret};
 use crate::blob::BlobStore;
 use crate::meta::records::MAX_INLINE_BYTES;
 use crate::meta::{now_ms, RequestId};
@@ -84,6 +85,11 @@ pub struct WorkerConfig {
     /// Wall-clock time one subtask run may take (not counting time the fuel
     /// governor holds it), in milliseconds. Default 60,000.
     pub deadline_ms: u64,
+    /// The cluster token the worker's calls carry: the server config's
+    /// `admin_token`, copied here when the node starts (not read from the
+    /// `[worker]` table).
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 impl Default for WorkerConfig {
@@ -101,6 +107,7 @@ impl Default for WorkerConfig {
             fuel_limit: limits.fuel,
             memory_limit: limits.memory_bytes,
             deadline_ms: limits.deadline.as_millis() as u64,
+            token: None,
         }
     }
 }
@@ -297,15 +304,18 @@ struct Endpoints {
     current: AtomicUsize,
     channels: Mutex<HashMap<usize, Channel>>,
     timeout: Duration,
+    /// The cluster token every call carries.
+    bearer: Bearer,
 }
 
 impl Endpoints {
-    fn new(addrs: Vec<String>, timeout: Duration) -> Self {
+    fn new(addrs: Vec<String>, timeout: Duration, bearer: Bearer) -> Self {
         Endpoints {
             addrs,
             current: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
             timeout,
+            bearer,
         }
     }
 
@@ -341,21 +351,21 @@ impl Endpoints {
         &self.addrs[i]
     }
 
-    fn stoker(&self) -> Result<(usize, StokerClient<Channel>), String> {
+    fn stoker(&self) -> Result<(usize, StokerClient<AuthChannel>), String> {
         let (i, c) = self.get()?;
         Ok((
             i,
-            StokerClient::new(c)
+            StokerClient::with_interceptor(c, self.bearer.clone())
                 .max_decoding_message_size(crate::api::meta::MAX_API_MESSAGE)
                 .max_encoding_message_size(crate::api::meta::MAX_API_MESSAGE),
         ))
     }
 
-    fn meta(&self) -> Result<(usize, MetaClient<Channel>), String> {
+    fn meta(&self) -> Result<(usize, MetaClient<AuthChannel>), String> {
         let (i, c) = self.get()?;
         Ok((
             i,
-            MetaClient::new(c)
+            MetaClient::with_interceptor(c, self.bearer.clone())
                 .max_decoding_message_size(crate::api::meta::MAX_API_MESSAGE)
                 .max_encoding_message_size(crate::api::meta::MAX_API_MESSAGE),
         ))
@@ -483,6 +493,8 @@ pub fn start(
     };
     // A long poll must fit in one call.
     let timeout = cfg.wait() + Duration::from_secs(10);
+    // Validated with the server config.
+    let bearer = Bearer::new(cfg.token.as_ref().map(Secret::expose)).unwrap_or_default();
     let enabled = cfg.enabled;
     let shared = Arc::new(Shared {
         id,
@@ -492,7 +504,7 @@ pub fn start(
         sandbox,
         blobs,
         governor,
-        endpoints: Endpoints::new(addrs, timeout),
+        endpoints: Endpoints::new(addrs, timeout, bearer),
         modules: Mutex::new(HashMap::new()),
         state: Mutex::new(State::default()),
     });
@@ -931,6 +943,7 @@ impl Executor {
         };
         let task_id = s.task_id.to_string();
         let gate = self.shared.governor.as_ref().map(|g| {
+            g.set_tenant_rate(&a.tenant, Some(a.tenant_fuel_per_second));
             let info = TaskInfo {
                 tenant: a.tenant.clone(),
                 rank: Rank {
@@ -1128,6 +1141,9 @@ impl Shared {
             module: hash.to_string(),
             tag: String::new(),
             with_bytes: true,
+            // Any tenant's module with these bytes (the worker holds the
+            // admin token).
+            tenant: String::new(),
         };
         let resp = match tokio::time::timeout(CALL_TIMEOUT, client.get_module(req)).await {
             Ok(Ok(r)) => r.into_inner(),

@@ -27,6 +27,7 @@ pub mod state_machine;
 pub mod storage;
 mod subtasks;
 mod tasks;
+mod tenants;
 pub mod transport;
 
 #[cfg(test)]
@@ -37,6 +38,8 @@ mod model_replica_tests;
 mod model_tests;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod tenants_tests;
 
 pub use config::MetaConfig;
 pub use error::MetaError;
