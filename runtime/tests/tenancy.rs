@@ -708,6 +708,7 @@ async fn two_tenants_with_equal_weights_share_the_slots_about_evenly() {
     assert!(samples >= 10, "too few samples while both ran: {samples}");
     let (avg_a, avg_b) = (sum_a as f64 / samples as f64, sum_b as f64 / samples as f64);
     let half = f64::from(slots) / 2.0;
+    eprintln!("fair share: {samples} samples, running on average a {avg_a:.2}, b {avg_b:.2} of {slots} slots");
     assert!(
         (avg_a - half).abs() <= 1.0 && (avg_b - half).abs() <= 1.0,
         "running on average: a {avg_a:.2}, b {avg_b:.2} of {slots} slots"

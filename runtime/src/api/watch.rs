@@ -90,7 +90,11 @@ impl StokerService {
                     return None;
                 }
                 loop {
-                    let _ = tokio::time::timeout(IDLE_RECHECK, applied.changed()).await;
+                    if let Ok(Err(_)) = tokio::time::timeout(IDLE_RECHECK, applied.changed()).await
+                    {
+                        let stopped = Status::unavailable("the metadata node stopped; watch again");
+                        return Some((Err(stopped), (node, caller, id, applied, None, None)));
+                    }
                     applied.borrow_and_update();
                     match snapshot(&node, &caller, id) {
                         Err(e) => return Some((Err(e), (node, caller, id, applied, None, None))),
