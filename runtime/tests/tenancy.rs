@@ -15,10 +15,10 @@ use stoker::api::meta::{connect_meta_with, connect_stoker_with};
 use stoker_proto::api::stoker_client::StokerClient;
 use stoker_proto::api::{
     control_task_request::Action, AssignmentsRequest, ControlTaskRequest, CreateTenantRequest,
-    CreateTokenRequest, DeleteModuleRequest, GetModuleRequest, GetTaskRequest, GetTaskResponse,
-    HeartbeatRequest, ListModulesRequest, ListNodesRequest, ListTasksRequest, ListTenantsRequest,
-    ListTokensRequest, ModifyTaskRequest, RevokeTokenRequest, SetTenantRequest, SubmitTaskRequest,
-    UploadModuleRequest, WatchTaskRequest,
+    CreateTokenRequest, DeleteModuleRequest, GetModuleRequest, GetSubtaskLogRequest,
+    GetTaskRequest, GetTaskResponse, HeartbeatRequest, ListModulesRequest, ListNodesRequest,
+    ListTasksRequest, ListTenantsRequest, ListTokensRequest, ModifyTaskRequest, RevokeTokenRequest,
+    SetTenantRequest, SubmitTaskRequest, UploadModuleRequest, WatchTaskRequest,
 };
 use stoker_proto::meta::{
     ProposeRequest, QueryRequest, StatusRequest, TaskModification, TenantQuota,
@@ -516,6 +516,25 @@ async fn a_tenant_cannot_see_or_touch_another_tenants_objects() {
     let t = h.submit(&a, req("misbehave", "blob")).await.unwrap();
     let r = h.wait(t).await;
     assert_eq!(r.task.unwrap().result, b"blob ok");
+
+    // Logs: a's subtask log is a's alone.
+    let t = h.submit(&a, req("misbehave", "log:3")).await.unwrap();
+    assert_eq!(state(&h.wait(t).await), "succeed");
+    let log_req = || GetSubtaskLogRequest {
+        task_id: t,
+        step: 0,
+        ordinal: 0,
+        attempt: 0,
+    };
+    let log = h
+        .api(Some(&a))
+        .get_subtask_log(log_req())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(log.attempt, 1);
+    assert_eq!(log.log.lines().count(), 3, "{:?}", log.log);
+    code(bb.get_subtask_log(log_req()).await, Code::NotFound);
 
     // The admin sees every tenant's tasks, and filters by tenant.
     let all = h

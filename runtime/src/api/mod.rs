@@ -4,7 +4,7 @@
 //! - [`auth`]: who a request comes from (admin token, tenant tokens, the
 //!   open mode), and the bearer token of internal clients.
 //! - `tenancy`: the tenant, token and module-deletion calls.
-//! - `watch`: the `WatchTask` stream.
+//! - `watch`: the `WatchTask` stream; `logs`: `GetSubtaskLog`.
 //! - [`raft`]: the Raft transport between scheduler nodes (gRPC, batched per
 //!   peer, bounded queues, chunked snapshots).
 //! - [`meta`]: the client-facing `Meta` service, leader forwarding, error
@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod local_cluster;
+mod logs;
 pub mod meta;
 pub mod raft;
 pub mod server;

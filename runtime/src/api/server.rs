@@ -390,6 +390,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         sandbox.clone(),
         heartbeat,
         auth,
+        blobs.clone(),
     ))
     .max_decoding_message_size(MAX_API_MESSAGE)
     .max_encoding_message_size(MAX_API_MESSAGE);

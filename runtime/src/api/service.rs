@@ -32,6 +32,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::auth::{Authenticator, Caller};
 use super::meta::to_status;
 use super::workers;
+use crate::blob::BlobStore;
 use crate::meta::queries::{self, TaskFilter};
 use crate::meta::records::{MAX_CHUNK_BYTES, MAX_MODULE_BYTES};
 use crate::meta::{now_ms, MetaError, MetaNode, RequestId};
@@ -74,6 +75,8 @@ pub struct StokerService {
     sandbox: Arc<Sandbox>,
     heartbeat_interval: Duration,
     auth: Authenticator,
+    /// Where subtask logs are read from.
+    blobs: BlobStore,
 }
 
 impl StokerService {
@@ -83,13 +86,20 @@ impl StokerService {
         sandbox: Arc<Sandbox>,
         heartbeat_interval: Duration,
         auth: Authenticator,
+        blobs: BlobStore,
     ) -> Self {
         StokerService {
             node,
             sandbox,
             heartbeat_interval,
             auth,
+            blobs,
         }
+    }
+
+    /// The cluster's blob store.
+    pub(super) fn blobs(&self) -> &BlobStore {
+        &self.blobs
     }
 
     /// The metadata node it serves.
@@ -554,6 +564,13 @@ impl Stoker for StokerService {
         request: Request<stoker_proto::api::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         self.do_watch_task(request).await
+    }
+
+    async fn get_subtask_log(
+        &self,
+        request: Request<stoker_proto::api::GetSubtaskLogRequest>,
+    ) -> Result<Response<stoker_proto::api::GetSubtaskLogResponse>, Status> {
+        self.do_get_subtask_log(request).await
     }
 }
 

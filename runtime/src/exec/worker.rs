@@ -52,6 +52,12 @@ use crate::model::{Rank, SubtaskState, TaskState};
 use crate::resource::{FuelGate, Governor, TaskInfo};
 use crate::sandbox::{module_hash, CallEnv, CallLimits, Sandbox, SandboxError, TaskModule};
 
+/// The blob key (relative to the tenant) of one run's log: the guest's
+/// stdout, stderr and `log` lines, bounded by the sandbox.
+pub fn subtask_log_key(task: u64, step: u32, ordinal: u32, attempt: u32) -> String {
+    format!("logs/{task}/{step}-{ordinal}-{attempt}")
+}
+
 /// Configuration of a node's worker (the `[worker]` table of the server
 /// config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -969,6 +975,14 @@ impl Executor {
             task_id: task_id.clone(),
         };
         let report = self.shared.sandbox.run(module, &env, &request).await;
+        if !report.log.is_empty() {
+            // Kept in the tenant's blobs for `GetSubtaskLog`; losing it
+            // does not fail the subtask.
+            let key = subtask_log_key(s.task_id, s.step, s.ordinal, s.attempt);
+            if let Err(e) = blobs.put(&key, Bytes::from(report.log.clone())).await {
+                warn!(error = %e, blob = %key, "cannot store the subtask's log");
+            }
+        }
         let checkpoint = report.checkpoint.unwrap_or(checkpoint);
         let fuel_used = report.fuel_used;
         match report.result {
