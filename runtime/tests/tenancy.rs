@@ -773,6 +773,21 @@ async fn the_cli_creates_tenants_and_tokens_and_fails_in_one_line() {
     let id = created["id"].as_str().unwrap();
     let out = stoker(&["token", "revoke", id], Some(&token));
     assert!(out.status.success(), "{out:?}");
+    // A subtask's log, for its tenant only.
+    h.upload(&token, "misbehave").await.unwrap();
+    let t = h.submit(&token, req("misbehave", "log:2")).await.unwrap();
+    assert_eq!(state(&h.wait(t).await), "succeed");
+    let id = t.to_string();
+    let out = stoker(&["task", "log", &id, "0", "0"], Some(&token));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "log line 0 of 2\nlog line 1 of 2\n"
+    );
+    let other = h.tenant("other", None).await;
+    let out = stoker(&["task", "log", &id, "0", "0"], Some(&other));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
     // Failures: one line, actionable, non-zero.
     for (args, token, want) in [
         (&["task", "list"][..], None, "STOKER_TOKEN"),

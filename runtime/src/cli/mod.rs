@@ -11,6 +11,7 @@ mod module;
 mod node;
 mod run_local;
 mod server;
+mod subtask_log;
 mod task;
 mod tenant;
 

@@ -81,6 +81,10 @@ pub(super) enum TaskCommand {
     ///
     /// Example: stoker task modify 7 --concurrency 4
     Modify(ModifyArgs),
+    /// Print one subtask run's log (its stdout, stderr and log lines).
+    ///
+    /// Example: stoker task log 7 0 3 --attempt 2
+    Log(super::subtask_log::LogArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -218,6 +222,7 @@ pub(super) async fn run(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
         TaskCommand::Resume(a) => control(a, Action::Resume).await,
         TaskCommand::Resolve(a) => control(a, Action::Resolve).await,
         TaskCommand::Modify(a) => modify(a).await,
+        TaskCommand::Log(a) => super::subtask_log::run(a).await,
     }
 }
 
