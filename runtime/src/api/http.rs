@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Authenticator;
 use super::dashboard;
 use super::metrics::{self, CountsCache};
 use crate::exec::worker::WorkerView;
@@ -33,6 +34,8 @@ pub struct HttpState {
     pub worker: Option<WorkerView>,
     /// Scheduler endpoints a worker-only node points the dashboard to.
     pub schedulers: Vec<String>,
+    /// Who a token belongs to (the gRPC API's authentication).
+    pub auth: Authenticator,
     cache: CountsCache,
 }
 
@@ -42,12 +45,14 @@ impl HttpState {
         meta: Option<MetaNode>,
         worker: Option<WorkerView>,
         schedulers: Vec<String>,
+        auth: Authenticator,
     ) -> Self {
         HttpState {
             node_id,
             meta,
             worker,
             schedulers,
+            auth,
             cache: CountsCache::default(),
         }
     }
@@ -145,15 +150,41 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// The one authorization of the dashboard's JSON endpoints: who the
-/// request is answered for. The cluster has no tokens yet, so every
-/// well-formed request is the admin's; tenancy's token check belongs here
-/// (an unknown or revoked token → 401, a tenant token → `Viewer::Tenant`).
+/// request is answered for, by the same rules as the gRPC API. An open
+/// cluster (no `admin_token`) shows everything; otherwise the admin token
+/// sees all tenants, a tenant token its own tenant.
 ///
 /// # Errors
-/// 401 for a malformed `Authorization` header.
-pub fn authorize(_state: &HttpState, headers: &HeaderMap) -> Result<Viewer, ApiError> {
-    let _token = bearer(headers)?;
-    Ok(Viewer::Admin)
+/// 401 for a missing, malformed, unknown or revoked token; 503 on a
+/// worker-only node of an authenticated cluster (it cannot check tokens).
+pub async fn authorize(state: &HttpState, headers: &HeaderMap) -> Result<Viewer, ApiError> {
+    let token = bearer(headers)?;
+    if !state.auth.enabled() {
+        return Ok(Viewer::Admin);
+    }
+    let Some(meta) = &state.meta else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "a worker-only node cannot check tokens; open the dashboard of a scheduler: {}",
+                state.schedulers.join(", ")
+            ),
+        ));
+    };
+    let Some(token) = token else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this cluster requires a token: log in with your tenant token (or the admin token)",
+        ));
+    };
+    match state.auth.caller(meta, Ok(Some(token))).await {
+        Ok(caller) if caller.admin => Ok(Viewer::Admin),
+        Ok(caller) => Ok(Viewer::Tenant(caller.tenant)),
+        Err(status) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            status.message().to_string(),
+        )),
+    }
 }
 
 async fn healthz() -> &'static str {

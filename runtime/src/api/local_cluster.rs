@@ -10,7 +10,7 @@ use std::time::Duration;
 use stoker_proto::api::ListNodesRequest;
 use stoker_proto::meta::StatusRequest;
 
-use super::meta::{connect_lazy, connect_stoker};
+use super::meta::{connect_meta_with, connect_stoker_with};
 
 /// One server process.
 struct ProcNode {
@@ -30,6 +30,8 @@ pub struct LocalCluster {
     peers: String,
     config: Option<PathBuf>,
     nodes: BTreeMap<u64, ProcNode>,
+    /// The admin token the cluster's config sets, sent by the waits.
+    token: Option<String>,
 }
 
 /// A free port on 127.0.0.1, found by binding port 0.
@@ -111,6 +113,7 @@ impl LocalCluster {
             peers,
             config,
             nodes,
+            token: None,
         };
         for id in 1..=n {
             cluster.spawn(id)?;
@@ -233,6 +236,12 @@ impl LocalCluster {
             .collect()
     }
 
+    /// Makes the waits send `token` (the `admin_token` of a cluster started
+    /// with one in its config).
+    pub fn set_token(&mut self, token: &str) {
+        self.token = Some(token.to_string());
+    }
+
     /// Waits until the cluster lists at least `n` up workers.
     ///
     /// # Errors
@@ -246,7 +255,11 @@ impl LocalCluster {
                 .into_iter()
                 .filter(|id| !self.nodes[id].worker_only)
             {
-                let Ok(mut c) = connect_stoker(self.addr(id), Duration::from_millis(500)) else {
+                let Ok(mut c) = connect_stoker_with(
+                    self.addr(id),
+                    Duration::from_millis(500),
+                    self.token.as_deref(),
+                ) else {
                     continue;
                 };
                 if let Ok(r) = c.list_nodes(ListNodesRequest {}).await {
@@ -280,7 +293,11 @@ impl LocalCluster {
                 if self.nodes[&id].worker_only {
                     continue;
                 }
-                if let Ok(mut c) = connect_lazy(self.addr(id), Duration::from_millis(500)) {
+                if let Ok(mut c) = connect_meta_with(
+                    self.addr(id),
+                    Duration::from_millis(500),
+                    self.token.as_deref(),
+                ) {
                     if let Ok(s) = c.status(StatusRequest {}).await {
                         if s.get_ref().role == "leader" {
                             return Ok(id);

@@ -19,6 +19,7 @@ use stoker_proto::meta::{
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use super::auth::{AuthChannel, Bearer};
 use crate::meta::{
     Consistency, Forwarder, MetaError, MetaNode, NodeStatus, RedbStorage, RequestId,
 };
@@ -93,6 +94,39 @@ pub fn connect_stoker(addr: &str, timeout: Duration) -> Result<StokerClient<Chan
         .max_encoding_message_size(MAX_API_MESSAGE))
 }
 
+/// [`connect_stoker`] whose every request carries `token` (when given).
+///
+/// # Errors
+/// [`MetaError::Invalid`] for a malformed address or token.
+pub fn connect_stoker_with(
+    addr: &str,
+    timeout: Duration,
+    token: Option<&str>,
+) -> Result<StokerClient<AuthChannel>, MetaError> {
+    let bearer = Bearer::new(token).map_err(MetaError::Invalid)?;
+    Ok(
+        StokerClient::with_interceptor(channel(addr, timeout)?, bearer)
+            .max_decoding_message_size(MAX_API_MESSAGE)
+            .max_encoding_message_size(MAX_API_MESSAGE),
+    )
+}
+
+/// [`connect_lazy`] whose every request carries `token` (when given).
+///
+/// # Errors
+/// [`MetaError::Invalid`] for a malformed address or token.
+pub fn connect_meta_with(
+    addr: &str,
+    timeout: Duration,
+    token: Option<&str>,
+) -> Result<MetaClient<AuthChannel>, MetaError> {
+    let bearer = Bearer::new(token).map_err(MetaError::Invalid)?;
+    Ok(MetaClient::with_interceptor(
+        channel(addr, timeout)?,
+        bearer,
+    ))
+}
+
 /// The largest API message: a whole module plus its record.
 pub const MAX_API_MESSAGE: usize = crate::meta::records::MAX_MODULE_BYTES + (1 << 20);
 
@@ -102,20 +136,24 @@ pub struct GrpcForwarder {
     /// forwarder, and a handle here would keep the node alive forever.
     storage: RedbStorage,
     timeout: Duration,
-    clients: Mutex<HashMap<u64, (String, MetaClient<Channel>)>>,
+    /// The cluster token every forwarded call carries.
+    bearer: Bearer,
+    clients: Mutex<HashMap<u64, (String, MetaClient<AuthChannel>)>>,
 }
 
 impl GrpcForwarder {
-    /// Forwards on behalf of `node`; each call is bounded by `timeout`.
-    pub fn new(node: &MetaNode, timeout: Duration) -> Self {
+    /// Forwards on behalf of `node`; each call is bounded by `timeout` and
+    /// carries `bearer`.
+    pub fn new(node: &MetaNode, timeout: Duration, bearer: Bearer) -> Self {
         GrpcForwarder {
             storage: node.storage().clone(),
             timeout,
+            bearer,
             clients: Mutex::new(HashMap::new()),
         }
     }
 
-    fn client(&self, leader: u64) -> Result<MetaClient<Channel>, MetaError> {
+    fn client(&self, leader: u64) -> Result<MetaClient<AuthChannel>, MetaError> {
         let addr = self
             .storage
             .members()?
@@ -133,7 +171,7 @@ impl GrpcForwarder {
                 return Ok(c.clone());
             }
         }
-        let c = connect_lazy(&addr, self.timeout)?;
+        let c = MetaClient::with_interceptor(channel(&addr, self.timeout)?, self.bearer.clone());
         clients.insert(leader, (addr, c.clone()));
         Ok(c)
     }

@@ -1,6 +1,10 @@
 //! Network services of a node.
 //!
 //! # Layout
+//! - [`auth`]: who a request comes from (admin token, tenant tokens, the
+//!   open mode), and the bearer token of internal clients.
+//! - `tenancy`: the tenant, token and module-deletion calls.
+//! - `watch`: the `WatchTask` stream; `logs`: `GetSubtaskLog`.
 //! - [`raft`]: the Raft transport between scheduler nodes (gRPC, batched per
 //!   peer, bounded queues, chunked snapshots).
 //! - [`meta`]: the client-facing `Meta` service, leader forwarding, error
@@ -17,13 +21,17 @@
 //!   ([`metrics`]) and the web dashboard ([`dashboard`]) with its JSON
 //!   endpoints and their one authorization function.
 
+pub mod auth;
 pub mod dashboard;
 pub mod http;
 pub mod local_cluster;
+mod logs;
 pub mod meta;
 pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod service;
+mod tenancy;
 pub mod tls;
+mod watch;
 pub mod workers;

@@ -12,7 +12,8 @@ use stoker_proto::meta::raft_transport_client::RaftTransportClient;
 use stoker_proto::meta::raft_transport_server::RaftTransport;
 use stoker_proto::meta::{RaftAck, RaftBatch, SnapshotChunk};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
+
+use super::auth::{AuthChannel, Bearer};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -88,9 +89,18 @@ pub struct GrpcTransport {
     peers: Mutex<HashMap<u64, Peer>>,
     reporter: OnceLock<Reporter>,
     runtime: tokio::runtime::Handle,
+    /// The cluster token every message carries.
+    bearer: Bearer,
 }
 
 impl GrpcTransport {
+    /// Sends `bearer` (the cluster's admin token) with every message.
+    #[must_use]
+    pub fn with_bearer(mut self, bearer: Bearer) -> Self {
+        self.bearer = bearer;
+        self
+    }
+
     /// A transport for node `me` reachable at `advertise`, whose peer tasks
     /// run on `runtime`.
     pub fn new(
@@ -106,6 +116,7 @@ impl GrpcTransport {
             peers: Mutex::new(HashMap::new()),
             reporter: OnceLock::new(),
             runtime,
+            bearer: Bearer::default(),
         }
     }
 
@@ -182,7 +193,7 @@ impl Transport for GrpcTransport {
             me: self.me,
             advertise: self.advertise.clone(),
             to: id,
-            client: RaftTransportClient::new(channel)
+            client: RaftTransportClient::with_interceptor(channel, self.bearer.clone())
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
             reporter,
@@ -208,7 +219,7 @@ struct PeerSender {
     me: u64,
     advertise: String,
     to: u64,
-    client: RaftTransportClient<Channel>,
+    client: RaftTransportClient<AuthChannel>,
     reporter: Reporter,
     config: TransportConfig,
 }

@@ -11,8 +11,9 @@ use stoker_proto::meta::meta_server::MetaServer;
 use stoker_proto::meta::raft_transport_server::RaftTransportServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use super::auth::{Authenticator, Bearer, ClusterGuard, Secret};
 use super::http::{self, HttpState};
 use super::meta::{GrpcForwarder, MetaService, MAX_API_MESSAGE};
 use super::raft::{GrpcTransport, RaftService, TransportConfig};
@@ -74,6 +75,14 @@ pub struct ServerConfig {
     /// table with `cert`, `key`, `ca` and optionally `client_auth`).
     /// Default off.
     pub tls: TlsConfig,
+    /// The admin token. When set, every request must carry a token (this
+    /// one, or a tenant's), and the internal services (Raft transport,
+    /// `Meta`, worker calls) accept only this one, so every node of the
+    /// cluster, worker-only nodes too, must be given the same value. When
+    /// unset the cluster runs open: no authentication, every request acts
+    /// as the admin of the `default` tenant (fine for `stoker dev`, not
+    /// for a shared cluster). Default unset.
+    pub admin_token: Option<Secret>,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +102,7 @@ impl Default for ServerConfig {
             worker: WorkerConfig::default(),
             resource: None,
             tls: TlsConfig::default(),
+            admin_token: None,
         }
     }
 }
@@ -142,6 +152,14 @@ impl ServerConfig {
         }
         if self.id == 0 {
             return Err(MetaError::Config("id must be > 0".into()));
+        }
+        if let Some(t) = self.admin_token.as_ref().map(Secret::expose) {
+            if t.trim().len() < 16 || t.trim() != t || Bearer::new(Some(t)).is_err() {
+                return Err(MetaError::Config(
+                    "admin_token must be at least 16 printable characters without surrounding spaces"
+                        .into(),
+                ));
+            }
         }
         if !self.scheduler {
             if !self.worker.enabled {
@@ -320,17 +338,28 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         super::tls::install_client(tls)?;
     }
     let (sandbox, blobs) = node_parts(cfg)?;
+    let admin_token = cfg.admin_token.as_ref().map(Secret::expose);
+    let auth = Authenticator::new(admin_token);
+    let bearer = Bearer::new(admin_token).map_err(MetaError::Config)?;
+    if !auth.enabled() {
+        warn!(
+            node_id = cfg.id,
+            "no admin_token configured: the cluster runs open, without authentication, every request acting as the admin of tenant default"
+        );
+    }
     let resource = governor(cfg, &sandbox).await?;
     if !cfg.scheduler {
         let addr: SocketAddr = cfg
             .listen
             .parse()
             .map_err(|e| MetaError::Config(format!("listen {:?}: {e}", cfg.listen)))?;
+        let mut wcfg = cfg.worker.clone();
+        wcfg.token = cfg.admin_token.clone();
         let worker = worker::start(
             cfg.id,
             cfg.listen.clone(),
             false,
-            cfg.worker.clone(),
+            wcfg,
             sandbox,
             blobs,
             resource,
@@ -348,6 +377,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             None,
             Some(worker.view()),
             cfg.worker.endpoints.clone(),
+            auth,
         );
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = serve_http(
@@ -380,12 +410,15 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         source,
     })?;
     let tcfg = cfg.transport.clone();
-    let transport = Arc::new(GrpcTransport::new(
-        cfg.id,
-        addr.to_string(),
-        tcfg.clone(),
-        tokio::runtime::Handle::current(),
-    ));
+    let transport = Arc::new(
+        GrpcTransport::new(
+            cfg.id,
+            addr.to_string(),
+            tcfg.clone(),
+            tokio::runtime::Handle::current(),
+        )
+        .with_bearer(bearer.clone()),
+    );
     let initial = if cfg.join {
         Vec::new()
     } else {
@@ -399,16 +432,21 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         transport.clone(),
     )?;
     let timeout = cfg.meta.request_timeout();
-    node.set_forwarder(Arc::new(GrpcForwarder::new(&node, timeout)));
-    let raft_svc = RaftTransportServer::new(RaftService::new(node.clone(), transport, &tcfg))
-        .max_decoding_message_size(usize::MAX);
-    let meta_svc = MetaServer::new(MetaService::new(node.clone(), timeout));
+    node.set_forwarder(Arc::new(GrpcForwarder::new(&node, timeout, bearer)));
+    let guard = ClusterGuard(auth.clone());
+    let raft_svc = tonic::service::interceptor::InterceptedService::new(
+        RaftTransportServer::new(RaftService::new(node.clone(), transport, &tcfg))
+            .max_decoding_message_size(usize::MAX),
+        guard.clone(),
+    );
+    let meta_svc = MetaServer::with_interceptor(MetaService::new(node.clone(), timeout), guard);
     let heartbeat = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms);
     let stoker_svc = StokerServer::new(StokerService::new(
         node.clone(),
         sandbox.clone(),
-        blobs.clone(),
         heartbeat,
+        auth.clone(),
+        blobs.clone(),
     ))
     .max_decoding_message_size(MAX_API_MESSAGE)
     .max_encoding_message_size(MAX_API_MESSAGE);
@@ -420,6 +458,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         if wcfg.endpoints.is_empty() {
             wcfg.endpoints = vec![addr.to_string()];
         }
+        wcfg.token = cfg.admin_token.clone();
         worker::start(
             id,
             addr.to_string(),
@@ -435,6 +474,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         Some(node.clone()),
         worker.as_ref().map(WorkerHandle::view),
         Vec::new(),
+        auth,
     );
     let routes = tonic::service::Routes::from(http::router(state))
         .add_service(raft_svc)

@@ -16,6 +16,12 @@ use stoker_proto::api::{
     ListTasksResponse, ModifyTaskRequest, ModifyTaskResponse, StateCount, StepInfo,
     SubmitTaskRequest, SubmitTaskResponse, UploadModuleRequest, UploadModuleResponse,
 };
+use stoker_proto::api::{
+    CreateTenantRequest, CreateTenantResponse, CreateTokenRequest, CreateTokenResponse,
+    DeleteModuleRequest, DeleteModuleResponse, ListTenantsRequest, ListTenantsResponse,
+    ListTokensRequest, ListTokensResponse, RevokeTokenRequest, RevokeTokenResponse,
+    SetTenantRequest, SetTenantResponse,
+};
 use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::command_result::Kind as R;
 use stoker_proto::meta::{
@@ -24,11 +30,12 @@ use stoker_proto::meta::{
 };
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::auth::{Authenticator, Caller};
 use super::meta::to_status;
 use super::workers;
 use crate::blob::BlobStore;
 use crate::meta::queries::{self, TaskFilter};
-use crate::meta::records::{DEFAULT_TENANT, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, MAX_MODULE_BYTES};
+use crate::meta::records::{MAX_CHUNK_BYTES, MAX_INLINE_BYTES, MAX_MODULE_BYTES};
 use crate::meta::{now_ms, MetaError, MetaNode, RequestId};
 use crate::model::{SubtaskState, TaskState};
 use crate::sandbox::{Sandbox, ABI_VERSION};
@@ -38,7 +45,11 @@ use crate::sched::task::StepCounts;
 pub fn rejection_status(message: &str) -> Status {
     let code = if message.contains(" not found") {
         Code::NotFound
-    } else if message.starts_with("illegal ") {
+    } else if message.starts_with("quota exceeded") {
+        Code::ResourceExhausted
+    } else if message.contains(" already exists") {
+        Code::AlreadyExists
+    } else if message.starts_with("illegal ") || message.contains(" is used by unfinished task") {
         Code::FailedPrecondition
     } else if message.starts_with("stale report") {
         Code::Aborted
@@ -63,23 +74,27 @@ pub struct StokerService {
     /// Validates uploaded modules (compiles them once, which also warms
     /// this node's cache for planning).
     sandbox: Arc<Sandbox>,
-    /// Where inputs too large to replicate inline are stored.
-    blobs: BlobStore,
     heartbeat_interval: Duration,
+    auth: Authenticator,
+    /// Where subtask logs are read from and large inputs are kept.
+    blobs: BlobStore,
 }
 
 impl StokerService {
+    /// Serves `node`'s API; `auth` decides who a request comes from.
     pub fn new(
         node: MetaNode,
         sandbox: Arc<Sandbox>,
-        blobs: BlobStore,
         heartbeat_interval: Duration,
+        auth: Authenticator,
+        blobs: BlobStore,
     ) -> Self {
         StokerService {
             node,
             sandbox,
-            blobs,
             heartbeat_interval,
+            auth,
+            blobs,
         }
     }
 
@@ -109,7 +124,33 @@ impl StokerService {
         Ok((Vec::new(), key))
     }
 
-    async fn propose(&self, kind: C, request_id: Option<RequestId>) -> Result<Option<R>, Status> {
+    /// The cluster's blob store.
+    pub(super) fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// The metadata node it serves.
+    pub(super) fn node(&self) -> &MetaNode {
+        &self.node
+    }
+
+    /// Who sent `request` (see [`Authenticator::caller`]).
+    ///
+    /// # Errors
+    /// `Unauthenticated` for a missing, unknown or revoked token.
+    pub(super) fn caller<T>(
+        &self,
+        request: &Request<T>,
+    ) -> impl std::future::Future<Output = Result<Caller, Status>> + Send + '_ {
+        let token = self.auth.token_of(request.metadata());
+        self.auth.caller(&self.node, token)
+    }
+
+    pub(super) async fn propose(
+        &self,
+        kind: C,
+        request_id: Option<RequestId>,
+    ) -> Result<Option<R>, Status> {
         let cmd = Command { kind: Some(kind) };
         let result = match request_id {
             Some(id) => self.node.propose_with_id(cmd, id).await,
@@ -118,7 +159,7 @@ impl StokerService {
         accepted(result.map_err(to_status)?)
     }
 
-    async fn read<T>(
+    pub(super) async fn read<T>(
         &self,
         f: impl FnOnce(&std::path::Path, &redb::ReadTransaction) -> Result<T, MetaError>,
     ) -> Result<T, Status> {
@@ -126,9 +167,12 @@ impl StokerService {
         self.node.read_local(f).map(|(v, _)| v).map_err(to_status)
     }
 
-    async fn task_state(&self, id: u64) -> Result<String, Status> {
+    /// The state of a task the caller may see (`NotFound` for another
+    /// tenant's, exactly as for a missing one).
+    async fn task_state(&self, caller: &Caller, id: u64) -> Result<String, Status> {
         self.read(|p, t| queries::task(p, t, id))
             .await?
+            .filter(|t| caller.sees(&t.tenant))
             .map(|t| t.state)
             .ok_or_else(|| Status::not_found(format!("task {id} not found")))
     }
@@ -157,10 +201,13 @@ fn set_state(id: u64, state: TaskState) -> C {
 
 #[tonic::async_trait]
 impl Stoker for StokerService {
+    type WatchTaskStream = super::watch::TaskEvents;
+
     async fn upload_module(
         &self,
         request: Request<Streaming<UploadModuleRequest>>,
     ) -> Result<Response<UploadModuleResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let mut stream = request.into_inner();
         let (mut name, mut tag, mut bytes) = (String::new(), String::new(), Vec::new());
         let mut first = true;
@@ -190,6 +237,8 @@ impl Stoker for StokerService {
             .await
             .map_err(|e| Status::invalid_argument(format!("invalid module: {e}")))?;
         let hash = module.hash.clone();
+        self.check_module_quota(&caller.tenant, &hash, bytes.len() as u64)
+            .await?;
         let chunks: Vec<&[u8]> = bytes.chunks(MAX_CHUNK_BYTES).collect();
         for (index, data) in chunks.iter().enumerate() {
             self.propose(
@@ -206,7 +255,7 @@ impl Stoker for StokerService {
             .propose(
                 C::CommitModule(CommitModule {
                     hash: hash.clone(),
-                    tenant: String::new(),
+                    tenant: caller.tenant.clone(),
                     name,
                     tag,
                     abi_version: ABI_VERSION,
@@ -221,7 +270,7 @@ impl Stoker for StokerService {
             other => return Err(Status::internal(format!("unexpected result {other:?}"))),
         };
         let record = self
-            .read(|p, t| queries::module(p, t, &hash))
+            .read(|p, t| queries::module(p, t, &caller.tenant, &hash))
             .await?
             .ok_or_else(|| Status::internal(format!("module {hash} vanished after commit")))?;
         Ok(Response::new(UploadModuleResponse {
@@ -232,9 +281,13 @@ impl Stoker for StokerService {
 
     async fn list_modules(
         &self,
-        _request: Request<ListModulesRequest>,
+        request: Request<ListModulesRequest>,
     ) -> Result<Response<ListModulesResponse>, Status> {
-        let modules = self.read(queries::modules).await?;
+        let caller = self.caller(&request).await?;
+        let scope = caller.scope(&request.get_ref().tenant);
+        let modules = self
+            .read(|p, t| queries::modules(p, t, scope.as_deref()))
+            .await?;
         Ok(Response::new(ListModulesResponse { modules }))
     }
 
@@ -242,11 +295,14 @@ impl Stoker for StokerService {
         &self,
         request: Request<GetModuleRequest>,
     ) -> Result<Response<GetModuleResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
+        let scope = caller.scope(&req.tenant);
         // Modules never change once committed: a local read that finds one
         // is as good as a linearizable one.
         let find = |p: &std::path::Path, t: &redb::ReadTransaction| {
-            let Some(m) = queries::find_module(p, t, DEFAULT_TENANT, &req.module, &req.tag)? else {
+            let Some(m) = queries::find_module(p, t, scope.as_deref(), &req.module, &req.tag)?
+            else {
                 return Ok(None);
             };
             let data = if req.with_bytes {
@@ -272,18 +328,21 @@ impl Stoker for StokerService {
         &self,
         request: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let rid = request_id(&req.request_id)?;
         let module = self
-            .read(|p, t| queries::find_module(p, t, DEFAULT_TENANT, &req.module, &req.module_tag))
+            .read(|p, t| {
+                queries::find_module(p, t, Some(&caller.tenant), &req.module, &req.module_tag)
+            })
             .await?
             .ok_or_else(|| Status::not_found(format!("module {} not found", req.module)))?;
         let size = req.input.len() as u64;
-        let (input, input_blob) = self.stage_input(DEFAULT_TENANT, req.input, rid).await?;
+        let (input, input_blob) = self.stage_input(&caller.tenant, req.input, rid).await?;
         let staged = (!input_blob.is_empty()).then(|| input_blob.clone());
         let input_blob_size = if input_blob.is_empty() { 0 } else { size };
         let cmd = C::SubmitTask(SubmitTask {
-            tenant: String::new(),
+            tenant: caller.tenant.clone(),
             key: req.key,
             module_hash: module.hash,
             input,
@@ -306,9 +365,12 @@ impl Stoker for StokerService {
             // timeout may still commit, so its blob stays.)
             if matches!(
                 status.code(),
-                Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+                Code::InvalidArgument
+                    | Code::NotFound
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted
             ) {
-                if let Ok(blobs) = self.blobs.tenant(DEFAULT_TENANT) {
+                if let Ok(blobs) = self.blobs.tenant(&caller.tenant) {
                     let _ = blobs.delete(&key).await;
                 }
             }
@@ -323,11 +385,12 @@ impl Stoker for StokerService {
         &self,
         request: Request<GetTaskRequest>,
     ) -> Result<Response<GetTaskResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let id = req.id;
         let found = self
             .read(|p, t| {
-                let Some(task) = queries::task(p, t, id)? else {
+                let Some(task) = queries::task(p, t, id)?.filter(|t| caller.sees(&t.tenant)) else {
                     return Ok(None);
                 };
                 let mut steps = Vec::new();
@@ -365,6 +428,7 @@ impl Stoker for StokerService {
         &self,
         request: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let states = req
             .states
@@ -376,6 +440,8 @@ impl Stoker for StokerService {
             states,
             include_finished: req.include_finished,
             limit: req.limit as usize,
+            tenant: caller.scope(&req.tenant),
+            after_id: req.after_id,
         };
         let mut tasks = self.read(|p, t| queries::list_tasks(p, t, &filter)).await?;
         for t in &mut tasks {
@@ -389,10 +455,13 @@ impl Stoker for StokerService {
         request: Request<ControlTaskRequest>,
     ) -> Result<Response<ControlTaskResponse>, Status> {
         use control_task_request::Action;
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let action = Action::try_from(req.action)
             .map_err(|_| Status::invalid_argument(format!("unknown action {}", req.action)))?;
         let id = req.id;
+        // Another tenant's task is refused before anything is proposed.
+        let state = self.task_state(&caller, id).await?;
         match action {
             Action::Cancel => {
                 self.propose(set_state(id, TaskState::Cancelling), None)
@@ -407,7 +476,6 @@ impl Stoker for StokerService {
                     .await?;
             }
             Action::Resolve => {
-                let state = self.task_state(id).await?;
                 if state != TaskState::AwaitingResolution.as_str() {
                     return Err(Status::failed_precondition(format!(
                         "task {id} is {state}; only an awaiting-resolution task is resolved"
@@ -429,7 +497,7 @@ impl Stoker for StokerService {
                     .await?;
             }
         }
-        let state = self.task_state(id).await?;
+        let state = self.task_state(&caller, id).await?;
         Ok(Response::new(ControlTaskResponse { state }))
     }
 
@@ -437,7 +505,9 @@ impl Stoker for StokerService {
         &self,
         request: Request<ModifyTaskRequest>,
     ) -> Result<Response<ModifyTaskResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
+        self.task_state(&caller, req.id).await?;
         self.propose(
             C::ModifyTask(ModifyTask {
                 id: req.id,
@@ -446,14 +516,15 @@ impl Stoker for StokerService {
             None,
         )
         .await?;
-        let state = self.task_state(req.id).await?;
+        let state = self.task_state(&caller, req.id).await?;
         Ok(Response::new(ModifyTaskResponse { state }))
     }
 
     async fn list_nodes(
         &self,
-        _request: Request<ListNodesRequest>,
+        request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
+        self.caller(&request).await?;
         let (nodes, busy) = self
             .read(|p, t| {
                 let nodes = queries::node_records(p, t)?;
@@ -471,6 +542,9 @@ impl Stoker for StokerService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        self.caller(&request)
+            .await?
+            .require_admin("a worker heartbeat")?;
         workers::heartbeat(&self.node, request.into_inner(), self.heartbeat_interval)
             .await
             .map(Response::new)
@@ -480,9 +554,75 @@ impl Stoker for StokerService {
         &self,
         request: Request<stoker_proto::api::AssignmentsRequest>,
     ) -> Result<Response<stoker_proto::api::AssignmentsResponse>, Status> {
+        self.caller(&request)
+            .await?
+            .require_admin("polling assignments")?;
         workers::assignments(&self.node, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn create_tenant(
+        &self,
+        request: Request<CreateTenantRequest>,
+    ) -> Result<Response<CreateTenantResponse>, Status> {
+        self.do_create_tenant(request).await
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<ListTenantsRequest>,
+    ) -> Result<Response<ListTenantsResponse>, Status> {
+        self.do_list_tenants(request).await
+    }
+
+    async fn set_tenant(
+        &self,
+        request: Request<SetTenantRequest>,
+    ) -> Result<Response<SetTenantResponse>, Status> {
+        self.do_set_tenant(request).await
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        self.do_create_token(request).await
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        self.do_revoke_token(request).await
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        self.do_list_tokens(request).await
+    }
+
+    async fn delete_module(
+        &self,
+        request: Request<DeleteModuleRequest>,
+    ) -> Result<Response<DeleteModuleResponse>, Status> {
+        self.do_delete_module(request).await
+    }
+
+    async fn watch_task(
+        &self,
+        request: Request<stoker_proto::api::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        self.do_watch_task(request).await
+    }
+
+    async fn get_subtask_log(
+        &self,
+        request: Request<stoker_proto::api::GetSubtaskLogRequest>,
+    ) -> Result<Response<stoker_proto::api::GetSubtaskLogResponse>, Status> {
+        self.do_get_subtask_log(request).await
     }
 }
 

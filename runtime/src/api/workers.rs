@@ -155,6 +155,7 @@ pub fn read_assignments(node: &MetaNode, id: u64) -> Result<AssignmentsResponse,
         .read_local(|path, txn| {
             let subtasks = queries::node_subtasks(path, txn, id)?;
             let mut task: Option<TaskRecord> = None;
+            let mut rates: std::collections::HashMap<String, u64> = Default::default();
             let mut out = Vec::with_capacity(subtasks.len());
             for s in subtasks {
                 // Subtasks come by task: read each task record once.
@@ -169,7 +170,19 @@ pub fn read_assignments(node: &MetaNode, id: u64) -> Result<AssignmentsResponse,
                     );
                     continue;
                 };
-                out.push(assignment(s, t));
+                let rate = match rates.get(&t.tenant) {
+                    Some(r) => *r,
+                    None => {
+                        let r = queries::tenant(path, txn, &t.tenant)?
+                            .and_then(|r| r.quota)
+                            .map_or(0, |q| q.fuel_per_second);
+                        rates.insert(t.tenant.clone(), r);
+                        r
+                    }
+                };
+                let mut a = assignment(s, t);
+                a.tenant_fuel_per_second = rate;
+                out.push(a);
             }
             Ok(out)
         })
@@ -195,6 +208,7 @@ fn assignment(mut s: SubtaskRecord, t: &TaskRecord) -> Assignment {
         priority: t.priority,
         task_create_time_ms: t.create_time_ms,
         accepts_work: records::accepts_work(t).unwrap_or(false),
+        tenant_fuel_per_second: 0,
     }
 }
 

@@ -29,9 +29,6 @@ pub(super) type Api = StokerClient<InterceptedService<Channel, Auth>>;
 pub(super) struct Conn {
     #[command(flatten)]
     pub(super) endpoint: Endpoint,
-    /// API token, sent as `authorization: Bearer <token>` on every request.
-    #[arg(long, env = "STOKER_TOKEN", hide_env_values = true)]
-    pub(super) token: Option<String>,
 }
 
 impl Conn {
@@ -41,7 +38,7 @@ impl Conn {
         Client::new(
             &self.endpoint.endpoint,
             Duration::from_secs(self.endpoint.timeout_secs),
-            self.token.as_deref(),
+            self.endpoint.token.as_deref(),
         )
     }
 }

@@ -69,8 +69,9 @@ struct ClusterView {
     members: Vec<NodeView>,
 }
 
-async fn node_status(addr: &str) -> Option<StatusResponse> {
-    let mut client = stoker::api::meta::connect_lazy(addr, Duration::from_secs(2)).ok()?;
+async fn node_status(addr: &str, token: Option<&str>) -> Option<StatusResponse> {
+    let mut client =
+        stoker::api::meta::connect_meta_with(addr, Duration::from_secs(2), token).ok()?;
     client
         .status(StatusRequest {})
         .await
@@ -96,14 +97,14 @@ async fn run_inner(cmd: ClusterCommand) -> anyhow::Result<()> {
                 0 => None,
                 l if l == first.id => Some(first.clone()),
                 l => match first.members.iter().find(|m| m.id == l) {
-                    Some(m) => node_status(&m.addr).await,
+                    Some(m) => node_status(&m.addr, endpoint.token.as_deref()).await,
                     None => None,
                 },
             };
             let base = leader.clone().unwrap_or_else(|| first.clone());
             let mut members = Vec::new();
             for m in &base.members {
-                let s = node_status(&m.addr).await;
+                let s = node_status(&m.addr, endpoint.token.as_deref()).await;
                 members.push(NodeView {
                     id: m.id,
                     addr: m.addr.clone(),

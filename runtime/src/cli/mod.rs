@@ -11,7 +11,9 @@ mod module;
 mod node;
 mod run_local;
 mod server;
+mod subtask_log;
 mod task;
+mod tenant;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use stoker::api::auth::AuthChannel;
 use stoker_proto::meta::meta_client::MetaClient;
-use tonic::transport::Channel;
 
 /// Shown after the command list of `stoker --help`.
 const EXAMPLES: &str = "\
@@ -100,6 +102,16 @@ enum Command {
     /// Example: stoker node list
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Create, list and change tenants (admin token).
+    ///
+    /// Example: TOKEN=$(stoker tenant create acme --max-slots 8 | tail -n1)
+    #[command(subcommand)]
+    Tenant(tenant::TenantCommand),
+    /// Create, list and revoke API tokens.
+    ///
+    /// Example: stoker token create --description ci --token $TOKEN
+    #[command(subcommand)]
+    Token(tenant::TokenCommand),
     /// End-to-end benchmarks.
     ///
     /// Example: stoker bench governor --module target/wasm32-wasip1/release/primes.wasm
@@ -137,6 +149,10 @@ struct Endpoint {
     /// PEM private key of --client-cert.
     #[arg(long, env = "STOKER_CLIENT_KEY", requires = "client_cert")]
     client_key: Option<PathBuf>,
+    /// API token, sent as `authorization: Bearer <token>` on every request
+    /// (the admin token for `config` and `cluster` commands).
+    #[arg(long, env = "STOKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl Endpoint {
@@ -154,10 +170,14 @@ impl Endpoint {
         Ok(())
     }
 
-    fn client(&self) -> anyhow::Result<MetaClient<Channel>> {
+    fn client(&self) -> anyhow::Result<MetaClient<AuthChannel>> {
         self.install_tls()?;
-        stoker::api::meta::connect_lazy(&self.endpoint, Duration::from_secs(self.timeout_secs))
-            .with_context(|| format!("cannot use endpoint {}", self.endpoint))
+        stoker::api::meta::connect_meta_with(
+            &self.endpoint,
+            Duration::from_secs(self.timeout_secs),
+            self.token.as_deref(),
+        )
+        .with_context(|| format!("cannot use endpoint {}", self.endpoint))
     }
 }
 
@@ -184,6 +204,8 @@ pub fn main() -> ExitCode {
             Command::Module(cmd) => module::run(cmd).await,
             Command::Task(cmd) => task::run(cmd).await,
             Command::Node(cmd) => node::run(cmd).await,
+            Command::Tenant(cmd) => tenant::run_tenant(cmd).await,
+            Command::Token(cmd) => tenant::run_token(cmd).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });

@@ -43,6 +43,18 @@ pub(super) enum ModuleCommand {
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Delete a module no unfinished task uses (by hash or name).
+    ///
+    /// Example: stoker module delete wordcount --tag v1
+    Delete {
+        /// A hash, or a name (its newest upload).
+        module: String,
+        /// A version label narrowing the name.
+        #[arg(long, default_value = "")]
+        tag: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 pub(super) async fn run(cmd: ModuleCommand) -> anyhow::Result<ExitCode> {
@@ -55,6 +67,19 @@ pub(super) async fn run(cmd: ModuleCommand) -> anyhow::Result<ExitCode> {
             output,
         } => upload(&file, name, tag, &conn, output).await?,
         ModuleCommand::List { conn, output } => list(&conn, output).await?,
+        ModuleCommand::Delete { module, tag, conn } => {
+            let c = conn.connect()?;
+            let subject = format!("module {module}");
+            let hash = c
+                .api
+                .clone()
+                .delete_module(stoker_proto::api::DeleteModuleRequest { module, tag })
+                .await
+                .map_err(|s| c.error(&subject, &s))?
+                .into_inner()
+                .hash;
+            println!("deleted module {hash}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -148,7 +173,7 @@ async fn list(conn: &Conn, output: Output) -> anyhow::Result<()> {
     let c = conn.connect()?;
     let resp = client::retry(|| {
         let mut api = c.api.clone();
-        async move { api.list_modules(ListModulesRequest {}).await }
+        async move { api.list_modules(ListModulesRequest::default()).await }
     })
     .await
     .map_err(|s| c.error("", &s))?

@@ -171,3 +171,55 @@ pub(super) async fn run_dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     running.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ServerArgs,
+    }
+
+    #[test]
+    fn flags_override_the_config_file_and_keep_its_admin_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "id = 3\nlisten = \"127.0.0.1:1\"\npeers = \"3=127.0.0.1:1\"\nadmin_token = \"0123456789abcdef-admin\"\n[worker]\nslots = 2\n",
+        )
+        .unwrap();
+        let w = Wrap::parse_from([
+            "stoker",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9",
+            "--peers",
+            "3=127.0.0.1:9",
+            "--slots",
+            "5",
+        ]);
+        let cfg = load(&w.args).unwrap();
+        assert_eq!((cfg.id, cfg.listen.as_str()), (3, "127.0.0.1:9"));
+        assert_eq!(cfg.worker.slots, 5);
+        assert_eq!(
+            cfg.admin_token.as_ref().map(|t| t.expose()),
+            Some("0123456789abcdef-admin")
+        );
+        assert!(!format!("{cfg:?}").contains("abcdef-admin"), "never logged");
+        // A short admin token is refused with the reason.
+        std::fs::write(
+            &path,
+            "id = 3\npeers = \"3=a:1\"\nadmin_token = \"short\"\n",
+        )
+        .unwrap();
+        let w = Wrap::parse_from(["stoker", "--config", path.to_str().unwrap()]);
+        let e = load(&w.args).unwrap_err().to_string();
+        assert!(e.contains("admin_token"), "{e}");
+    }
+}

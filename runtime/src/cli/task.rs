@@ -59,6 +59,13 @@ pub(super) enum TaskCommand {
         /// At most this many tasks [default: the server's].
         #[arg(long)]
         limit: Option<u32>,
+        /// Only tasks with an id above this (the next page after the last
+        /// id shown).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Only this tenant's tasks (the admin; a tenant sees only its own).
+        #[arg(long, default_value = "")]
+        tenant: String,
         #[command(flatten)]
         conn: Conn,
         /// Output format.
@@ -78,6 +85,10 @@ pub(super) enum TaskCommand {
     ///
     /// Example: stoker task modify 7 --concurrency 4
     Modify(ModifyArgs),
+    /// Print one subtask run's log (its stdout, stderr and log lines).
+    ///
+    /// Example: stoker task log 7 0 3 --attempt 2
+    Log(super::subtask_log::LogArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -203,14 +214,24 @@ pub(super) async fn run(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             all,
             states,
             limit,
+            after,
+            tenant,
             conn,
             output,
-        } => list(all, states, limit, &conn, output).await,
+        } => {
+            let page = Page {
+                limit,
+                after,
+                tenant,
+            };
+            list(all, states, page, &conn, output).await
+        }
         TaskCommand::Cancel(a) => control(a, Action::Cancel).await,
         TaskCommand::Pause(a) => control(a, Action::Pause).await,
         TaskCommand::Resume(a) => control(a, Action::Resume).await,
         TaskCommand::Resolve(a) => control(a, Action::Resolve).await,
         TaskCommand::Modify(a) => modify(a).await,
+        TaskCommand::Log(a) => super::subtask_log::run(a).await,
     }
 }
 
@@ -428,10 +449,17 @@ fn show_text(resp: &GetTaskResponse) -> String {
     out
 }
 
+/// Which part of the task list to show.
+struct Page {
+    limit: Option<u32>,
+    after: u64,
+    tenant: String,
+}
+
 async fn list(
     all: bool,
     states: Vec<String>,
-    limit: Option<u32>,
+    page: Page,
     conn: &Conn,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
@@ -444,7 +472,9 @@ async fn list(
     let req = ListTasksRequest {
         states,
         include_finished,
-        limit: limit.unwrap_or(0),
+        limit: page.limit.unwrap_or(0),
+        tenant: page.tenant,
+        after_id: page.after,
     };
     let resp = client::retry(|| {
         let mut api = c.api.clone();

@@ -45,12 +45,19 @@ use tonic::Code;
 use tracing::{debug, info, warn, Instrument};
 
 use super::stats::WorkerStats;
+use crate::api::auth::{AuthChannel, Bearer, Secret};
 use crate::blob::BlobStore;
 use crate::meta::records::MAX_INLINE_BYTES;
 use crate::meta::{now_ms, RequestId};
 use crate::model::{Rank, SubtaskState, TaskState};
 use crate::resource::{FuelGate, ResourceControl, TaskInfo};
 use crate::sandbox::{module_hash, CallEnv, CallLimits, Sandbox, SandboxError, TaskModule};
+
+/// The blob key (relative to the tenant) of one run's log: the guest's
+/// stdout, stderr and `log` lines, bounded by the sandbox.
+pub fn subtask_log_key(task: u64, step: u32, ordinal: u32, attempt: u32) -> String {
+    format!("logs/{task}/{step}-{ordinal}-{attempt}")
+}
 
 /// Configuration of a node's worker (the `[worker]` table of the server
 /// config).
@@ -85,6 +92,11 @@ pub struct WorkerConfig {
     /// Wall-clock time one subtask run may take (not counting time the fuel
     /// governor holds it), in milliseconds. Default 60,000.
     pub deadline_ms: u64,
+    /// The cluster token the worker's calls carry: the server config's
+    /// `admin_token`, copied here when the node starts (not read from the
+    /// `[worker]` table).
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 impl Default for WorkerConfig {
@@ -102,6 +114,7 @@ impl Default for WorkerConfig {
             fuel_limit: limits.fuel,
             memory_limit: limits.memory_bytes,
             deadline_ms: limits.deadline.as_millis() as u64,
+            token: None,
         }
     }
 }
@@ -298,15 +311,18 @@ struct Endpoints {
     current: AtomicUsize,
     channels: Mutex<HashMap<usize, Channel>>,
     timeout: Duration,
+    /// The cluster token every call carries.
+    bearer: Bearer,
 }
 
 impl Endpoints {
-    fn new(addrs: Vec<String>, timeout: Duration) -> Self {
+    fn new(addrs: Vec<String>, timeout: Duration, bearer: Bearer) -> Self {
         Endpoints {
             addrs,
             current: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
             timeout,
+            bearer,
         }
     }
 
@@ -342,21 +358,21 @@ impl Endpoints {
         &self.addrs[i]
     }
 
-    fn stoker(&self) -> Result<(usize, StokerClient<Channel>), String> {
+    fn stoker(&self) -> Result<(usize, StokerClient<AuthChannel>), String> {
         let (i, c) = self.get()?;
         Ok((
             i,
-            StokerClient::new(c)
+            StokerClient::with_interceptor(c, self.bearer.clone())
                 .max_decoding_message_size(crate::api::meta::MAX_API_MESSAGE)
                 .max_encoding_message_size(crate::api::meta::MAX_API_MESSAGE),
         ))
     }
 
-    fn meta(&self) -> Result<(usize, MetaClient<Channel>), String> {
+    fn meta(&self) -> Result<(usize, MetaClient<AuthChannel>), String> {
         let (i, c) = self.get()?;
         Ok((
             i,
-            MetaClient::new(c)
+            MetaClient::with_interceptor(c, self.bearer.clone())
                 .max_decoding_message_size(crate::api::meta::MAX_API_MESSAGE)
                 .max_encoding_message_size(crate::api::meta::MAX_API_MESSAGE),
         ))
@@ -511,6 +527,8 @@ pub fn start(
     };
     // A long poll must fit in one call.
     let timeout = cfg.wait() + Duration::from_secs(10);
+    // Validated with the server config.
+    let bearer = Bearer::new(cfg.token.as_ref().map(Secret::expose)).unwrap_or_default();
     let enabled = cfg.enabled;
     let shared = Arc::new(Shared {
         id,
@@ -521,7 +539,7 @@ pub fn start(
         blobs,
         resource,
         stats: WorkerStats::default(),
-        endpoints: Endpoints::new(addrs, timeout),
+        endpoints: Endpoints::new(addrs, timeout, bearer),
         modules: Mutex::new(HashMap::new()),
         state: Mutex::new(State::default()),
     });
@@ -998,6 +1016,7 @@ impl Executor {
         let task_id = s.task_id.to_string();
         let gate = self.shared.resource.as_ref().map(|r| {
             let g = r.governor();
+            g.set_tenant_rate(&a.tenant, Some(a.tenant_fuel_per_second));
             let info = TaskInfo {
                 tenant: a.tenant.clone(),
                 rank: Rank {
@@ -1023,6 +1042,14 @@ impl Executor {
             task_id: task_id.clone(),
         };
         let report = self.shared.sandbox.run(module, &env, &request).await;
+        if !report.log.is_empty() {
+            // Kept in the tenant's blobs for `GetSubtaskLog`; losing it
+            // does not fail the subtask.
+            let key = subtask_log_key(s.task_id, s.step, s.ordinal, s.attempt);
+            if let Err(e) = blobs.put(&key, Bytes::from(report.log.clone())).await {
+                warn!(error = %e, blob = %key, "cannot store the subtask's log");
+            }
+        }
         let checkpoint = report.checkpoint.unwrap_or(checkpoint);
         let fuel_used = report.fuel_used;
         match report.result {
@@ -1200,6 +1227,9 @@ impl Shared {
             module: hash.to_string(),
             tag: String::new(),
             with_bytes: true,
+            // Any tenant's module with these bytes (the worker holds the
+            // admin token).
+            tenant: String::new(),
         };
         let resp = match tokio::time::timeout(CALL_TIMEOUT, client.get_module(req)).await {
             Ok(Ok(r)) => r.into_inner(),

@@ -28,6 +28,7 @@ pub mod stats;
 pub mod storage;
 mod subtasks;
 mod tasks;
+mod tenants;
 pub mod transport;
 
 #[cfg(test)]
@@ -38,6 +39,8 @@ mod model_replica_tests;
 mod model_tests;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod tenants_tests;
 
 pub use config::MetaConfig;
 pub use error::MetaError;

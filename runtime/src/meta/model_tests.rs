@@ -320,10 +320,12 @@ fn nodes_register_heartbeat_and_go_down() {
     sm.ok(C::CreateTenant(CreateTenant {
         id: "acme".into(),
         name: "Acme".into(),
+        ..CreateTenant::default()
     }));
     let e = sm.rejected(C::CreateTenant(CreateTenant {
         id: "acme".into(),
         name: "again".into(),
+        ..CreateTenant::default()
     }));
     assert!(e.contains("already exists"), "{e}");
 }
@@ -337,25 +339,30 @@ fn module_upload_commits_chunks_and_reads_back() {
         sm.read(|p, t| queries::module_bytes(p, t, &hash)),
         Some(bytes)
     );
-    let m = sm.read(|p, t| queries::module(p, t, &hash)).unwrap();
+    let m = sm
+        .read(|p, t| queries::module(p, t, "default", &hash))
+        .unwrap();
     assert_eq!(
         (m.size, m.chunks, m.tenant.as_str()),
         (10_000, 3, "default")
     );
-    assert_eq!(sm.read(queries::modules).len(), 1);
-    let by_name = sm.read(|p, t| queries::find_module(p, t, "default", "wordcount", ""));
+    assert_eq!(sm.read(|p, t| queries::modules(p, t, None)).len(), 1);
+    let by_name = sm.read(|p, t| queries::find_module(p, t, Some("default"), "wordcount", ""));
     assert_eq!(by_name.unwrap().hash, hash);
-    let by_hash = sm.read(|p, t| queries::find_module(p, t, "default", &hash, ""));
+    let by_hash = sm.read(|p, t| queries::find_module(p, t, Some("default"), &hash, ""));
     assert_eq!(by_hash.unwrap().name, "wordcount");
     assert!(sm
-        .read(|p, t| queries::find_module(p, t, "default", "wordcount", "v2"))
+        .read(|p, t| queries::find_module(p, t, Some("default"), "wordcount", "v2"))
         .is_none());
     // Committing the same module again is a no-op.
     match sm.ok(C::CommitModule(commit(&hash, 3))) {
         command_result::Kind::CommitModule(r) => assert!(!r.created),
         k => panic!("unexpected {k:?}"),
     }
-    sm.ok(C::DeleteModule(DeleteModule { hash: hash.clone() }));
+    sm.ok(C::DeleteModule(DeleteModule {
+        hash: hash.clone(),
+        tenant: String::new(),
+    }));
     assert_eq!(sm.read(|p, t| queries::module_bytes(p, t, &hash)), None);
 }
 
@@ -377,7 +384,10 @@ fn module_upload_with_a_wrong_hash_or_missing_chunk_is_rejected() {
     );
     let e = sm.rejected(C::CommitModule(commit(&wrong, 3)));
     assert!(e.contains("expected chunks 0..3, 2 are staged"), "{e}");
-    assert_eq!(sm.read(|p, t| queries::module(p, t, &wrong)), None);
+    assert_eq!(
+        sm.read(|p, t| queries::module(p, t, "default", &wrong)),
+        None
+    );
     let e = sm.rejected(C::PutModuleChunk(PutModuleChunk {
         hash: "ABC".into(),
         index: 0,
@@ -424,7 +434,10 @@ fn submit_validates_and_numbers_tasks() {
     }));
     assert_eq!(e, "unknown tenant nobody");
     // The module is in use now.
-    let e = sm.rejected(C::DeleteModule(DeleteModule { hash: hash.clone() }));
+    let e = sm.rejected(C::DeleteModule(DeleteModule {
+        hash: hash.clone(),
+        tenant: String::new(),
+    }));
     assert_eq!(e, format!("module {hash} is used by unfinished task 2"));
 }
 
@@ -494,7 +507,10 @@ fn a_task_runs_its_steps_finishes_into_history_and_is_collected() {
     };
     assert_eq!(sm.read(|p, t| queries::list_tasks(p, t, &all)).len(), 1);
     // No longer in use: the module may go.
-    sm.ok(C::DeleteModule(DeleteModule { hash }));
+    sm.ok(C::DeleteModule(DeleteModule {
+        hash,
+        tenant: String::new(),
+    }));
     // Collected only once older than the cut.
     let gc = |before_ms| {
         C::GcHistory(GcHistory {

@@ -10,10 +10,11 @@ use stoker_proto::meta::{
 
 use super::nodes::{ensure_tenant, resolve_tenant};
 use super::records::{
-    chunk_key, get, get_module, id_of_rank_key, invalid, put, task_key, Applied, Rejection,
-    MAX_CHUNK_BYTES, MAX_MODULE_BYTES, MODULES_TABLE, MODULE_CHUNKS_TABLE, MODULE_STAGING_TABLE,
-    TASKS_TABLE, UNFINISHED_TABLE,
+    chunk_key, get, get_module, id_of_rank_key, invalid, module_key, put, task_key, Applied,
+    Rejection, MAX_CHUNK_BYTES, MAX_MODULE_BYTES, MODULES_TABLE, MODULE_CHUNKS_TABLE,
+    MODULE_STAGING_TABLE, TASKS_TABLE, UNFINISHED_TABLE,
 };
+use super::tenants::{module_bytes_of, quota_of, within};
 
 /// Most chunks of one module.
 const MAX_CHUNKS: u32 = (MAX_MODULE_BYTES / MAX_CHUNK_BYTES) as u32;
@@ -74,8 +75,32 @@ pub(crate) fn commit_module(
         ));
     }
     let tenant = resolve_tenant(txn, &c.tenant)?;
-    if get_module(txn, &c.hash)?.is_some() {
+    if get_module(txn, &tenant, &c.hash)?.is_some() {
         return Ok(CommitModuleResult { created: false });
+    }
+    if let Some(size) = committed_size(txn, &c.hash)? {
+        // Another tenant stored these bytes already: this tenant gets its
+        // own record of them; what it staged is dropped.
+        check_module_quota(txn, &tenant, size)?;
+        let keys = staged_keys(txn, &c.hash)?;
+        let mut staging = txn.open_table(MODULE_STAGING_TABLE)?;
+        for k in &keys {
+            staging.remove(k.as_slice())?;
+        }
+        drop(staging);
+        ensure_tenant(txn, &tenant)?;
+        let record = ModuleRecord {
+            hash: c.hash.clone(),
+            tenant: tenant.clone(),
+            name: c.name.clone(),
+            tag: c.tag.clone(),
+            size,
+            abi_version: c.abi_version,
+            upload_time_ms: c.upload_time_ms,
+            chunks: c.chunks,
+        };
+        put(txn, MODULES_TABLE, &module_key(&tenant, &c.hash), &record)?;
+        return Ok(CommitModuleResult { created: true });
     }
     let bad = |why: String| -> Applied<CommitModuleResult> {
         Err(Rejection::BadUpload {
@@ -110,6 +135,7 @@ pub(crate) fn commit_module(
     if actual != c.hash {
         return bad(format!("the bytes hash to {actual}"));
     }
+    check_module_quota(txn, &tenant, size as u64)?;
     {
         let mut staging = txn.open_table(MODULE_STAGING_TABLE)?;
         let mut chunks = txn.open_table(MODULE_CHUNKS_TABLE)?;
@@ -121,7 +147,7 @@ pub(crate) fn commit_module(
     ensure_tenant(txn, &tenant)?;
     let record = ModuleRecord {
         hash: c.hash.clone(),
-        tenant,
+        tenant: tenant.clone(),
         name: c.name.clone(),
         tag: c.tag.clone(),
         size: size as u64,
@@ -129,12 +155,48 @@ pub(crate) fn commit_module(
         upload_time_ms: c.upload_time_ms,
         chunks: c.chunks,
     };
-    put(txn, MODULES_TABLE, c.hash.as_bytes(), &record)?;
+    put(txn, MODULES_TABLE, &module_key(&tenant, &c.hash), &record)?;
     Ok(CommitModuleResult { created: true })
 }
 
+/// The size of bytes with sha256 `hash` when some tenant committed them
+/// (their chunks are stored), from the chunks themselves.
+fn committed_size(txn: &WriteTransaction, hash: &str) -> Applied<Option<u64>> {
+    let table = txn.open_table(MODULE_CHUNKS_TABLE)?;
+    let (start, end) = (chunk_key(hash, 0), chunk_key(hash, u32::MAX));
+    let mut size = None;
+    for row in table.range(start.as_slice()..=end.as_slice())? {
+        *size.get_or_insert(0u64) += row?.1.value().len() as u64;
+    }
+    Ok(size)
+}
+
+/// Whether any tenant still has a module record with `hash`.
+fn hash_in_use(txn: &WriteTransaction, hash: &str) -> Applied<bool> {
+    let table = txn.open_table(MODULES_TABLE)?;
+    for row in table.iter()? {
+        if row?.0.value().ends_with(hash.as_bytes()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn check_module_quota(txn: &WriteTransaction, tenant: &str, size: u64) -> Applied<()> {
+    let quota = quota_of(txn, tenant)?;
+    let used = module_bytes_of(txn, tenant)?;
+    within(
+        tenant,
+        "max_module_bytes",
+        quota.max_module_bytes,
+        used + size,
+        || format!("its modules use {used} bytes and this one has {size}"),
+    )
+}
+
 pub(crate) fn delete_module(txn: &WriteTransaction, c: &DeleteModule) -> Applied<Done> {
-    let Some(module) = get_module(txn, &c.hash)? else {
+    let tenant = resolve_tenant(txn, &c.tenant)?;
+    let Some(module) = get_module(txn, &tenant, &c.hash)? else {
         return Err(Rejection::NotFound {
             what: "module",
             id: c.hash.clone(),
@@ -151,7 +213,7 @@ pub(crate) fn delete_module(txn: &WriteTransaction, c: &DeleteModule) -> Applied
     };
     for id in ids {
         let task: Option<TaskRecord> = get(txn, TASKS_TABLE, &task_key(id))?;
-        if task.is_some_and(|t| t.module_hash == c.hash) {
+        if task.is_some_and(|t| t.module_hash == c.hash && t.tenant == tenant) {
             return Err(Rejection::ModuleInUse {
                 hash: c.hash.clone(),
                 task: id,
@@ -159,10 +221,13 @@ pub(crate) fn delete_module(txn: &WriteTransaction, c: &DeleteModule) -> Applied
             .into());
         }
     }
-    let mut chunks = txn.open_table(MODULE_CHUNKS_TABLE)?;
-    for i in 0..module.chunks {
-        chunks.remove(chunk_key(&c.hash, i).as_slice())?;
+    txn.open_table(MODULES_TABLE)?
+        .remove(module_key(&tenant, &c.hash).as_slice())?;
+    if !hash_in_use(txn, &c.hash)? {
+        let mut chunks = txn.open_table(MODULE_CHUNKS_TABLE)?;
+        for i in 0..module.chunks {
+            chunks.remove(chunk_key(&c.hash, i).as_slice())?;
+        }
     }
-    txn.open_table(MODULES_TABLE)?.remove(c.hash.as_bytes())?;
     Ok(Done {})
 }

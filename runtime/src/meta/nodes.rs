@@ -1,8 +1,9 @@
-//! Tenants and nodes: registration, heartbeats, down marks.
+//! Nodes (registration, heartbeats, down marks) and how commands name
+//! their tenant.
 
 use redb::WriteTransaction;
 use stoker_proto::meta::{
-    CreateTenant, Done, MarkNodeDown, NodeHeartbeat, NodeRecord, RegisterNode, TenantRecord,
+    Done, MarkNodeDown, NodeHeartbeat, NodeRecord, RegisterNode, TenantRecord,
 };
 
 use super::records::{
@@ -12,23 +13,6 @@ use super::records::{
 
 /// Longest tenant id and name, node address, scope, label key or value.
 const MAX_NAME: usize = 256;
-
-pub(crate) fn create_tenant(txn: &WriteTransaction, c: &CreateTenant) -> Applied<Done> {
-    if c.id.is_empty() || c.id.len() > MAX_NAME || c.name.len() > MAX_NAME {
-        return invalid(format!(
-            "tenant id must be 1..={MAX_NAME} bytes and its name at most {MAX_NAME}"
-        ));
-    }
-    if get_tenant(txn, &c.id)?.is_some() {
-        return invalid(format!("tenant {} already exists", c.id));
-    }
-    let record = TenantRecord {
-        id: c.id.clone(),
-        name: c.name.clone(),
-    };
-    put(txn, TENANTS_TABLE, c.id.as_bytes(), &record)?;
-    Ok(Done {})
-}
 
 /// The tenant a command names (empty: the default one), created on first
 /// use when it is the default tenant.
@@ -53,6 +37,8 @@ pub(crate) fn ensure_tenant(txn: &WriteTransaction, id: &str) -> Applied<()> {
         let record = TenantRecord {
             id: id.to_string(),
             name: id.to_string(),
+            weight: 1,
+            ..TenantRecord::default()
         };
         put(txn, TENANTS_TABLE, id.as_bytes(), &record)?;
     }

@@ -10,14 +10,17 @@
 use std::path::Path;
 
 use redb::{ReadTransaction, ReadableTable};
-use stoker_proto::meta::{ModuleRecord, NodeRecord, SubtaskRecord, TaskRecord};
+use stoker_proto::meta::{
+    ModuleRecord, NodeRecord, SubtaskRecord, TaskRecord, TenantRecord, TokenRecord,
+};
 use stoker_proto::Message;
 
 use super::error::storage_err;
 use super::records::{
-    by_node_key, chunk_key, history_key, id_of_rank_key, node_key, rank_of, subtask_range,
-    task_key, task_state, HISTORY_TABLE, MODULES_TABLE, MODULE_CHUNKS_TABLE, NODES_TABLE,
-    SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, TASKS_TABLE, TASK_INPUTS_TABLE, UNFINISHED_TABLE,
+    by_node_key, chunk_key, history_key, id_of_rank_key, module_key, node_key, rank_of,
+    subtask_range, task_key, task_state, tenant_modules_range, HISTORY_TABLE, MODULES_TABLE,
+    MODULE_CHUNKS_TABLE, NODES_TABLE, SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, TASKS_TABLE,
+    TASK_INPUTS_TABLE, TENANTS_TABLE, TOKENS_TABLE, UNFINISHED_TABLE,
 };
 use super::state_machine::SmTable;
 use super::MetaError;
@@ -154,6 +157,11 @@ pub struct TaskFilter {
     pub include_finished: bool,
     /// At most this many (0: no limit).
     pub limit: usize,
+    /// Only this tenant's tasks (None: every tenant's).
+    pub tenant: Option<String>,
+    /// Only tasks with an id greater than this (paging: the last id of the
+    /// previous page; 0 = from the start).
+    pub after_id: TaskId,
 }
 
 /// Unfinished tasks in rank order, then (when asked) finished ones by
@@ -189,7 +197,11 @@ pub fn list_tasks(
         let t = task(path, txn, id)?
             .ok_or_else(|| corrupt(path, format!("indexed task {id} is missing")))?;
         let state = task_state(&t).map_err(|e| corrupt(path, e.to_string()))?;
-        if filter.states.is_empty() || filter.states.contains(&state) {
+        let tenant_ok = filter.tenant.as_ref().is_none_or(|x| *x == t.tenant);
+        if tenant_ok
+            && t.id > filter.after_id
+            && (filter.states.is_empty() || filter.states.contains(&state))
+        {
             out.push(t);
             if out.len() == filter.limit {
                 break;
@@ -301,49 +313,100 @@ pub fn task_placement(t: &TaskRecord) -> TaskPlacement {
     }
 }
 
-/// A committed module's record.
+/// A tenant's committed module.
 ///
 /// # Errors
 /// Storage failures, an undecodable record.
 pub fn module(
     path: &Path,
     txn: &ReadTransaction,
+    tenant: &str,
     hash: &str,
 ) -> Result<Option<ModuleRecord>, MetaError> {
-    get(path, txn, MODULES_TABLE, hash.as_bytes())
+    get(path, txn, MODULES_TABLE, &module_key(tenant, hash))
 }
 
-/// Every committed module, by hash.
+/// Every committed module of `tenant` (None: of every tenant), by tenant
+/// and hash.
 ///
 /// # Errors
 /// Storage failures, an undecodable record.
-pub fn modules(path: &Path, txn: &ReadTransaction) -> Result<Vec<ModuleRecord>, MetaError> {
-    scan(path, txn, MODULES_TABLE, None)
+pub fn modules(
+    path: &Path,
+    txn: &ReadTransaction,
+    tenant: Option<&str>,
+) -> Result<Vec<ModuleRecord>, MetaError> {
+    match tenant {
+        Some(t) => {
+            let (start, end) = tenant_modules_range(t);
+            scan(path, txn, MODULES_TABLE, Some((&start, &end)))
+        }
+        None => scan(path, txn, MODULES_TABLE, None),
+    }
 }
 
-/// Finds a module by hash, or by name (and tag when not empty) within a
-/// tenant: the most recently uploaded match.
+/// Finds a module by hash, or by name (and tag when not empty): the most
+/// recently uploaded match among `tenant`'s modules (None: any tenant's).
 ///
 /// # Errors
 /// Storage failures, an undecodable record.
 pub fn find_module(
     path: &Path,
     txn: &ReadTransaction,
-    tenant: &str,
+    tenant: Option<&str>,
     name_or_hash: &str,
     tag: &str,
 ) -> Result<Option<ModuleRecord>, MetaError> {
+    let all = modules(path, txn, tenant)?;
     if super::modules::valid_hash(name_or_hash) {
-        if let Some(m) = module(path, txn, name_or_hash)? {
-            return Ok(Some(m));
+        if let Some(m) = all.iter().find(|m| m.hash == name_or_hash) {
+            return Ok(Some(m.clone()));
         }
     }
-    Ok(modules(path, txn)?
+    Ok(all
         .into_iter()
-        .filter(|m| {
-            m.tenant == tenant && m.name == name_or_hash && (tag.is_empty() || m.tag == tag)
-        })
+        .filter(|m| m.name == name_or_hash && (tag.is_empty() || m.tag == tag))
         .max_by_key(|m| (m.upload_time_ms, m.hash.clone())))
+}
+
+/// Every tenant, by id.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn tenants(path: &Path, txn: &ReadTransaction) -> Result<Vec<TenantRecord>, MetaError> {
+    scan(path, txn, TENANTS_TABLE, None)
+}
+
+/// One tenant.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn tenant(
+    path: &Path,
+    txn: &ReadTransaction,
+    id: &str,
+) -> Result<Option<TenantRecord>, MetaError> {
+    get(path, txn, TENANTS_TABLE, id.as_bytes())
+}
+
+/// One API token's record.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn token(
+    path: &Path,
+    txn: &ReadTransaction,
+    id: &str,
+) -> Result<Option<TokenRecord>, MetaError> {
+    get(path, txn, TOKENS_TABLE, id.as_bytes())
+}
+
+/// Every API token's record, by id.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn tokens(path: &Path, txn: &ReadTransaction) -> Result<Vec<TokenRecord>, MetaError> {
+    scan(path, txn, TOKENS_TABLE, None)
 }
 
 /// A committed module's bytes, reassembled from its chunks.
@@ -355,19 +418,21 @@ pub fn module_bytes(
     txn: &ReadTransaction,
     hash: &str,
 ) -> Result<Option<Vec<u8>>, MetaError> {
-    let Some(m) = module(path, txn, hash)? else {
-        return Ok(None);
-    };
+    // The bytes are shared by every tenant that uploaded them; a module
+    // is committed only with all of its chunks, in index order.
+    let err = |e: redb::StorageError| storage_err(path, e);
     let chunks = txn
         .open_table(MODULE_CHUNKS_TABLE)
         .map_err(|e| storage_err(path, e))?;
-    let mut bytes = Vec::with_capacity(m.size as usize);
-    for i in 0..m.chunks {
-        let chunk = chunks
-            .get(chunk_key(hash, i).as_slice())
-            .map_err(|e| storage_err(path, e))?
-            .ok_or_else(|| corrupt(path, format!("module {hash} misses chunk {i}")))?;
-        bytes.extend_from_slice(chunk.value());
+    let (start, end) = (chunk_key(hash, 0), chunk_key(hash, u32::MAX));
+    let mut bytes: Option<Vec<u8>> = None;
+    for row in chunks
+        .range(start.as_slice()..=end.as_slice())
+        .map_err(err)?
+    {
+        bytes
+            .get_or_insert_with(Vec::new)
+            .extend_from_slice(row.map_err(err)?.1.value());
     }
-    Ok(Some(bytes))
+    Ok(bytes)
 }

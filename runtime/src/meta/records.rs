@@ -10,7 +10,9 @@
 //! completely and then writes, or writes nothing.
 
 use redb::{ReadableTable, WriteTransaction};
-use stoker_proto::meta::{ModuleRecord, NodeRecord, SubtaskRecord, TaskRecord, TenantRecord};
+use stoker_proto::meta::{
+    ModuleRecord, NodeRecord, SubtaskRecord, TaskRecord, TenantRecord, TokenRecord,
+};
 use stoker_proto::Message;
 
 use super::state_machine::SmTable;
@@ -20,7 +22,12 @@ use crate::model::{IllegalTransition, Rank, SubtaskState, TaskId, TaskState};
 pub const TENANTS_TABLE: SmTable = redb::TableDefinition::new("sm_tenants");
 /// Nodes: big-endian id → [`NodeRecord`].
 pub const NODES_TABLE: SmTable = redb::TableDefinition::new("sm_nodes");
-/// Committed modules: hex sha256 → [`ModuleRecord`].
+/// API tokens: UTF-8 token id → [`TokenRecord`] (its sha256, never the
+/// token itself).
+pub const TOKENS_TABLE: SmTable = redb::TableDefinition::new("sm_tokens");
+/// Committed modules: [`module_key`] (tenant ‖ 0 ‖ hex sha256) →
+/// [`ModuleRecord`]. Two tenants uploading the same bytes each get their
+/// own record; the bytes are stored once.
 pub const MODULES_TABLE: SmTable = redb::TableDefinition::new("sm_modules");
 /// Committed module bytes: hex sha256 ‖ big-endian chunk index → bytes.
 pub const MODULE_CHUNKS_TABLE: SmTable = redb::TableDefinition::new("sm_module_chunks");
@@ -72,6 +79,14 @@ pub enum Rejection {
     ModuleInUse { hash: String, task: TaskId },
     #[error("module upload {hash}: {why}")]
     BadUpload { hash: String, why: String },
+    /// A tenant's quota forbids it; mapped to `ResourceExhausted`.
+    #[error("quota exceeded: tenant {tenant}'s {quota} is {limit}, {detail}")]
+    Quota {
+        tenant: String,
+        quota: &'static str,
+        limit: u64,
+        detail: String,
+    },
     #[error("corrupt record in {table}: {key}")]
     Corrupt { table: String, key: String },
 }
@@ -172,6 +187,23 @@ pub fn history_key(finish_time_ms: u64, id: TaskId) -> [u8; 16] {
     k
 }
 
+/// tenant ‖ 0 ‖ hash: a tenant's module record.
+pub fn module_key(tenant: &str, hash: &str) -> Vec<u8> {
+    let mut k = tenant.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(hash.as_bytes());
+    k
+}
+
+/// The key range of one tenant's module records.
+pub fn tenant_modules_range(tenant: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut start = tenant.as_bytes().to_vec();
+    start.push(0);
+    let mut end = tenant.as_bytes().to_vec();
+    end.push(1);
+    (start, end)
+}
+
 /// hash ‖ chunk index.
 pub fn chunk_key(hash: &str, index: u32) -> Vec<u8> {
     let mut k = hash.as_bytes().to_vec();
@@ -263,8 +295,16 @@ pub(crate) fn get_node(txn: &WriteTransaction, id: u64) -> Applied<NodeRecord> {
     })
 }
 
-pub(crate) fn get_module(txn: &WriteTransaction, hash: &str) -> Applied<Option<ModuleRecord>> {
-    get(txn, MODULES_TABLE, hash.as_bytes())
+pub(crate) fn get_module(
+    txn: &WriteTransaction,
+    tenant: &str,
+    hash: &str,
+) -> Applied<Option<ModuleRecord>> {
+    get(txn, MODULES_TABLE, &module_key(tenant, hash))
+}
+
+pub(crate) fn get_token(txn: &WriteTransaction, id: &str) -> Applied<Option<TokenRecord>> {
+    get(txn, TOKENS_TABLE, id.as_bytes())
 }
 
 pub(crate) fn get_tenant(txn: &WriteTransaction, id: &str) -> Applied<Option<TenantRecord>> {

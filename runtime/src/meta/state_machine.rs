@@ -31,7 +31,7 @@ use stoker_proto::Message;
 use super::error::storage_err;
 use super::records::{self, ApplyError};
 use super::MetaError;
-use super::{modules, nodes, subtasks, tasks};
+use super::{modules, nodes, subtasks, tasks, tenants};
 
 /// A state machine table: byte keys to byte values.
 pub type SmTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
@@ -55,6 +55,7 @@ pub const SM_TABLES: &[SmTable] = &[
     REQUEST_ORDER_TABLE,
     records::TENANTS_TABLE,
     super::stats::TENANT_FUEL_TABLE,
+    records::TOKENS_TABLE,
     records::NODES_TABLE,
     records::MODULES_TABLE,
     records::MODULE_CHUNKS_TABLE,
@@ -94,7 +95,10 @@ pub fn apply_command(
     let outcome = match &cmd.kind {
         Some(C::SetConfig(c)) => set_config(txn, c).map(|r| r.map(R::SetConfig)),
         Some(C::DeleteConfig(c)) => delete_config(txn, c).map(|r| r.map(R::DeleteConfig)),
-        Some(C::CreateTenant(c)) => framework(nodes::create_tenant(txn, c), R::Done),
+        Some(C::CreateTenant(c)) => framework(tenants::create_tenant(txn, c), R::Done),
+        Some(C::SetTenant(c)) => framework(tenants::set_tenant(txn, c), R::Done),
+        Some(C::CreateToken(c)) => framework(tenants::create_token(txn, c), R::Done),
+        Some(C::RevokeToken(c)) => framework(tenants::revoke_token(txn, c), R::Done),
         Some(C::RegisterNode(c)) => framework(nodes::register_node(txn, c), R::Done),
         Some(C::NodeHeartbeat(c)) => framework(nodes::node_heartbeat(txn, c), R::Done),
         Some(C::MarkNodeDown(c)) => framework(nodes::mark_node_down(txn, c), R::Done),

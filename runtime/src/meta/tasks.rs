@@ -16,6 +16,7 @@ use super::records::{
     TASKS_TABLE, TASK_INPUTS_TABLE, UNFINISHED_TABLE,
 };
 use super::subtasks;
+use super::tenants::{quota_of, unfinished_tasks_of, within};
 use crate::model::{check_task_transition, TaskId, TaskState, DEFAULT_PRIORITY, PRIORITY_RANGE};
 
 /// The counter the next task id comes from.
@@ -97,22 +98,53 @@ fn check_submit(txn: &WriteTransaction, c: &SubmitTask) -> Applied<String> {
             c.module_hash
         ));
     }
-    match get_module(txn, &c.module_hash)? {
-        None => Err(Rejection::NotFound {
+    if get_module(txn, &tenant, &c.module_hash)?.is_none() {
+        return Err(Rejection::NotFound {
             what: "module",
             id: c.module_hash.clone(),
         }
-        .into()),
-        Some(m) if m.tenant != tenant => invalid(format!(
-            "module {} belongs to another tenant",
-            c.module_hash
-        )),
-        Some(_) => Ok(tenant),
+        .into());
+    }
+    let quota = quota_of(txn, &tenant)?;
+    within(
+        &tenant,
+        "max_fuel_per_subtask",
+        quota.max_fuel_per_subtask,
+        c.fuel_limit,
+        || format!("the task asks for {} fuel per subtask", c.fuel_limit),
+    )?;
+    within(
+        &tenant,
+        "max_memory_bytes",
+        quota.max_memory_bytes,
+        c.memory_limit,
+        || format!("the task asks for {} bytes of memory", c.memory_limit),
+    )?;
+    if quota.max_queued_tasks != 0 {
+        let queued = unfinished_tasks_of(txn, &tenant)?;
+        within(
+            &tenant,
+            "max_queued_tasks",
+            u64::from(quota.max_queued_tasks),
+            queued + 1,
+            || format!("it has {queued} unfinished tasks; wait for some to finish or cancel them"),
+        )?;
+    }
+    Ok(tenant)
+}
+
+/// A limit the task asked for, or the tenant's cap when it asked for none.
+fn capped(asked: u64, cap: u64) -> u64 {
+    if asked == 0 {
+        cap
+    } else {
+        asked
     }
 }
 
 pub(crate) fn submit_task(txn: &WriteTransaction, c: &SubmitTask) -> Applied<SubmitTaskResult> {
     let tenant = check_submit(txn, c)?;
+    let quota = quota_of(txn, &tenant)?;
     ensure_tenant(txn, &tenant)?;
     let id = next_id(txn, NEXT_TASK_ID)?;
     let task = TaskRecord {
@@ -136,8 +168,8 @@ pub(crate) fn submit_task(txn: &WriteTransaction, c: &SubmitTask) -> Applied<Sub
         max_nodes: c.max_nodes,
         scope: c.scope.clone(),
         selector: c.selector.clone(),
-        fuel_limit: c.fuel_limit,
-        memory_limit: c.memory_limit,
+        fuel_limit: capped(c.fuel_limit, quota.max_fuel_per_subtask),
+        memory_limit: capped(c.memory_limit, quota.max_memory_bytes),
         max_attempts: if c.max_attempts == 0 {
             DEFAULT_MAX_ATTEMPTS
         } else {

@@ -118,6 +118,9 @@ struct State {
     leases: BTreeMap<u64, LeaseState>,
     tasks: HashMap<String, TaskState>,
     tenants: BTreeMap<String, u64>,
+    /// Per-tenant fuel rates (the tenants' `fuel_per_second` quota), each a
+    /// bucket of its own on top of the node's.
+    tenant_buckets: HashMap<String, Bucket>,
     queue: FairQueue<String, u64>,
     /// Per-task weights; `None` after the set of tasks changed.
     weights: Option<HashMap<String, f64>>,
@@ -142,6 +145,31 @@ struct TaskState {
     leases: usize,
 }
 
+/// A tenant's token bucket: fuel per second, `burst` deep (at least a
+/// quantum), starting empty.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Bucket {
+    fn capacity(&self, config: &GovernorConfig) -> f64 {
+        (self.rate * config.burst.as_secs_f64()).max(config.quantum as f64)
+    }
+
+    /// How long until `fuel` may be taken (`None`: now).
+    fn wait(&mut self, fuel: u64, now: Instant, config: &GovernorConfig) -> Option<Duration> {
+        let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + self.rate * dt).min(self.capacity(config));
+        self.refilled = now;
+        let enough = (fuel as f64).min(self.capacity(config));
+        (self.tokens + 1e-6 < enough)
+            .then(|| Duration::from_secs_f64(((enough - self.tokens) / self.rate).max(1e-6)))
+    }
+}
+
 /// What an acquisition does next.
 enum Step {
     Granted,
@@ -164,6 +192,7 @@ impl Governor {
             leases: BTreeMap::new(),
             tasks: HashMap::new(),
             tenants: BTreeMap::new(),
+            tenant_buckets: HashMap::new(),
             queue: FairQueue::default(),
             weights: None,
             granted: 0,
@@ -233,6 +262,46 @@ impl Governor {
 
     pub fn rate(&self) -> Option<f64> {
         self.shared.lock().rate
+    }
+
+    /// Limits `tenant`'s subtasks on this node to `rate` fuel per second
+    /// together (`None` or 0 lifts the limit). Setting the rate it already
+    /// has changes nothing, so callers may repeat it with every assignment.
+    pub fn set_tenant_rate(&self, tenant: &str, rate: Option<u64>) {
+        let mut st = self.shared.lock();
+        match rate.filter(|r| *r > 0) {
+            None => {
+                if st.tenant_buckets.remove(tenant).is_some() {
+                    st.wake_all();
+                }
+            }
+            Some(r) => {
+                let r = r as f64;
+                let now = Instant::now();
+                let bucket = st
+                    .tenant_buckets
+                    .entry(tenant.to_string())
+                    .or_insert(Bucket {
+                        rate: r,
+                        tokens: 0.0,
+                        refilled: now,
+                    });
+                if bucket.rate != r {
+                    bucket.wait(0, now, &self.shared.config);
+                    bucket.rate = r;
+                    st.wake_all();
+                }
+            }
+        }
+    }
+
+    /// The fuel rate limit of `tenant` on this node, if any.
+    pub fn tenant_rate(&self, tenant: &str) -> Option<f64> {
+        self.shared
+            .lock()
+            .tenant_buckets
+            .get(tenant)
+            .map(|b| b.rate)
     }
 
     /// Sets how many leases may hold fuel at once (clamped to 1..=slots),
@@ -350,6 +419,19 @@ impl State {
             self.leave_queue(id);
             return Step::Wait(wake);
         }
+        // Its tenant's own rate first: a lease its tenant cannot pay for
+        // yet leaves the queue, so it does not hold up other tenants.
+        let tenant_delay = match self.tasks.get(&lease.task_id) {
+            Some(task) => self
+                .tenant_buckets
+                .get_mut(&task.info.tenant)
+                .and_then(|bucket| bucket.wait(fuel, now, config)),
+            None => None,
+        };
+        if let Some(delay) = tenant_delay {
+            self.leave_queue(id);
+            return Step::Sleep(wake, delay);
+        }
         let Some(rate) = self.rate else {
             self.leave_queue(id);
             self.account(id, fuel);
@@ -389,6 +471,9 @@ impl State {
         if let Some(task) = self.tasks.get_mut(task_id) {
             task.fuel += fuel;
             *self.tenants.entry(task.info.tenant.clone()).or_default() += fuel;
+            if let Some(b) = self.tenant_buckets.get_mut(&task.info.tenant) {
+                b.tokens -= fuel as f64;
+            }
         }
         self.granted += fuel;
     }
@@ -413,6 +498,13 @@ impl State {
         if let Some(place) = self.leases.get_mut(&id).and_then(|l| l.place.take()) {
             self.queue.remove(place, false);
             self.wake_head();
+        }
+    }
+
+    /// Wakes every lease (a limit changed: each looks again).
+    fn wake_all(&self) {
+        for lease in self.leases.values() {
+            lease.wake.notify_one();
         }
     }
 

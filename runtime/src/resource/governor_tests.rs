@@ -228,3 +228,40 @@ fn config_is_validated() {
     };
     assert!(zero.validate().unwrap_err().to_string().contains("slots"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_rate_caps_that_tenant_only() {
+    let g = governor(4);
+    g.set_rate(Some(100e6));
+    g.set_tenant_rate("slow", Some(10_000_000));
+    assert_eq!(g.tenant_rate("slow"), Some(10e6));
+    let slow = task("slow", 0, "s");
+    let fast = task("fast", 0, "f");
+    let (ps, _hs) = spin(g.lease("s", &slow));
+    let (pf, _hf) = spin(g.lease("f", &fast));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (s0, f0) = (ps.load(Ordering::SeqCst), pf.load(Ordering::SeqCst));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let slow_rate = (ps.load(Ordering::SeqCst) - s0) as f64 / 10.0;
+    assert!(
+        (slow_rate - 10e6).abs() <= 1.5e6,
+        "the capped tenant gets its rate: {slow_rate}"
+    );
+    let fast_rate = (pf.load(Ordering::SeqCst) - f0) as f64 / 10.0;
+    assert!(
+        fast_rate > 80e6,
+        "the other tenant takes the rest of the node's rate: {fast_rate}"
+    );
+    // Lifting the limit lets it run freely.
+    g.set_tenant_rate("slow", None);
+    let s1 = ps.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        ps.load(Ordering::SeqCst) - s1 > 30 * Q,
+        "about half the node's rate now"
+    );
+    // Setting the same rate again keeps the bucket.
+    g.set_tenant_rate("x", Some(5));
+    g.set_tenant_rate("x", Some(5));
+    assert_eq!(g.tenant_rate("x"), Some(5.0));
+}

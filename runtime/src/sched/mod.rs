@@ -4,6 +4,8 @@
 //! # Layout
 //! - `placement`: eligible nodes, admission by rank with stripes, assignment
 //!   of pending subtasks, preemption.
+//! - `fair_share`: admission with slots divided between tenants by weight
+//!   and capped by their `max_slots` quota.
 //! - `task`: a task scheduler's next action from its state and its step's
 //!   subtask states.
 //! - `balance`: the balancer's moves and the node manager's liveness rule.
@@ -11,6 +13,7 @@
 //!   through replicated commands and the module's `plan`/`finish`/`revert`.
 
 pub mod balance;
+pub mod fair_share;
 pub mod owner;
 pub mod placement;
 pub mod task;

@@ -32,7 +32,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::balance::{balance, Queued};
-use super::placement::{admit, assign, eligible_nodes, preempt, Candidate, Held, Usage};
+use super::fair_share::{admit_fair, TenantShare};
+use super::placement::{assign, eligible_nodes, preempt, Candidate, Held, Usage};
 use super::task::{decide, Action, StepCounts};
 use crate::blob::BlobStore;
 use crate::exec::local::RetryPolicy;
@@ -194,6 +195,8 @@ struct TaskView {
 struct ClusterView {
     nodes: Vec<NodeRecord>,
     tasks: Vec<TaskView>,
+    /// Weight and slot quota of every tenant with a record.
+    tenants: BTreeMap<String, TenantShare>,
 }
 
 impl ClusterView {
@@ -211,6 +214,16 @@ impl ClusterView {
 fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
     node.read_local(|p, t| {
         let nodes = queries::node_records(p, t)?;
+        let tenants = queries::tenants(p, t)?
+            .into_iter()
+            .map(|r| {
+                let share = TenantShare {
+                    weight: r.weight.max(1),
+                    max_slots: r.quota.map_or(0, |q| q.max_slots),
+                };
+                (r.id, share)
+            })
+            .collect();
         let mut tasks = Vec::new();
         for task in queries::list_tasks(p, t, &TaskFilter::default())? {
             let state = task
@@ -232,7 +245,11 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
                 counts,
             });
         }
-        Ok(ClusterView { nodes, tasks })
+        Ok(ClusterView {
+            nodes,
+            tasks,
+            tenants,
+        })
     })
     .map(|(v, _)| v)
 }
@@ -382,7 +399,12 @@ impl Owner {
                 eligible,
             });
         }
-        let admission = admit(&nodes, candidates);
+        let tenant_of: BTreeMap<TaskId, String> = view
+            .tasks
+            .iter()
+            .map(|t| (t.task.id, t.task.tenant.clone()))
+            .collect();
+        let admission = admit_fair(&nodes, candidates, &tenant_of, &view.tenants);
         // Every subtask holding a slot, whatever its task's state.
         let mut held = Vec::new();
         let mut usage = Usage::default();

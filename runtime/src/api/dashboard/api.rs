@@ -57,7 +57,7 @@ fn node_json(n: &NodeRecord, assigned: u32) -> Value {
 /// # Errors
 /// 401 (bad token), 503 (worker-only node, no quorum).
 pub async fn overview(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> JsonResult {
-    let viewer = authorize(&state, &headers)?;
+    let viewer = authorize(&state, &headers).await?;
     let meta = meta_of(&state)?;
     let (nodes, assigned, fuel) = read(meta, |p, t| {
         let nodes = queries::node_records(p, t)?;
@@ -129,7 +129,7 @@ pub async fn tasks(
     headers: HeaderMap,
     params: TasksParams,
 ) -> JsonResult {
-    let viewer = authorize(&state, &headers)?;
+    let viewer = authorize(&state, &headers).await?;
     let meta = meta_of(&state)?;
     let limit = params.limit.unwrap_or(DEFAULT_TASKS).clamp(1, MAX_TASKS);
     let tenant = params.tenant.clone().filter(|t| !t.is_empty());
@@ -189,7 +189,7 @@ pub async fn task(
     headers: HeaderMap,
     path: TaskPath,
 ) -> JsonResult {
-    let viewer = authorize(&state, &headers)?;
+    let viewer = authorize(&state, &headers).await?;
     let meta = meta_of(&state)?;
     let id: u64 = path.0.parse().map_err(|_| {
         ApiError::new(
@@ -237,6 +237,6 @@ pub async fn task(
 /// # Errors
 /// 401 (bad token).
 pub async fn rules(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> JsonResult {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers).await?;
     Ok(Json(json!({ "rules": [] })))
 }

@@ -1,0 +1,207 @@
+//! Tenants and their API tokens: creation, weight and quota changes, token
+//! creation and revocation. Tokens are stored as their sha256 only.
+
+use redb::{ReadableTable, WriteTransaction};
+use stoker_proto::meta::{
+    CreateTenant, CreateToken, Done, RevokeToken, SetTenant, TaskRecord, TenantRecord, TokenRecord,
+};
+
+use super::records::{
+    get, get_tenant, get_token, id_of_rank_key, invalid, put, task_key, tenant_modules_range,
+    Applied, Rejection, MODULES_TABLE, TASKS_TABLE, TENANTS_TABLE, TOKENS_TABLE, UNFINISHED_TABLE,
+};
+use stoker_proto::Message;
+
+/// Longest tenant id and token id.
+pub const MAX_ID: usize = 64;
+/// Longest tenant name and token description.
+const MAX_TEXT: usize = 256;
+/// Largest tenant weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Whether `id` may name a tenant or a token: 1..=64 of `[a-z0-9_-]`,
+/// starting with a letter or digit. Tenant ids become blob path segments
+/// (`tenants/<id>/`) and key prefixes, so nothing else is allowed.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn check_id(what: &str, id: &str) -> Applied<()> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        invalid(format!(
+            "{what} id {id:?} must be 1..={MAX_ID} characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+        ))
+    }
+}
+
+fn check_weight(w: u32) -> Applied<()> {
+    if w > MAX_WEIGHT {
+        return invalid(format!("tenant weight must be at most {MAX_WEIGHT}"));
+    }
+    Ok(())
+}
+
+pub(crate) fn create_tenant(txn: &WriteTransaction, c: &CreateTenant) -> Applied<Done> {
+    check_id("tenant", &c.id)?;
+    if c.name.len() > MAX_TEXT {
+        return invalid(format!("tenant name must be at most {MAX_TEXT} bytes"));
+    }
+    check_weight(c.weight)?;
+    if get_tenant(txn, &c.id)?.is_some() {
+        return invalid(format!("tenant {} already exists", c.id));
+    }
+    let record = TenantRecord {
+        id: c.id.clone(),
+        name: if c.name.is_empty() {
+            c.id.clone()
+        } else {
+            c.name.clone()
+        },
+        weight: c.weight.max(1),
+        quota: c.quota,
+        create_time_ms: c.time_ms,
+    };
+    put(txn, TENANTS_TABLE, c.id.as_bytes(), &record)?;
+    Ok(Done {})
+}
+
+fn tenant_or_not_found(txn: &WriteTransaction, id: &str) -> Applied<TenantRecord> {
+    get_tenant(txn, id)?.ok_or_else(|| {
+        Rejection::NotFound {
+            what: "tenant",
+            id: id.to_string(),
+        }
+        .into()
+    })
+}
+
+pub(crate) fn set_tenant(txn: &WriteTransaction, c: &SetTenant) -> Applied<Done> {
+    let mut record = tenant_or_not_found(txn, &c.id)?;
+    if let Some(w) = c.weight {
+        check_weight(w)?;
+        record.weight = w.max(1);
+    }
+    if let Some(q) = c.quota {
+        record.quota = Some(q);
+    }
+    put(txn, TENANTS_TABLE, c.id.as_bytes(), &record)?;
+    Ok(Done {})
+}
+
+pub(crate) fn create_token(txn: &WriteTransaction, c: &CreateToken) -> Applied<Done> {
+    check_id("token", &c.id)?;
+    tenant_or_not_found(txn, &c.tenant)?;
+    if c.sha256.len() != 64 || !c.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return invalid("token sha256 must be 64 hex digits");
+    }
+    if c.description.len() > MAX_TEXT {
+        return invalid(format!(
+            "token description must be at most {MAX_TEXT} bytes"
+        ));
+    }
+    if get_token(txn, &c.id)?.is_some() {
+        return invalid(format!("token {} already exists", c.id));
+    }
+    let record = TokenRecord {
+        id: c.id.clone(),
+        tenant: c.tenant.clone(),
+        sha256: c.sha256.to_ascii_lowercase(),
+        create_time_ms: c.time_ms,
+        description: c.description.clone(),
+    };
+    put(txn, TOKENS_TABLE, c.id.as_bytes(), &record)?;
+    Ok(Done {})
+}
+
+pub(crate) fn revoke_token(txn: &WriteTransaction, c: &RevokeToken) -> Applied<Done> {
+    let not_found = || -> Applied<Done> {
+        Err(Rejection::NotFound {
+            what: "token",
+            id: c.id.clone(),
+        }
+        .into())
+    };
+    // Another tenant's token is answered exactly like a missing one.
+    match get_token(txn, &c.id)? {
+        Some(t) if c.tenant.is_empty() || t.tenant == c.tenant => {}
+        _ => return not_found(),
+    }
+    txn.open_table(TOKENS_TABLE)?.remove(c.id.as_bytes())?;
+    Ok(Done {})
+}
+
+/// A tenant's quota (all zero, i.e. unlimited, when it has none or the
+/// tenant has no record yet, like the implicit default tenant).
+pub(crate) fn quota_of(
+    txn: &WriteTransaction,
+    tenant: &str,
+) -> Applied<stoker_proto::meta::TenantQuota> {
+    Ok(get_tenant(txn, tenant)?
+        .and_then(|t| t.quota)
+        .unwrap_or_default())
+}
+
+/// Unfinished tasks of `tenant` (for the queued-task quota).
+pub(crate) fn unfinished_tasks_of(txn: &WriteTransaction, tenant: &str) -> Applied<u64> {
+    let ids: Vec<u64> = {
+        let unfinished = txn.open_table(UNFINISHED_TABLE)?;
+        let mut ids = Vec::new();
+        for row in unfinished.iter()? {
+            ids.extend(id_of_rank_key(row?.0.value()));
+        }
+        ids
+    };
+    let mut n = 0;
+    for id in ids {
+        let task: Option<TaskRecord> = get(txn, TASKS_TABLE, &task_key(id))?;
+        if task.is_some_and(|t| t.tenant == tenant) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Total bytes of `tenant`'s modules (for the module-bytes quota).
+pub(crate) fn module_bytes_of(txn: &WriteTransaction, tenant: &str) -> Applied<u64> {
+    let (start, end) = tenant_modules_range(tenant);
+    let table = txn.open_table(MODULES_TABLE)?;
+    let mut total = 0u64;
+    for row in table.range(start.as_slice()..end.as_slice())? {
+        let (k, v) = row?;
+        let m = stoker_proto::meta::ModuleRecord::decode(v.value()).map_err(|_| {
+            Rejection::Corrupt {
+                table: "sm_modules".into(),
+                key: hex::encode(k.value()),
+            }
+        })?;
+        total += m.size;
+    }
+    Ok(total)
+}
+
+/// A [`Rejection::Quota`] when `asked` exceeds a non-zero `limit`.
+pub(crate) fn within(
+    tenant: &str,
+    quota: &'static str,
+    limit: u64,
+    asked: u64,
+    detail: impl FnOnce() -> String,
+) -> Applied<()> {
+    if limit != 0 && asked > limit {
+        return Err(Rejection::Quota {
+            tenant: tenant.to_string(),
+            quota,
+            limit,
+            detail: detail(),
+        }
+        .into());
+    }
+    Ok(())
+}
