@@ -166,7 +166,11 @@ async fn large_outputs_go_to_the_blob_store() {
     let id = client
         .submit_task(SubmitTaskRequest {
             module: hash,
-            input: format!("big:{size}\nok").into_bytes(),
+            // The second subtask keeps the task running while the test
+            // looks: `finish` would refuse the 1 MiB result and the revert
+            // would delete the task's blobs.
+            input: format!("big:{size}\nspin:20000").into_bytes(),
+            concurrency: 2,
             ..SubmitTaskRequest::default()
         })
         .await
