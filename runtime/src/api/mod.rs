@@ -9,12 +9,15 @@
 //!   tests).
 //! - [`server`]: [`server::ServerConfig`] and starting a node's metadata
 //!   layer with its gRPC server.
+//! - [`rules`]: placement rules and the coordinator's schedulers and
+//!   operators (admin handlers of the `Stoker` service).
 //! - [`workers`]: the server side of the worker RPCs (heartbeat, the
 //!   assignment long poll).
 
 pub mod local_cluster;
 pub mod meta;
 pub mod raft;
+pub mod rules;
 pub mod server;
 pub mod service;
 pub mod workers;

@@ -349,10 +349,12 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         .max_decoding_message_size(usize::MAX);
     let meta_svc = MetaServer::new(MetaService::new(node.clone(), timeout));
     let heartbeat = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms);
-    let stoker_svc =
-        StokerServer::new(StokerService::new(node.clone(), sandbox.clone(), heartbeat))
-            .max_decoding_message_size(MAX_API_MESSAGE)
-            .max_encoding_message_size(MAX_API_MESSAGE);
+    let board = crate::sched::coordinator::Board::default();
+    let stoker_svc = StokerServer::new(
+        StokerService::new(node.clone(), sandbox.clone(), heartbeat).with_board(board.clone()),
+    )
+    .max_decoding_message_size(MAX_API_MESSAGE)
+    .max_encoding_message_size(MAX_API_MESSAGE);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let id = cfg.id;
@@ -376,6 +378,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         sandbox.clone(),
         blobs.clone(),
         cfg.owner.clone(),
+        board,
         owner_stop_rx,
     ));
     let worker = cfg.worker.enabled.then(|| {

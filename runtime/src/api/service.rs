@@ -62,6 +62,8 @@ pub struct StokerService {
     /// this node's cache for planning).
     sandbox: Arc<Sandbox>,
     heartbeat_interval: Duration,
+    /// What this node's owner loop publishes of its coordinator.
+    pub(super) board: crate::sched::coordinator::Board,
 }
 
 impl StokerService {
@@ -70,7 +72,19 @@ impl StokerService {
             node,
             sandbox,
             heartbeat_interval,
+            board: Default::default(),
         }
+    }
+
+    /// Shares the owner loop's coordinator board (`scheduler list`,
+    /// `operator list`).
+    pub fn with_board(mut self, board: crate::sched::coordinator::Board) -> Self {
+        self.board = board;
+        self
+    }
+
+    pub(super) fn meta(&self) -> &MetaNode {
+        &self.node
     }
 
     async fn propose(&self, kind: C, request_id: Option<RequestId>) -> Result<Option<R>, Status> {
@@ -425,6 +439,41 @@ impl Stoker for StokerService {
         workers::assignments(&self.node, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn apply_rules(
+        &self,
+        request: Request<stoker_proto::api::ApplyRulesRequest>,
+    ) -> Result<Response<stoker_proto::api::ApplyRulesResponse>, Status> {
+        self.apply_rules_impl(request).await
+    }
+
+    async fn show_rules(
+        &self,
+        request: Request<stoker_proto::api::ShowRulesRequest>,
+    ) -> Result<Response<stoker_proto::api::ShowRulesResponse>, Status> {
+        self.show_rules_impl(request).await
+    }
+
+    async fn list_schedulers(
+        &self,
+        request: Request<stoker_proto::api::ListSchedulersRequest>,
+    ) -> Result<Response<stoker_proto::api::ListSchedulersResponse>, Status> {
+        self.list_schedulers_impl(request).await
+    }
+
+    async fn control_scheduler(
+        &self,
+        request: Request<stoker_proto::api::ControlSchedulerRequest>,
+    ) -> Result<Response<stoker_proto::api::ControlSchedulerResponse>, Status> {
+        self.control_scheduler_impl(request).await
+    }
+
+    async fn list_operators(
+        &self,
+        request: Request<stoker_proto::api::ListOperatorsRequest>,
+    ) -> Result<Response<stoker_proto::api::ListOperatorsResponse>, Status> {
+        self.list_operators_impl(request).await
     }
 }
 

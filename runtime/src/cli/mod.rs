@@ -9,7 +9,9 @@ mod cluster;
 mod config;
 mod module;
 mod node;
+mod rules;
 mod run_local;
+mod scheduler;
 mod server;
 mod task;
 
@@ -69,6 +71,21 @@ enum Command {
     /// Example: stoker node list
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Placement rules: apply a rules.toml, show the rules in force.
+    ///
+    /// Example: stoker rules apply rules.toml && stoker rules show
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
+    /// The owner's coordinator schedulers: list, pause, resume, add, remove.
+    ///
+    /// Example: stoker scheduler pause balance-subtask
+    #[command(subcommand)]
+    Scheduler(scheduler::SchedulerCommand),
+    /// The coordinator's operators (moves, leader transfers).
+    ///
+    /// Example: stoker operator list -o json
+    #[command(subcommand)]
+    Operator(scheduler::OperatorCommand),
     /// End-to-end benchmarks.
     ///
     /// Example: stoker bench governor --module target/wasm32-wasip1/release/primes.wasm
@@ -127,6 +144,9 @@ pub fn main() -> ExitCode {
             Command::Module(cmd) => module::run(cmd).await,
             Command::Task(cmd) => task::run(cmd).await,
             Command::Node(cmd) => node::run(cmd).await,
+            Command::Rules(cmd) => rules::run(cmd).await,
+            Command::Scheduler(cmd) => scheduler::run(cmd).await,
+            Command::Operator(cmd) => scheduler::run_operator(cmd).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });

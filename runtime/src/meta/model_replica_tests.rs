@@ -90,7 +90,11 @@ fn replicas_applying_the_same_commands_agree_on_ids_results_and_digest() {
     assert_eq!(ids, vec![1, 2, 3, 4, 5]);
     assert_eq!(a.s.digest().unwrap(), b.s.digest().unwrap());
     // The digest covers the new tables.
-    b.ok(C::NodeHeartbeat(NodeHeartbeat { id: 1, time_ms: 1 }));
+    b.ok(C::NodeHeartbeat(NodeHeartbeat {
+        id: 1,
+        time_ms: 1,
+        cpu_permille: None,
+    }));
     assert_ne!(a.s.digest().unwrap(), b.s.digest().unwrap());
 }
 
@@ -163,6 +167,7 @@ fn random_command(rng: &mut Rng, hash: &str, time: u64) -> C {
         1 => C::NodeHeartbeat(NodeHeartbeat {
             id: node,
             time_ms: time,
+            cpu_permille: rng.pick(&[None, Some(500)]),
         }),
         2 => C::MarkNodeDown(MarkNodeDown { id: node }),
         3 => C::SubmitTask(submit_spec(hash, rng.pick(&[0, 1, 700, 2000]), time)),

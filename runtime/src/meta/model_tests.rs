@@ -270,6 +270,7 @@ fn nodes_register_heartbeat_and_go_down() {
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 2,
         time_ms: 900,
+        cpu_permille: Some(420),
     }));
     sm.ok(C::MarkNodeDown(MarkNodeDown { id: 1 }));
     let views = sm.read(queries::nodes);
@@ -278,13 +279,19 @@ fn nodes_register_heartbeat_and_go_down() {
     assert!(views[1].up);
     let n2 = sm.read(|p, t| queries::node(p, t, 2)).unwrap();
     assert_eq!((n2.last_heartbeat_ms, n2.registered_ms), (900, 100));
+    assert_eq!(n2.cpu_permille, Some(420));
     // A heartbeat brings a down node back; an unknown node is rejected.
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 1,
         time_ms: 950,
+        cpu_permille: None,
     }));
     assert!(sm.read(queries::nodes)[0].up);
-    let e = sm.rejected(C::NodeHeartbeat(NodeHeartbeat { id: 9, time_ms: 1 }));
+    let e = sm.rejected(C::NodeHeartbeat(NodeHeartbeat {
+        id: 9,
+        time_ms: 1,
+        cpu_permille: None,
+    }));
     assert_eq!(e, "node 9 not found");
     let e = sm.rejected(C::RegisterNode(RegisterNode::default()));
     assert!(e.contains("must not be 0"), "{e}");
