@@ -589,7 +589,7 @@ async fn a_rule_targeting_a_full_node_waits_and_says_why() {
     ))
     .await
     .unwrap();
-    let id = h.submit(&m, "f/1", spins(4, 1500), 4).await;
+    let id = h.submit(&m, "f/1", spins(4, 800), 4).await;
     let r = h
         .wait_rule("full", |r| {
             r.status == "blocked" && r.reason.contains("full")
