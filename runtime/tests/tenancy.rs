@@ -14,11 +14,12 @@ use stoker::api::local_cluster::LocalCluster;
 use stoker::api::meta::{connect_meta_with, connect_stoker_with};
 use stoker_proto::api::stoker_client::StokerClient;
 use stoker_proto::api::{
-    control_task_request::Action, AssignmentsRequest, ControlTaskRequest, CreateTenantRequest,
-    CreateTokenRequest, DeleteModuleRequest, GetModuleRequest, GetSubtaskLogRequest,
-    GetTaskRequest, GetTaskResponse, HeartbeatRequest, ListModulesRequest, ListNodesRequest,
-    ListTasksRequest, ListTenantsRequest, ListTokensRequest, ModifyTaskRequest, RevokeTokenRequest,
-    SetTenantRequest, SubmitTaskRequest, UploadModuleRequest, WatchTaskRequest,
+    control_task_request::Action, ApplyRulesRequest, AssignmentsRequest, ControlTaskRequest,
+    CreateTenantRequest, CreateTokenRequest, DeleteModuleRequest, GetModuleRequest,
+    GetSubtaskLogRequest, GetTaskRequest, GetTaskResponse, HeartbeatRequest, ListModulesRequest,
+    ListNodesRequest, ListOperatorsRequest, ListTasksRequest, ListTenantsRequest,
+    ListTokensRequest, ModifyTaskRequest, RevokeTokenRequest, SetTenantRequest, ShowRulesRequest,
+    SubmitTaskRequest, UploadModuleRequest, WatchTaskRequest,
 };
 use stoker_proto::meta::{
     ProposeRequest, QueryRequest, StatusRequest, TaskModification, TenantQuota,
@@ -227,6 +228,7 @@ async fn requests_without_a_valid_token_are_unauthenticated() {
             api.heartbeat(HeartbeatRequest {
                 node: None,
                 load: None,
+                cpu: None,
             })
             .await,
             Code::Unauthenticated,
@@ -256,6 +258,7 @@ async fn requests_without_a_valid_token_are_unauthenticated() {
             .heartbeat(HeartbeatRequest {
                 node: None,
                 load: None,
+                cpu: None,
             })
             .await,
         Code::PermissionDenied,
@@ -272,6 +275,25 @@ async fn requests_without_a_valid_token_are_unauthenticated() {
                 id: "sneaky".into(),
                 ..Default::default()
             })
+            .await,
+        Code::PermissionDenied,
+    );
+    // Placement rules and the coordinator are the admin's.
+    code(
+        h.api(Some(&a))
+            .apply_rules(ApplyRulesRequest {
+                source: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+    );
+    code(
+        h.api(Some(&a)).show_rules(ShowRulesRequest {}).await,
+        Code::PermissionDenied,
+    );
+    code(
+        h.api(Some(&a))
+            .list_operators(ListOperatorsRequest {})
             .await,
         Code::PermissionDenied,
     );

@@ -208,6 +208,11 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The process id of node `id` while it runs (to signal it).
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id)?.child.as_ref().map(Child::id)
+    }
+
     /// Node `id`'s gRPC address.
     pub fn addr(&self, id: u64) -> &str {
         &self.nodes[&id].addr

@@ -15,6 +15,8 @@
 //!   layer with its gRPC server.
 //! - [`tls`]: the `[tls]` config table; TLS on the server and on every
 //!   outgoing channel.
+//! - [`rules`]: placement rules and the coordinator's schedulers and
+//!   operators (admin handlers of the `Stoker` service).
 //! - [`workers`]: the server side of the worker RPCs (heartbeat, the
 //!   assignment long poll).
 //! - [`http`]: HTTP beside gRPC: `/healthz`, `/readyz`, `/metrics`
@@ -29,6 +31,7 @@ mod logs;
 pub mod meta;
 pub mod metrics;
 pub mod raft;
+pub mod rules;
 pub mod server;
 pub mod service;
 mod tenancy;

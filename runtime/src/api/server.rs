@@ -441,13 +441,17 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
     );
     let meta_svc = MetaServer::with_interceptor(MetaService::new(node.clone(), timeout), guard);
     let heartbeat = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms);
-    let stoker_svc = StokerServer::new(StokerService::new(
-        node.clone(),
-        sandbox.clone(),
-        heartbeat,
-        auth.clone(),
-        blobs.clone(),
-    ))
+    let board = crate::sched::coordinator::Board::default();
+    let stoker_svc = StokerServer::new(
+        StokerService::new(
+            node.clone(),
+            sandbox.clone(),
+            heartbeat,
+            auth.clone(),
+            blobs.clone(),
+        )
+        .with_board(board.clone()),
+    )
     .max_decoding_message_size(MAX_API_MESSAGE)
     .max_encoding_message_size(MAX_API_MESSAGE);
     let id = cfg.id;
@@ -489,6 +493,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         sandbox.clone(),
         blobs.clone(),
         cfg.owner.clone(),
+        board,
         owner_stop_rx,
     ));
     Ok(RunningServer {

@@ -78,6 +78,8 @@ pub struct StokerService {
     auth: Authenticator,
     /// Where subtask logs are read from and large inputs are kept.
     blobs: BlobStore,
+    /// What this node's owner loop publishes of its coordinator.
+    pub(super) board: crate::sched::coordinator::Board,
 }
 
 impl StokerService {
@@ -95,7 +97,15 @@ impl StokerService {
             heartbeat_interval,
             auth,
             blobs,
+            board: Default::default(),
         }
+    }
+
+    /// Shares the owner loop's coordinator board (`scheduler list`,
+    /// `operator list`).
+    pub fn with_board(mut self, board: crate::sched::coordinator::Board) -> Self {
+        self.board = board;
+        self
     }
 
     /// Keeps an input over the inline limit in the tenant's blob space
@@ -623,6 +633,41 @@ impl Stoker for StokerService {
         request: Request<stoker_proto::api::GetSubtaskLogRequest>,
     ) -> Result<Response<stoker_proto::api::GetSubtaskLogResponse>, Status> {
         self.do_get_subtask_log(request).await
+    }
+
+    async fn apply_rules(
+        &self,
+        request: Request<stoker_proto::api::ApplyRulesRequest>,
+    ) -> Result<Response<stoker_proto::api::ApplyRulesResponse>, Status> {
+        self.apply_rules_impl(request).await
+    }
+
+    async fn show_rules(
+        &self,
+        request: Request<stoker_proto::api::ShowRulesRequest>,
+    ) -> Result<Response<stoker_proto::api::ShowRulesResponse>, Status> {
+        self.show_rules_impl(request).await
+    }
+
+    async fn list_schedulers(
+        &self,
+        request: Request<stoker_proto::api::ListSchedulersRequest>,
+    ) -> Result<Response<stoker_proto::api::ListSchedulersResponse>, Status> {
+        self.list_schedulers_impl(request).await
+    }
+
+    async fn control_scheduler(
+        &self,
+        request: Request<stoker_proto::api::ControlSchedulerRequest>,
+    ) -> Result<Response<stoker_proto::api::ControlSchedulerResponse>, Status> {
+        self.control_scheduler_impl(request).await
+    }
+
+    async fn list_operators(
+        &self,
+        request: Request<stoker_proto::api::ListOperatorsRequest>,
+    ) -> Result<Response<stoker_proto::api::ListOperatorsResponse>, Status> {
+        self.list_operators_impl(request).await
     }
 }
 

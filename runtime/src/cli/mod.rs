@@ -9,7 +9,9 @@ mod cluster;
 mod config;
 mod module;
 mod node;
+mod rules;
 mod run_local;
+mod scheduler;
 mod server;
 mod subtask_log;
 mod task;
@@ -112,6 +114,21 @@ enum Command {
     /// Example: stoker token create --description ci --token $TOKEN
     #[command(subcommand)]
     Token(tenant::TokenCommand),
+    /// Placement rules: apply a rules.toml, show the rules in force.
+    ///
+    /// Example: stoker rules apply rules.toml && stoker rules show
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
+    /// The owner's coordinator schedulers: list, pause, resume, add, remove.
+    ///
+    /// Example: stoker scheduler pause balance-subtask
+    #[command(subcommand)]
+    Scheduler(scheduler::SchedulerCommand),
+    /// The coordinator's operators (moves, leader transfers).
+    ///
+    /// Example: stoker operator list -o json
+    #[command(subcommand)]
+    Operator(scheduler::OperatorCommand),
     /// End-to-end benchmarks.
     ///
     /// Example: stoker bench governor --module target/wasm32-wasip1/release/primes.wasm
@@ -206,6 +223,9 @@ pub fn main() -> ExitCode {
             Command::Node(cmd) => node::run(cmd).await,
             Command::Tenant(cmd) => tenant::run_tenant(cmd).await,
             Command::Token(cmd) => tenant::run_token(cmd).await,
+            Command::Rules(cmd) => rules::run(cmd).await,
+            Command::Scheduler(cmd) => scheduler::run(cmd).await,
+            Command::Operator(cmd) => scheduler::run_operator(cmd).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });

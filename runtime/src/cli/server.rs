@@ -52,6 +52,10 @@ pub(super) struct ServerArgs {
     /// Seconds of silence after which the owner takes a worker as down.
     #[arg(long)]
     node_timeout_secs: Option<f64>,
+    /// Placement rules file (`rules.toml`): applied at start and re-read on
+    /// every SIGUSR1 (a scheduler node only).
+    #[arg(long, conflicts_with = "worker_only")]
+    rules: Option<PathBuf>,
 }
 
 fn load(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
@@ -107,9 +111,24 @@ fn load(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
 
 pub(super) async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let cfg = load(&args)?;
+    if let Some(file) = &args.rules {
+        // A bad file stops the start, before anything listens.
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read rules file {}", file.display()))?;
+        stoker::sched::rules::parse(&text)
+            .with_context(|| format!("rules file {} refused", file.display()))?;
+    }
     let mut running = server::start(&cfg).await?;
     // Scripts and tests read this line to learn the bound address.
     println!("listening on {}", running.addr);
+    if let Some(file) = args.rules.clone() {
+        let addr = running.addr.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = super::rules::serve_rules_file(file, addr).await {
+                tracing::error!(error = %format!("{e:#}"), "placement rules file is not served");
+            }
+        });
+    }
     // The leadership watch closes when the Raft loop ends (fatal error).
     let raft = running.node.as_ref().map(|n| n.leader_watch());
     let raft_stopped = async move {

@@ -9,6 +9,7 @@
 //! - [`records`]: the task framework's tables, keys and rejections;
 //!   `nodes`, `modules`, `tasks`, `subtasks`: its commands; [`queries`]:
 //!   its reads; [`stats`]: fuel per tenant and the counts metrics read.
+//! - [`rules`]: the placement rule set in force (`SetRules`).
 //! - `node`: the Ready loop on its own thread.
 //! - [`handle`]: [`MetaNode`], the process-wide handle: propose, read,
 //!   membership, leadership watch.
@@ -23,6 +24,7 @@ pub(crate) mod node;
 mod nodes;
 pub mod queries;
 pub mod records;
+pub mod rules;
 pub mod state_machine;
 pub mod stats;
 pub mod storage;

@@ -272,6 +272,7 @@ fn nodes_register_heartbeat_and_go_down() {
         id: 2,
         time_ms: 900,
         load: None,
+        cpu_permille: Some(420),
     }));
     sm.ok(C::MarkNodeDown(MarkNodeDown { id: 1 }));
     let views = sm.read(queries::nodes);
@@ -280,11 +281,13 @@ fn nodes_register_heartbeat_and_go_down() {
     assert!(views[1].up);
     let n2 = sm.read(|p, t| queries::node(p, t, 2)).unwrap();
     assert_eq!((n2.last_heartbeat_ms, n2.registered_ms), (900, 100));
+    assert_eq!(n2.cpu_permille, Some(420));
     // A heartbeat brings a down node back; an unknown node is rejected.
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 1,
         time_ms: 950,
         load: None,
+        cpu_permille: None,
     }));
     assert!(sm.read(queries::nodes)[0].up);
     // A heartbeat's load is kept; an older, reordered one does not replace
@@ -298,11 +301,13 @@ fn nodes_register_heartbeat_and_go_down() {
         id: 2,
         time_ms: 1000,
         load: Some(load("downclock")),
+        cpu_permille: None,
     }));
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 2,
         time_ms: 990,
         load: Some(load("overclock")),
+        cpu_permille: None,
     }));
     let n2 = sm.read(|p, t| queries::node(p, t, 2)).unwrap();
     assert_eq!(n2.load, Some(load("downclock")));
@@ -313,6 +318,7 @@ fn nodes_register_heartbeat_and_go_down() {
         id: 9,
         time_ms: 1,
         load: None,
+        cpu_permille: None,
     }));
     assert_eq!(e, "node 9 not found");
     let e = sm.rejected(C::RegisterNode(RegisterNode::default()));

@@ -31,7 +31,7 @@ use stoker_proto::Message;
 use super::error::storage_err;
 use super::records::{self, ApplyError};
 use super::MetaError;
-use super::{modules, nodes, subtasks, tasks, tenants};
+use super::{modules, nodes, rules, subtasks, tasks, tenants};
 
 /// A state machine table: byte keys to byte values.
 pub type SmTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
@@ -67,6 +67,8 @@ pub const SM_TABLES: &[SmTable] = &[
     records::SUBTASKS_TABLE,
     records::SUBTASKS_BY_NODE_TABLE,
     records::COUNTERS_TABLE,
+    rules::RULES_TABLE,
+    rules::RULES_META_TABLE,
 ];
 
 /// Request ids remembered for deduplication; the oldest are forgotten
@@ -116,6 +118,7 @@ pub fn apply_command(
         Some(C::ReportSubtask(c)) => framework(subtasks::report_subtask(txn, c), R::SubtaskState),
         Some(C::RequeueSubtask(c)) => framework(subtasks::requeue_subtask(txn, c), R::SubtaskState),
         Some(C::ChangeSubtasks(c)) => framework(subtasks::change_subtasks(txn, c), R::Count),
+        Some(C::SetRules(c)) => framework(rules::set_rules(txn, c), R::Done),
         None => Ok(Err("empty command".to_string())),
     };
     match outcome.map_err(|e| storage_err(path, e))? {

@@ -9,11 +9,17 @@
 //! - `task`: a task scheduler's next action from its state and its step's
 //!   subtask states.
 //! - `balance`: the balancer's moves and the node manager's liveness rule.
+//! - [`coordinator`]: the PD-style coordinator: rule checker, schedulers
+//!   (balance-subtask, hot-node, leader-placement), operators and limits.
+//! - [`rules`]: placement rules: the `rules.toml` file, validation and
+//!   conflict detection, which rule applies to a task, rule status.
 //! - [`owner`]: the owner's loop (leader only) that carries all of it out
 //!   through replicated commands and the module's `plan`/`finish`/`revert`.
 
 pub mod balance;
+pub mod coordinator;
 pub mod fair_share;
 pub mod owner;
 pub mod placement;
+pub mod rules;
 pub mod task;

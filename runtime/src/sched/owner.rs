@@ -10,9 +10,12 @@
 //! 2. asks [`decide`] for each unfinished task's next action and starts it
 //!    (one action per task at a time: planning calls the module's `plan` in
 //!    a sandbox, finishing its `finish`, reverting its `revert`);
-//! 3. admits running tasks in rank order, preempts slots that admission
-//!    gave to higher-ranked tasks, balances queued subtasks and assigns
-//!    pending ones to nodes with free slots.
+//! 3. admits running tasks in rank order (a task whose key falls in an
+//!    active `subtask` placement rule only on the rule's nodes), preempts
+//!    slots that admission gave to higher-ranked tasks, runs the
+//!    [coordinator](super::coordinator) (rule checker and schedulers whose
+//!    operators move queued subtasks and leadership) and assigns pending
+//!    subtasks to nodes with free slots.
 //!
 //! Rounds run on a timer and whenever this node applies new entries.
 
@@ -31,9 +34,11 @@ use stoker_proto::meta::{
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::balance::{balance, Queued};
+use super::balance::Queued;
+use super::coordinator::{Board, CoordTask, CoordView, Coordinator, Seen, Step, SubtaskAt};
 use super::fair_share::{admit_fair, TenantShare};
 use super::placement::{assign, eligible_nodes, preempt, Candidate, Held, Usage};
+use super::rules::{self, Rule};
 use super::task::{decide, Action, StepCounts};
 use crate::blob::BlobStore;
 use crate::exec::local::RetryPolicy;
@@ -106,6 +111,8 @@ struct Ctx {
     sandbox: Arc<Sandbox>,
     blobs: BlobStore,
     config: OwnerConfig,
+    /// Where the coordinator's state is published for this node's API.
+    board: Board,
 }
 
 /// Watches leadership and runs the owner while this node leads. Returns
@@ -115,6 +122,7 @@ pub async fn run(
     sandbox: Arc<Sandbox>,
     blobs: BlobStore,
     config: OwnerConfig,
+    board: Board,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let ctx = Arc::new(Ctx {
@@ -122,6 +130,7 @@ pub async fn run(
         sandbox,
         blobs,
         config,
+        board,
     });
     let mut leader = node.is_leader_watch();
     loop {
@@ -138,6 +147,7 @@ pub async fn run(
             }
             term.abort();
             let _ = term.await;
+            ctx.board.lock().expect("board lock").owner = false;
             info!(node_id = node.id(), "no longer owner");
         } else {
             tokio::select! {
@@ -161,6 +171,7 @@ async fn own(ctx: Arc<Ctx>) {
         actions: JoinSet::new(),
         busy: HashMap::new(),
         last_gc_ms: 0,
+        coordinator: Coordinator::default(),
     };
     let mut applied = ctx.node.applied_watch();
     let tick = Duration::from_millis(ctx.config.tick_ms);
@@ -197,6 +208,10 @@ struct ClusterView {
     tasks: Vec<TaskView>,
     /// Weight and slot quota of every tenant with a record.
     tenants: BTreeMap<String, TenantShare>,
+    /// Placement rules in force (whatever their window).
+    rules: Vec<Rule>,
+    /// The cluster config (coordinator limits, scheduler states).
+    config: BTreeMap<String, String>,
 }
 
 impl ClusterView {
@@ -245,10 +260,18 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
                 counts,
             });
         }
+        let set = crate::meta::rules::rule_set(p, t)?;
+        let rules = rules::from_records(&set.rules).map_err(|e| MetaError::Corrupt {
+            path: p.to_path_buf(),
+            what: format!("placement rules in force: {e}"),
+        })?;
+        let config = crate::meta::rules::cluster_config(p, t)?;
         Ok(ClusterView {
             nodes,
             tasks,
             tenants,
+            rules,
+            config,
         })
     })
     .map(|(v, _)| v)
@@ -263,6 +286,7 @@ struct Owner {
     /// Tasks with an action in flight, and its tokio task.
     busy: HashMap<TaskId, tokio::task::Id>,
     last_gc_ms: u64,
+    coordinator: Coordinator,
 }
 
 fn sref(s: &SubtaskRecord) -> SubtaskRef {
@@ -380,10 +404,11 @@ impl Owner {
     }
 
     /// Admission, preemption, balancing and assignment.
-    async fn place(&self, view: &ClusterView, now: u64) {
+    async fn place(&mut self, view: &ClusterView, now: u64) {
         let nodes: Vec<NodeView> = view.nodes.iter().map(queries::node_view).collect();
         let mut candidates = Vec::new();
         let mut eligible_of = BTreeMap::new();
+        let mut pinned_by = BTreeMap::new();
         for t in view.tasks.iter().filter(|t| accepts_work(t)) {
             let in_use: BTreeSet<NodeId> = t
                 .subtasks
@@ -392,7 +417,16 @@ impl Owner {
                 .map(|s| s.node)
                 .collect();
             let placement = queries::task_placement(&t.task);
-            let eligible = eligible_nodes(&nodes, &placement, |_| true, &in_use);
+            let rule = rules::subtask_rule(&view.rules, &t.task.key, &t.task.tenant, now);
+            let eligible = eligible_nodes(
+                &nodes,
+                &placement,
+                |n| rule.is_none_or(|r| r.matches(n)),
+                &in_use,
+            );
+            if let Some(r) = rule {
+                pinned_by.insert(t.task.id, r.name.clone());
+            }
             eligible_of.insert(t.task.id, eligible.clone());
             candidates.push(Candidate {
                 placement,
@@ -436,7 +470,21 @@ impl Owner {
         }
         let mut commands = Vec::new();
         let mut taken_back = BTreeSet::new();
-        for h in preempt(&admission, &held) {
+        // A pinned task's subtasks off its rule's nodes are not preempted:
+        // running ones finish where they are (the rule does not throw work
+        // away), queued ones are moved by the coordinator's rule checker
+        // when a rule node has room (within the operator limits).
+        let preemptible: Vec<_> = held
+            .iter()
+            .filter(|h| {
+                !pinned_by.contains_key(&h.task)
+                    || eligible_of
+                        .get(&h.task)
+                        .is_some_and(|e: &Vec<NodeId>| e.contains(&h.node))
+            })
+            .copied()
+            .collect();
+        for h in preempt(&admission, &preemptible) {
             let (step, ordinal, attempt, _) = h.subtask;
             taken_back.insert((h.task, step, ordinal));
             commands.push(requeue(
@@ -447,30 +495,88 @@ impl Owner {
                 now,
             ));
         }
-        // The balancer: queued (assigned, not started) subtasks.
-        for (task, eligible) in &eligible_of {
-            let queued: Vec<Queued<(u32, u32, u32)>> = held
+        // The coordinator: queued (assigned, not started) subtasks move by
+        // its operators; leadership follows the leader rules.
+        let coord = CoordView {
+            now_ms: now,
+            used: usage.per_node.clone(),
+            cpu: view
+                .nodes
                 .iter()
-                .filter(|h| h.task == *task && h.subtask.3 == SubtaskState::Pending)
-                .filter(|h| !taken_back.contains(&(h.task, h.subtask.0, h.subtask.1)))
-                .map(|h| Queued {
-                    subtask: (h.subtask.0, h.subtask.1, h.subtask.2),
-                    node: h.node,
+                .filter_map(|n| n.cpu_permille.map(|c| (n.id, c as f32 / 1000.0)))
+                .collect(),
+            tasks: eligible_of
+                .iter()
+                .map(|(task, eligible)| {
+                    let t = view.tasks.iter().find(|t| t.task.id == *task);
+                    CoordTask {
+                        id: *task,
+                        key: t.map(|t| t.task.key.clone()).unwrap_or_default(),
+                        tenant: t.map(|t| t.task.tenant.clone()).unwrap_or_default(),
+                        eligible: eligible.clone(),
+                        pinned_by: pinned_by.get(task).cloned(),
+                        queued: held
+                            .iter()
+                            .filter(|h| h.task == *task && h.subtask.3 == SubtaskState::Pending)
+                            .filter(|h| !taken_back.contains(&(h.task, h.subtask.0, h.subtask.1)))
+                            .map(|h| Queued {
+                                subtask: SubtaskAt {
+                                    task: h.task,
+                                    step: h.subtask.0,
+                                    ordinal: h.subtask.1,
+                                    attempt: h.subtask.2,
+                                },
+                                node: h.node,
+                            })
+                            .collect(),
+                    }
                 })
-                .collect();
-            for m in balance(&queued, eligible) {
-                let (step, ordinal, attempt) = m.subtask;
-                // The view may be stale: if the worker claimed it since,
-                // the move is refused rather than throwing the run away.
-                commands.push(requeue(
-                    *task,
-                    (step, ordinal, attempt),
-                    "rebalanced",
-                    true,
-                    now,
-                ));
+                .collect(),
+            rules: view.rules.clone(),
+            leader: self.ctx.node.id(),
+            voters: view
+                .nodes
+                .iter()
+                .filter(|n| n.scheduler && n.up)
+                .map(|n| n.id)
+                .collect(),
+            nodes,
+        };
+        let seen = |task: TaskId, step: u32, ordinal: u32| -> Option<Seen> {
+            let t = view.tasks.iter().find(|t| t.task.id == task)?;
+            let s = t
+                .subtasks
+                .iter()
+                .find(|s| s.step == step && s.ordinal == ordinal)?;
+            let st = parse_sub(s);
+            (st == SubtaskState::Pending || st == SubtaskState::Running).then_some(Seen {
+                node: s.node,
+                attempt: s.attempt,
+                running: st == SubtaskState::Running,
+            })
+        };
+        let operators = self.coordinator.round(&coord, &view.config, &seen);
+        let mut moves = Vec::new();
+        for op in operators {
+            for step in &op.steps {
+                match *step {
+                    Step::MoveSubtask { subtask, to, .. } => {
+                        usage.add(subtask.task, to);
+                        moves.push((op.id, subtask, to));
+                    }
+                    Step::TransferLeader { to, .. } => {
+                        info!(to, operator = op.id, "moving leadership by placement rule");
+                        let node = self.ctx.node.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = node.transfer_leader(to).await {
+                                warn!(to, error = %e, "leader transfer failed");
+                            }
+                        });
+                    }
+                }
             }
         }
+        let nodes = coord.nodes;
         // Freed slots are reused in the next round, once the requeues are
         // applied; assignment now works with what is certainly free.
         let mut pending: BTreeMap<TaskId, Vec<(u32, u32)>> = BTreeMap::new();
@@ -497,7 +603,27 @@ impl Owner {
                 node,
             }));
         }
-        propose_all(&self.ctx.node, commands).await;
+        let moved = futures::future::join_all(moves.iter().map(|(_, s, to)| {
+            propose(
+                &self.ctx.node,
+                C::AssignSubtask(AssignSubtask {
+                    subtask: Some(SubtaskRef {
+                        task_id: s.task,
+                        step: s.step,
+                        ordinal: s.ordinal,
+                    }),
+                    node: *to,
+                }),
+            )
+        }));
+        let (moved, ()) = tokio::join!(moved, propose_all(&self.ctx.node, commands));
+        for ((op, _, _), ok) in moves.iter().zip(moved) {
+            if !ok {
+                // It started (or went away) first: nothing to move.
+                self.coordinator.operators.cancel(*op);
+            }
+        }
+        self.coordinator.publish(&self.ctx.board, &view.config);
     }
 }
 

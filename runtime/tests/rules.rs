@@ -1,0 +1,613 @@
+//! Placement rules and the coordinator across real `stoker server`
+//! processes on 127.0.0.1: subtask rules pin key ranges to labelled nodes,
+//! a leader rule moves ownership, `--rules FILE` reloads on SIGUSR1, a time
+//! window opens and closes, an operator limit of 1 moves one subtask at a
+//! time, and a rule whose node is full waits and says why.
+//!
+//! Clusters are started one at a time (a file-wide lock), and every process
+//! is killed when its cluster is dropped.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use stoker::api::local_cluster::LocalCluster;
+use stoker::api::meta::{connect_lazy, connect_stoker, set_config_request};
+use stoker_proto::api::stoker_client::StokerClient;
+use stoker_proto::api::{
+    control_scheduler_request, ApplyRulesRequest, ControlSchedulerRequest, GetTaskRequest,
+    GetTaskResponse, ListOperatorsRequest, RuleInfo, ShowRulesRequest, SubmitTaskRequest,
+    UploadModuleRequest,
+};
+use tonic::transport::Channel;
+
+static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_stoker"))
+}
+
+/// The owner notices dead workers quickly and rounds often.
+const CONFIG: &str =
+    "[owner]\nnode_timeout_ms = 1500\ntick_ms = 100\n\n[worker]\nheartbeat_interval_ms = 300\n";
+
+struct Harness {
+    cluster: LocalCluster,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// `schedulers` scheduler nodes with `sched_args(id)` and worker-only
+    /// nodes with the given arguments (ids after the schedulers'); waits
+    /// for `workers_up` workers.
+    async fn start(
+        config: &str,
+        schedulers: u64,
+        sched_args: &dyn Fn(u64, &Path) -> Vec<String>,
+        workers: &[&[&str]],
+        workers_up: usize,
+    ) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let mut cluster =
+            LocalCluster::start_with_args(exe(), schedulers, dir.path(), Some(config), &|id| {
+                sched_args(id, &path)
+            })
+            .unwrap();
+        for (i, w) in workers.iter().enumerate() {
+            cluster.add_worker(schedulers + 1 + i as u64, w).unwrap();
+        }
+        cluster.wait_leader(Duration::from_secs(30)).await.unwrap();
+        cluster
+            .wait_workers(workers_up, Duration::from_secs(60))
+            .await
+            .unwrap();
+        Harness { cluster, dir }
+    }
+
+    /// A client of a running scheduler node.
+    fn client(&self) -> StokerClient<Channel> {
+        let running = self.cluster.running();
+        let id = self
+            .cluster
+            .schedulers()
+            .into_iter()
+            .find(|id| running.contains(id))
+            .expect("a scheduler runs");
+        connect_stoker(self.cluster.addr(id), Duration::from_secs(20)).unwrap()
+    }
+
+    async fn upload(&self, name: &str) -> String {
+        let first = UploadModuleRequest {
+            name: name.into(),
+            tag: String::new(),
+            data: stoker_test_artifacts::read(name),
+        };
+        let r = self
+            .client()
+            .upload_module(futures::stream::iter(vec![first]))
+            .await
+            .unwrap();
+        r.into_inner().module.unwrap().hash
+    }
+
+    async fn submit(&self, module: &str, key: &str, input: String, concurrency: u32) -> u64 {
+        self.client()
+            .submit_task(SubmitTaskRequest {
+                module: module.into(),
+                key: key.into(),
+                input: input.into(),
+                concurrency,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    async fn get(&self, id: u64) -> GetTaskResponse {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self
+                .client()
+                .get_task(GetTaskRequest {
+                    id,
+                    with_subtasks: true,
+                })
+                .await
+            {
+                return r.into_inner();
+            }
+            assert!(Instant::now() < deadline, "task {id} cannot be read");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the task finished; it must have succeeded.
+    async fn wait(&self, id: u64) -> GetTaskResponse {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r = self.get(id).await;
+            let state = r.task.as_ref().unwrap().state.clone();
+            if matches!(state.as_str(), "succeed" | "failed" | "reverted") {
+                assert_eq!(state, "succeed", "{:?}", r.task);
+                return r;
+            }
+            assert!(Instant::now() < deadline, "task {id} still {state}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The nodes that ran the task's subtasks.
+    async fn ran_on(&self, id: u64) -> BTreeSet<u64> {
+        self.wait(id)
+            .await
+            .subtasks
+            .iter()
+            .map(|s| s.node)
+            .collect()
+    }
+
+    async fn apply(&self, source: &str) -> Result<u32, tonic::Status> {
+        self.client()
+            .apply_rules(ApplyRulesRequest {
+                source: source.into(),
+            })
+            .await
+            .map(|r| r.into_inner().count)
+    }
+
+    async fn rules(&self) -> Vec<RuleInfo> {
+        self.client()
+            .show_rules(ShowRulesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .rules
+    }
+
+    /// Polls `rules show` until rule `name` satisfies `ok`.
+    async fn wait_rule(&self, name: &str, ok: impl Fn(&RuleInfo) -> bool) -> RuleInfo {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let rules = self.rules().await;
+            let rule = rules.iter().find(|r| r.rule.as_ref().unwrap().name == name);
+            if let Some(r) = rule.filter(|r| ok(r)) {
+                return r.clone();
+            }
+            assert!(Instant::now() < deadline, "rule {name} now: {rule:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn signal(&self, id: u64, sig: &str) {
+        let pid = self.cluster.pid(id).expect("node runs");
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+}
+
+/// Misbehave input: `n` subtasks spinning `millions` million iterations.
+fn spins(n: usize, millions: u32) -> String {
+    (0..n).map(|_| format!("spin:{millions}\n")).collect()
+}
+
+fn rule(name: &str, kind: &str, start: &str, end: &str, targets: &str, extra: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"{name}\"\nkind = \"{kind}\"\nstart_key = \"{start}\"\nend_key = \"{end}\"\ntargets = {targets}\n{extra}\n"
+    )
+}
+
+fn labels(id: u64) -> String {
+    format!("zone=z{id},host=h{id},rack=r{}", id % 2)
+}
+
+/// Five labelled nodes: one scheduler that also works (with `extra`
+/// arguments), four workers; `slots` each.
+async fn five_nodes(config: &str, slots: u32, extra: Vec<String>) -> Harness {
+    let slots = slots.to_string();
+    let worker_args: Vec<Vec<String>> = (2..=5)
+        .map(|id| {
+            vec![
+                "--slots".into(),
+                slots.clone(),
+                "--labels".into(),
+                labels(id),
+            ]
+        })
+        .collect();
+    let refs: Vec<Vec<&str>> = worker_args
+        .iter()
+        .map(|a| a.iter().map(String::as_str).collect())
+        .collect();
+    let workers: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+    Harness::start(
+        config,
+        1,
+        &move |id, _| {
+            let mut a = vec![
+                "--slots".into(),
+                slots.clone(),
+                "--labels".into(),
+                labels(id),
+            ];
+            a.extend(extra.iter().cloned());
+            a
+        },
+        &workers,
+        5,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subtask_rules_pin_key_ranges_to_their_nodes() {
+    let _one = CLUSTERS.lock().await;
+    let h = five_nodes(CONFIG, 2, Vec::new()).await;
+    let m = h.upload("misbehave").await;
+    let rules = [
+        rule(
+            "a-on-2-3",
+            "subtask",
+            "a/",
+            "a0",
+            "[{ host = \"h2\" }, { host = \"h3\" }]",
+            "",
+        ),
+        rule(
+            "c-on-rack1",
+            "subtask",
+            "c/",
+            "c0",
+            "[{ rack = \"r1\", zone = \"z5\" }]",
+            "",
+        ),
+    ]
+    .concat();
+    assert_eq!(h.apply(&rules).await.unwrap(), 2);
+    let shown = h.rules().await;
+    assert_eq!(shown.len(), 2);
+    assert!(shown.iter().all(|r| r.status == "active"), "{shown:?}");
+    assert_eq!(shown[0].nodes, vec![2, 3]);
+    assert_eq!(shown[1].nodes, vec![5]);
+
+    let a = h.submit(&m, "a/1", spins(10, 20), 2).await;
+    let c = h.submit(&m, "c/7", spins(6, 20), 2).await;
+    let free = h.submit(&m, "z/1", spins(10, 20), 2).await;
+    assert_eq!(
+        h.ran_on(a).await,
+        BTreeSet::from([2, 3]),
+        "spread over both"
+    );
+    assert_eq!(h.ran_on(c).await, BTreeSet::from([5]));
+    assert!(h.ran_on(free).await.len() > 2, "unpinned work spreads");
+
+    // A conflicting file is refused, naming both rules, and changes nothing.
+    let bad = [
+        rules.clone(),
+        rule("a-on-4", "subtask", "a/x", "a/y", "[{ host = \"h4\" }]", ""),
+    ]
+    .concat();
+    let e = h.apply(&bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("a-on-2-3") && e.message().contains("a-on-4"),
+        "{}",
+        e.message()
+    );
+    let cross = [
+        rules.clone(),
+        rule("owner-z4", "leader", "c/", "c0", "[{ zone = \"z4\" }]", ""),
+    ]
+    .concat();
+    let e = h.apply(&cross).await.unwrap_err();
+    assert!(e.message().contains("owner-z4") && e.message().contains("c-on-rack1"));
+    let e = h
+        .apply("[[rule]]\nname = \"x\"\nkind = \"region\"\n")
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("\"x\""), "{}", e.message());
+    let names: Vec<String> = h
+        .rules()
+        .await
+        .iter()
+        .map(|r| r.rule.as_ref().unwrap().name.clone())
+        .collect();
+    assert_eq!(names, vec!["a-on-2-3", "c-on-rack1"]);
+    // Removing the rules frees the range again.
+    assert_eq!(h.apply("").await.unwrap(), 0);
+    let a = h.submit(&m, "a/2", spins(10, 20), 2).await;
+    assert!(h.ran_on(a).await.len() > 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_rule_moves_ownership() {
+    let _one = CLUSTERS.lock().await;
+    let h = Harness::start(
+        CONFIG,
+        3,
+        &|id, _| vec!["--slots".into(), "2".into(), "--labels".into(), labels(id)],
+        &[],
+        3,
+    )
+    .await;
+    let leader = h
+        .cluster
+        .wait_leader(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let target = if leader == 3 { 2 } else { 3 };
+    let rules = rule(
+        "owner",
+        "leader",
+        "",
+        "",
+        &format!("[{{ zone = \"z{target}\" }}]"),
+        "",
+    );
+    h.apply(&rules).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while h
+        .cluster
+        .wait_leader(Duration::from_secs(30))
+        .await
+        .unwrap()
+        != target
+    {
+        assert!(
+            Instant::now() < deadline,
+            "leadership did not move to {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    h.wait_rule("owner", |r| r.status == "active").await;
+    // The new owner schedules.
+    let m = h.upload("misbehave").await;
+    let id = h.submit(&m, "k", spins(4, 10), 2).await;
+    h.wait(id).await;
+    assert_eq!(
+        h.cluster
+            .wait_leader(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        target,
+        "leadership stays where the rule wants it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reloads_the_rules_file_and_changes_placement_of_new_subtasks() {
+    let _one = CLUSTERS.lock().await;
+    // The file exists before node 1 starts with `--rules`.
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("rules.toml");
+    std::fs::write(
+        &path,
+        rule("pin", "subtask", "r/", "r0", "[{ host = \"h2\" }]", ""),
+    )
+    .unwrap();
+    let h = five_nodes(
+        CONFIG,
+        2,
+        vec!["--rules".into(), path.display().to_string()],
+    )
+    .await;
+    // Applied at start.
+    h.wait_rule("pin", |r| r.nodes == vec![2] && r.status == "active")
+        .await;
+    let m = h.upload("misbehave").await;
+    let first = h.submit(&m, "r/1", spins(8, 20), 2).await;
+    assert_eq!(h.ran_on(first).await, BTreeSet::from([2]));
+
+    std::fs::write(
+        &path,
+        rule("pin", "subtask", "r/", "r0", "[{ host = \"h4\" }]", ""),
+    )
+    .unwrap();
+    h.signal(1, "-USR1");
+    h.wait_rule("pin", |r| r.nodes == vec![4]).await;
+    let second = h.submit(&m, "r/2", spins(8, 20), 2).await;
+    assert_eq!(h.ran_on(second).await, BTreeSet::from([4]));
+
+    // A broken file is refused on reload: the rules in force stay.
+    std::fs::write(&path, "[[rule]]\nname = \"pin\"\nkind = ").unwrap();
+    h.signal(1, "-USR1");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = std::fs::read_to_string(h.dir.path().join("node-1.log")).unwrap();
+    assert!(log.contains("not reloaded"), "the refusal is logged");
+    let shown = h.rules().await;
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0].nodes, vec![4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_window_opens_and_closes() {
+    let _one = CLUSTERS.lock().await;
+    let h = five_nodes(CONFIG, 2, Vec::new()).await;
+    let m = h.upload("misbehave").await;
+    let now = std::time::SystemTime::now();
+    let at =
+        |secs: u64| humantime::format_rfc3339_seconds(now + Duration::from_secs(secs)).to_string();
+    let (open, close) = (20, 60);
+    let window = format!(
+        "start_time = \"{}\"\nend_time = \"{}\"",
+        at(open),
+        at(close)
+    );
+    let rules = rule(
+        "window",
+        "subtask",
+        "w/",
+        "w0",
+        "[{ host = \"h3\" }]",
+        &window,
+    );
+    h.apply(&rules).await.unwrap();
+    let r = h.wait_rule("window", |r| r.status == "waiting").await;
+    assert!(r.reason.contains("window opens at"), "{r:?}");
+    // Before the window: anywhere.
+    let before = h.submit(&m, "w/1", spins(10, 20), 2).await;
+    assert!(h.ran_on(before).await.len() > 1);
+    // In the window: only node 3.
+    h.wait_rule("window", |r| r.status == "active").await;
+    let during = h.submit(&m, "w/2", spins(6, 10), 2).await;
+    assert_eq!(h.ran_on(during).await, BTreeSet::from([3]));
+    // After it: anywhere again.
+    h.wait_rule("window", |r| r.status == "expired").await;
+    let after = h.submit(&m, "w/3", spins(10, 20), 2).await;
+    assert!(h.ran_on(after).await.len() > 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
+    let _one = CLUSTERS.lock().await;
+    // Stopped workers must stay "up": a long node timeout.
+    let config =
+        "[owner]\nnode_timeout_ms = 600000\ntick_ms = 100\n\n[worker]\nheartbeat_interval_ms = 300\n";
+    let h = Harness::start(
+        config,
+        1,
+        &|_, _| vec!["--no-worker".into()],
+        &[
+            &["--slots", "8", "--labels", "host=h2"],
+            &["--slots", "2", "--labels", "host=h3"],
+            &["--slots", "2", "--labels", "host=h4"],
+        ],
+        3,
+    )
+    .await;
+    let mut meta = connect_lazy(h.cluster.addr(1), Duration::from_secs(20)).unwrap();
+    let r = meta
+        .propose(set_config_request(
+            "subtask-schedule-limit".into(),
+            "1".into(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.result.unwrap().error.is_empty());
+    // Only the rule checker moves work here.
+    for name in ["balance-subtask", "hot-node"] {
+        let state = h
+            .client()
+            .control_scheduler(ControlSchedulerRequest {
+                name: name.into(),
+                action: control_scheduler_request::Action::Pause as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .state;
+        assert_eq!(state, "paused");
+    }
+    let m = h.upload("misbehave").await;
+    // Nodes 3 and 4 stop claiming: what is assigned to them stays queued.
+    h.signal(3, "-STOP");
+    h.signal(4, "-STOP");
+    let id = h.submit(&m, "m/1", spins(10, 150), 8).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = h.get(id).await;
+        let queued = r
+            .subtasks
+            .iter()
+            .filter(|s| s.state == "pending" && (s.node == 3 || s.node == 4))
+            .count();
+        if queued >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing queued on 3 and 4");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.apply(&rule(
+        "pin",
+        "subtask",
+        "m/",
+        "m0",
+        "[{ host = \"h2\" }]",
+        "",
+    ))
+    .await
+    .unwrap();
+    // Watch the operators until the task is done: never two moves at once.
+    let mut moves_done = BTreeSet::new();
+    let mut most = 0;
+    loop {
+        let ops = h
+            .client()
+            .list_operators(ListOperatorsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let moving = ops
+            .operators
+            .iter()
+            .filter(|o| o.kind == "move-subtask")
+            .count();
+        most = most.max(moving);
+        assert!(moving <= 1, "{:?}", ops.operators);
+        for o in ops
+            .recent
+            .iter()
+            .filter(|o| o.kind == "move-subtask" && o.state == "done")
+        {
+            moves_done.insert(o.id);
+        }
+        let r = h.get(id).await;
+        if r.task.as_ref().unwrap().state == "succeed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task not done: {:?}", r.task);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.signal(3, "-CONT");
+    h.signal(4, "-CONT");
+    assert_eq!(most, 1, "moves happened");
+    assert!(moves_done.len() >= 3, "{moves_done:?}");
+    assert_eq!(h.ran_on(id).await, BTreeSet::from([2]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_targeting_a_full_node_waits_and_says_why() {
+    let _one = CLUSTERS.lock().await;
+    let h = five_nodes(CONFIG, 1, Vec::new()).await;
+    let m = h.upload("misbehave").await;
+    h.apply(&rule(
+        "full",
+        "subtask",
+        "f/",
+        "f0",
+        "[{ host = \"h2\" }]",
+        "",
+    ))
+    .await
+    .unwrap();
+    let id = h.submit(&m, "f/1", spins(4, 800), 4).await;
+    let r = h
+        .wait_rule("full", |r| {
+            r.status == "blocked" && r.reason.contains("full")
+        })
+        .await;
+    assert!(r.reason.contains("wait for room"), "{r:?}");
+    // The others wait for node 2 rather than overload it or go elsewhere.
+    let t = h.get(id).await;
+    let running: Vec<u64> = t
+        .subtasks
+        .iter()
+        .filter(|s| s.state == "running")
+        .map(|s| s.node)
+        .collect();
+    assert!(
+        running.len() <= 1 && running.iter().all(|n| *n == 2),
+        "{running:?}"
+    );
+    assert_eq!(h.ran_on(id).await, BTreeSet::from([2]));
+    h.wait_rule("full", |r| r.status == "active").await;
+}
