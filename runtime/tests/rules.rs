@@ -538,7 +538,6 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     .unwrap();
     // Watch the operators until the task is done: never two moves at once.
     let mut moves_done = BTreeSet::new();
-    let mut most = 0;
     loop {
         let ops = h
             .client()
@@ -551,7 +550,6 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
             .iter()
             .filter(|o| o.kind == "move-subtask")
             .count();
-        most = most.max(moving);
         assert!(moving <= 1, "{:?}", ops.operators);
         for o in ops
             .recent
@@ -569,8 +567,9 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     }
     h.signal(3, "-CONT");
     h.signal(4, "-CONT");
-    assert_eq!(most, 1, "moves happened");
-    assert!(moves_done.len() >= 3, "{moves_done:?}");
+    // (A move may start and finish between two looks, so seeing one in
+    // flight is not guaranteed; two in flight were never seen.)
+    assert!(moves_done.len() >= 3, "moves happened: {moves_done:?}");
     assert_eq!(h.ran_on(id).await, BTreeSet::from([2]));
 }
 

@@ -49,6 +49,12 @@ Examples:
     stoker task pause|resume|cancel|resolve ID
     stoker task modify ID --concurrency 4 --priority 10
 
+  Tenants, placement and the coordinator (admin token in STOKER_TOKEN):
+    TOKEN=$(stoker tenant create acme --max-slots 8 | tail -n1)
+    stoker rules apply rules.toml && stoker rules show -o json
+    stoker config set subtask-schedule-limit 4
+    stoker scheduler list && stoker operator list
+
   Run one task locally, without a cluster:
     stoker run-local --module primes.wasm --input primes.json --slots 2
 

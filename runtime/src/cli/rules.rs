@@ -97,10 +97,14 @@ async fn apply_source(c: &Client, source: String) -> Result<u32, tonic::Status> 
 ///
 /// # Errors
 /// The SIGUSR1 handler cannot be installed.
-pub(super) async fn serve_rules_file(file: PathBuf, addr: String) -> anyhow::Result<()> {
+pub(super) async fn serve_rules_file(
+    file: PathBuf,
+    addr: String,
+    token: Option<String>,
+) -> anyhow::Result<()> {
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
         .context("cannot install the SIGUSR1 handler")?;
-    let c = Client::new(&addr, Duration::from_secs(15), None)?;
+    let c = Client::new(&addr, Duration::from_secs(15), token.as_deref())?;
     // At start the cluster may have no leader yet: retry until it answers
     // or refuses the file for good.
     let mut delay = Duration::from_millis(200);
@@ -117,7 +121,14 @@ pub(super) async fn serve_rules_file(file: PathBuf, addr: String) -> anyhow::Res
                 info!(file = %file.display(), rules = n, "placement rules applied");
                 break;
             }
-            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                ) =>
+            {
                 error!(file = %file.display(), error = s.message(), "placement rules refused");
                 break;
             }

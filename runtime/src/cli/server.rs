@@ -123,8 +123,10 @@ pub(super) async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     println!("listening on {}", running.addr);
     if let Some(file) = args.rules.clone() {
         let addr = running.addr.to_string();
+        // The node applies its file as the admin of its cluster.
+        let token = cfg.admin_token.as_ref().map(|t| t.expose().to_string());
         tokio::spawn(async move {
-            if let Err(e) = super::rules::serve_rules_file(file, addr).await {
+            if let Err(e) = super::rules::serve_rules_file(file, addr, token).await {
                 tracing::error!(error = %format!("{e:#}"), "placement rules file is not served");
             }
         });
