@@ -90,11 +90,10 @@ async fn wait_for_a_quiet_node(limit: Duration) {
     eprintln!("the node stayed busy for {limit:?}; running anyway");
 }
 
-// Not in `make test`: on a 2-core machine shared with builds it fails for
-// reasons outside the code under test, and a red CI lands nothing. Run it
-// on an idle machine with `make test-governor`.
+// Cargo runs test binaries one at a time, so within `make test` this one
+// has the machine to itself; `make test-governor` runs it alone with its
+// timeline printed.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs an otherwise idle machine: make test-governor"]
 async fn primes_make_room_for_a_cpu_hog_and_take_it_back() {
     wait_for_a_quiet_node(Duration::from_secs(120)).await;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -153,30 +152,34 @@ async fn primes_make_room_for_a_cpu_hog_and_take_it_back() {
         })
     };
 
-    // Alone, the primes settle in the band with every slot allowed.
+    // Alone, the primes settle in the band (on two cores that is about one
+    // slot's worth of fuel: every slot running flat out would be 100 %).
     let settled = timeline
         .until("alone", Duration::from_secs(20), |t| {
-            t.allowed == slots && t.cpu.is_some_and(|c| (0.5..=0.7).contains(&c))
+            t.cpu.is_some_and(|c| (0.5..=0.7).contains(&c))
         })
         .await;
-    assert!(
-        settled.is_some(),
-        "never settled in the band with all slots before the hog (is the machine busy?):\n{}",
-        timeline.dump()
-    );
+    let Some(settled) = settled else {
+        panic!(
+            "never settled in the band before the hog (is the machine busy?):\n{}",
+            timeline.dump()
+        );
+    };
 
-    // A hog takes half the machine: a subtask is shed and CPU comes back
-    // into the band.
+    // A hog takes half the machine: the node is downclocked (less fuel,
+    // fewer subtasks) and CPU comes back into the band.
     let hogs: Vec<CpuHog> = (0..(cores / 2).max(1))
         .map(|_| CpuHog::start().unwrap())
         .collect();
     let hog_started = Instant::now();
     let shed = timeline
-        .until("hog", Duration::from_secs(15), |t| t.allowed < slots)
+        .until("hog", Duration::from_secs(15), |t| {
+            t.level < 0.8 * settled.level && t.suspended > 0
+        })
         .await;
     assert!(
         shed.is_some(),
-        "no subtask shed under the hog:\n{}",
+        "not downclocked under the hog:\n{}",
         timeline.dump()
     );
     let calm = timeline
@@ -202,14 +205,13 @@ async fn primes_make_room_for_a_cpu_hog_and_take_it_back() {
         .map(|(_, _, t)| t)
         .collect();
     let floor = hog_ticks.iter().map(|t| t.level).fold(f64::MAX, f64::min);
-    let min_allowed = hog_ticks.iter().map(|t| t.allowed).min().unwrap();
     drop(hogs);
 
-    // Without the hog the node is overclocked again: more subtasks admitted
-    // and a higher rate.
+    // Without the hog the node is overclocked again, back to a rate near
+    // the one it settled at alone.
     let regained = timeline
         .until("after", Duration::from_secs(20), |t| {
-            t.allowed > min_allowed && t.level >= 2.0 * floor
+            t.level >= 2.0 * floor && t.level >= 0.8 * settled.level
         })
         .await;
     assert!(
