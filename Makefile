@@ -10,7 +10,7 @@ test:
 # The real CPU-band test of the fuel governor alone, with its timeline.
 test-governor:
 	bash scripts/setup.sh
-	cargo test -p stoker --test governor -- --nocapture
+	STOKER_GOVERNOR_TEST=require cargo test -p stoker --test governor -- --nocapture
 
 lint:
 	bash scripts/setup.sh
