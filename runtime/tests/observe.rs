@@ -241,6 +241,28 @@ async fn resource_state_in_node_list_and_schedulers_switched_by_cluster_config()
         one(&m, "stoker_resource_scheduler", &[("scheduler", "cpu")]),
         1.0
     );
+    // The schedulers are listed with the cluster's choice and who runs it.
+    let listed = stoker(&["config", "schedulers", "-o", "json", "--endpoint", &addr]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["setting"], "cpu", "{listed}");
+    let cpu = listed["schedulers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "cpu")
+        .unwrap();
+    assert_eq!(cpu["selected"], true, "{listed}");
+    assert_eq!(cpu["nodes"], serde_json::json!([1]), "{listed}");
+    assert!(listed["schedulers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["name"] == "fixed" && s["selected"] == false));
 
     // ... and back to fixed.
     let set = stoker(&[

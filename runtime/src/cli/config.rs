@@ -8,7 +8,7 @@ use stoker_proto::meta::{
     ProposeRequest, Query, QueryRequest,
 };
 
-use super::Endpoint;
+use super::{Endpoint, Output};
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum ConfigCommand {
@@ -38,6 +38,16 @@ pub(super) enum ConfigCommand {
         key: String,
         #[command(flatten)]
         endpoint: Endpoint,
+    },
+    /// The resource manager's tuning schedulers: each built-in one, the
+    /// cluster-wide choice (`resource.scheduler`) and the nodes running it.
+    ///
+    /// Example: stoker config schedulers -o json
+    Schedulers {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Print every setting as KEY=VALUE lines.
     List {
@@ -120,6 +130,7 @@ async fn run_inner(cmd: ConfigCommand) -> anyhow::Result<()> {
                 _ => Ok(()),
             }
         }
+        ConfigCommand::Schedulers { endpoint, output } => schedulers(&endpoint, output).await,
         ConfigCommand::List { stale, endpoint } => {
             match run_query(&endpoint, query::Kind::ListConfig(ListConfig {}), stale).await? {
                 Some(query_result::Kind::ListConfig(r)) => {
@@ -153,4 +164,93 @@ async fn run_query(
         .map_err(|s| anyhow::anyhow!("config read failed: {}", s.message()))?
         .into_inner();
     Ok(resp.result.and_then(|r| r.kind))
+}
+
+/// What each built-in tuning scheduler does.
+fn describe(name: &str) -> &'static str {
+    match name {
+        "cpu" => "keeps node CPU in [resource.cpu.low, resource.cpu.high]: overclocks below, downclocks above",
+        "fixed" => "never tunes: the node keeps the concurrency and fuel rate it started with",
+        _ => "",
+    }
+}
+
+/// `stoker config schedulers`.
+async fn schedulers(endpoint: &Endpoint, output: Output) -> anyhow::Result<()> {
+    let key = stoker::resource::settings::KEY_SCHEDULER.to_string();
+    let chosen = match run_query(endpoint, query::Kind::GetConfig(GetConfig { key }), false).await?
+    {
+        Some(query_result::Kind::GetConfig(r)) => r.value,
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    };
+    endpoint.install_tls()?;
+    let c = super::client::Client::new(
+        &endpoint.endpoint,
+        std::time::Duration::from_secs(endpoint.timeout_secs),
+        endpoint.token.as_deref(),
+    )?;
+    let nodes = c
+        .api
+        .clone()
+        .list_nodes(stoker_proto::api::ListNodesRequest {})
+        .await
+        .map_err(|s| c.error("nodes", &s))?
+        .into_inner()
+        .nodes;
+    let running = |name: &str| -> Vec<u64> {
+        nodes
+            .iter()
+            .filter(|n| n.load.as_ref().is_some_and(|l| l.scheduler == name))
+            .map(|n| n.id)
+            .collect()
+    };
+    let rows: Vec<(&str, bool, Vec<u64>)> = stoker::resource::scheduler::BUILT_IN
+        .iter()
+        .map(|name| (*name, chosen.as_deref() == Some(*name), running(name)))
+        .collect();
+    match output {
+        Output::Json => {
+            let list: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(name, selected, nodes)| {
+                    serde_json::json!({
+                        "name": name,
+                        "description": describe(name),
+                        "selected": selected,
+                        "nodes": nodes,
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({ "schedulers": list, "setting": chosen })
+            );
+        }
+        Output::Text => {
+            println!(
+                "{:<8} {:<9} {:<12} DESCRIPTION",
+                "NAME", "SELECTED", "NODES"
+            );
+            for (name, selected, nodes) in &rows {
+                let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
+                println!(
+                    "{name:<8} {:<9} {:<12} {}",
+                    if *selected { "yes" } else { "" },
+                    if nodes.is_empty() {
+                        "-".to_string()
+                    } else {
+                        nodes.join(",")
+                    },
+                    describe(name)
+                );
+            }
+            match &chosen {
+                Some(_) => println!("switch with: stoker config set resource.scheduler NAME"),
+                None => println!(
+                    "resource.scheduler is not set: each node runs the scheduler of its own config"
+                ),
+            }
+        }
+    }
+    Ok(())
 }
