@@ -228,7 +228,6 @@ async fn requests_without_a_valid_token_are_unauthenticated() {
             api.heartbeat(HeartbeatRequest {
                 node: None,
                 load: None,
-                cpu: None,
             })
             .await,
             Code::Unauthenticated,
@@ -258,7 +257,6 @@ async fn requests_without_a_valid_token_are_unauthenticated() {
             .heartbeat(HeartbeatRequest {
                 node: None,
                 load: None,
-                cpu: None,
             })
             .await,
         Code::PermissionDenied,

@@ -78,10 +78,6 @@ pub async fn heartbeat(
             id: desc.id,
             time_ms: now_ms(),
             load: req.load,
-            cpu_permille: req
-                .cpu
-                .filter(|c| c.is_finite())
-                .map(|c| (c.clamp(0.0, 1.0) * 1000.0).round() as u32),
         };
         match propose(node, Kind::NodeHeartbeat(beat)).await? {
             Ok(()) => return response(node, interval),

@@ -606,17 +606,19 @@ impl Shared {
 
 async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut interval = Duration::from_millis(shared.cfg.heartbeat_interval_ms);
-    // The resource manager's reading of node CPU, over one heartbeat period:
-    // the owner's hot-node scheduler compares nodes by it.
+    // Node CPU over one heartbeat period, for nodes without a resource
+    // manager (which reports its own reading): the owner's hot-node
+    // scheduler compares nodes by it.
     let mut cpu = crate::resource::cpu::CpuSampler::default();
     loop {
-        let utilisation = cpu.sample().map(|c| c as f32);
+        let sampled = cpu.sample();
         let beat = async {
             let (i, mut client) = shared.endpoints.stoker()?;
+            let mut load = shared.load();
+            load.cpu = load.cpu.or(sampled);
             let req = HeartbeatRequest {
                 node: Some(shared.description()),
-                load: Some(shared.load()),
-                cpu: utilisation,
+                load: Some(load),
             };
             match client.heartbeat(req).await {
                 Ok(r) => {

@@ -94,7 +94,6 @@ fn replicas_applying_the_same_commands_agree_on_ids_results_and_digest() {
         id: 1,
         time_ms: 1,
         load: None,
-        cpu_permille: None,
     }));
     assert_ne!(a.s.digest().unwrap(), b.s.digest().unwrap());
 }
@@ -169,7 +168,6 @@ fn random_command(rng: &mut Rng, hash: &str, time: u64) -> C {
             id: node,
             time_ms: time,
             load: None,
-            cpu_permille: rng.pick(&[None, Some(500)]),
         }),
         2 => C::MarkNodeDown(MarkNodeDown { id: node }),
         3 => C::SubmitTask(submit_spec(hash, rng.pick(&[0, 1, 700, 2000]), time)),

@@ -271,8 +271,10 @@ fn nodes_register_heartbeat_and_go_down() {
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 2,
         time_ms: 900,
-        load: None,
-        cpu_permille: Some(420),
+        load: Some(NodeLoad {
+            cpu: Some(0.42),
+            ..NodeLoad::default()
+        }),
     }));
     sm.ok(C::MarkNodeDown(MarkNodeDown { id: 1 }));
     let views = sm.read(queries::nodes);
@@ -281,13 +283,12 @@ fn nodes_register_heartbeat_and_go_down() {
     assert!(views[1].up);
     let n2 = sm.read(|p, t| queries::node(p, t, 2)).unwrap();
     assert_eq!((n2.last_heartbeat_ms, n2.registered_ms), (900, 100));
-    assert_eq!(n2.cpu_permille, Some(420));
+    assert_eq!(n2.load.and_then(|l| l.cpu), Some(0.42));
     // A heartbeat brings a down node back; an unknown node is rejected.
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 1,
         time_ms: 950,
         load: None,
-        cpu_permille: None,
     }));
     assert!(sm.read(queries::nodes)[0].up);
     // A heartbeat's load is kept; an older, reordered one does not replace
@@ -301,13 +302,11 @@ fn nodes_register_heartbeat_and_go_down() {
         id: 2,
         time_ms: 1000,
         load: Some(load("downclock")),
-        cpu_permille: None,
     }));
     sm.ok(C::NodeHeartbeat(NodeHeartbeat {
         id: 2,
         time_ms: 990,
         load: Some(load("overclock")),
-        cpu_permille: None,
     }));
     let n2 = sm.read(|p, t| queries::node(p, t, 2)).unwrap();
     assert_eq!(n2.load, Some(load("downclock")));
@@ -318,7 +317,6 @@ fn nodes_register_heartbeat_and_go_down() {
         id: 9,
         time_ms: 1,
         load: None,
-        cpu_permille: None,
     }));
     assert_eq!(e, "node 9 not found");
     let e = sm.rejected(C::RegisterNode(RegisterNode::default()));

@@ -76,7 +76,6 @@ pub(crate) fn register_node(txn: &WriteTransaction, c: &RegisterNode) -> Applied
         last_heartbeat_ms: c.time_ms,
         registered_ms: previous.as_ref().map_or(c.time_ms, |p| p.registered_ms),
         load: previous.as_ref().and_then(|p| p.load.clone()),
-        cpu_permille: previous.and_then(|p| p.cpu_permille),
     };
     put(txn, NODES_TABLE, &node_key(c.id), &record)?;
     Ok(Done {})
@@ -91,9 +90,6 @@ pub(crate) fn node_heartbeat(txn: &WriteTransaction, c: &NodeHeartbeat) -> Appli
         node.load = c.load.clone();
     }
     node.last_heartbeat_ms = node.last_heartbeat_ms.max(c.time_ms);
-    if c.cpu_permille.is_some() {
-        node.cpu_permille = c.cpu_permille.map(|c| c.min(1000));
-    }
     put(txn, NODES_TABLE, &node_key(c.id), &node)?;
     Ok(Done {})
 }

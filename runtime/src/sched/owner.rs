@@ -503,7 +503,7 @@ impl Owner {
             cpu: view
                 .nodes
                 .iter()
-                .filter_map(|n| n.cpu_permille.map(|c| (n.id, c as f32 / 1000.0)))
+                .filter_map(|n| n.load.as_ref()?.cpu.map(|c| (n.id, c as f32)))
                 .collect(),
             tasks: eligible_of
                 .iter()
