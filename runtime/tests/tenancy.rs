@@ -363,6 +363,23 @@ async fn an_authenticated_multi_node_cluster_replicates_forwards_and_runs_tasks(
         .unwrap()
         .into_inner()
         .token;
+    // The coordinator lives on the owner: a follower forwards the admin's
+    // request with the admin's token.
+    // (A follower learns who leads from the leader's first messages.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ops = loop {
+        match on(followers[0], ADMIN)
+            .list_operators(ListOperatorsRequest {})
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("operators through a follower: {s:?}"),
+        }
+    };
+    assert!(ops.owner && ops.node == leader, "{ops:?}");
     let mut api = on(followers[1], &token);
     let first = UploadModuleRequest {
         name: "misbehave".into(),

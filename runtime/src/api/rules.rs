@@ -21,7 +21,7 @@ use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::{SetConfig, SetRules};
 use tonic::{Request, Response, Status};
 
-use super::meta::{connect_stoker, to_status};
+use super::meta::{connect_stoker_with, to_status};
 use super::service::StokerService;
 use crate::meta::{now_ms, queries, MetaError};
 use crate::model::{SubtaskState, TaskState};
@@ -147,6 +147,7 @@ impl StokerService {
         self.caller(&request)
             .await?
             .require_admin("listing the coordinator's schedulers")?;
+        let token = self.forwarded_token(&request)?;
         let published = self.board.lock().expect("board lock").clone();
         let me = self.node().id();
         if published.owner {
@@ -165,7 +166,7 @@ impl StokerService {
                 owner: true,
             }));
         }
-        if let Some(mut owner) = self.owner_client().await? {
+        if let Some(mut owner) = self.owner_client(token.as_deref()).await? {
             return owner
                 .list_schedulers(ListSchedulersRequest {})
                 .await
@@ -250,6 +251,7 @@ impl StokerService {
         self.caller(&request)
             .await?
             .require_admin("listing the coordinator's operators")?;
+        let token = self.forwarded_token(&request)?;
         let published = self.board.lock().expect("board lock").clone();
         let me = self.node().id();
         if published.owner {
@@ -260,7 +262,7 @@ impl StokerService {
                 owner: true,
             }));
         }
-        match self.owner_client().await? {
+        match self.owner_client(token.as_deref()).await? {
             Some(mut owner) => owner
                 .list_operators(ListOperatorsRequest {})
                 .await
@@ -271,11 +273,19 @@ impl StokerService {
         }
     }
 
-    /// A client of the owner when it is another node (and known).
+    /// The caller's token, to forward with its request to the owner (which
+    /// checks it again).
+    fn forwarded_token<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        self.auth.token_of(request.metadata())
+    }
+
+    /// A client of the owner when it is another node (and known), carrying
+    /// `token`.
     async fn owner_client(
         &self,
+        token: Option<&str>,
     ) -> Result<
-        Option<stoker_proto::api::stoker_client::StokerClient<tonic::transport::Channel>>,
+        Option<stoker_proto::api::stoker_client::StokerClient<super::auth::AuthChannel>>,
         Status,
     > {
         let node = self.node();
@@ -294,7 +304,7 @@ impl StokerService {
         else {
             return Ok(None);
         };
-        connect_stoker(&addr, std::time::Duration::from_secs(10))
+        connect_stoker_with(&addr, std::time::Duration::from_secs(10), token)
             .map(Some)
             .map_err(to_status)
     }

@@ -75,7 +75,7 @@ pub struct StokerService {
     /// this node's cache for planning).
     sandbox: Arc<Sandbox>,
     heartbeat_interval: Duration,
-    auth: Authenticator,
+    pub(super) auth: Authenticator,
     /// Where subtask logs are read from and large inputs are kept.
     blobs: BlobStore,
     /// What this node's owner loop publishes of its coordinator.
