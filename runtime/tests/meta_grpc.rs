@@ -129,3 +129,108 @@ async fn lagging_node_catches_up_from_a_chunked_snapshot_over_grpc() {
         s.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_proposals_each_get_their_own_outcome_in_order() {
+    use stoker::api::meta::connect_lazy;
+    use stoker_proto::meta::{ProposeManyRequest, ProposeRequest, Query};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
+    let mut servers: Vec<Option<RunningServer>> = Vec::new();
+    for id in 1..=3 {
+        servers.push(Some(
+            server::start(&config(id, &ports, dir.path()))
+                .await
+                .unwrap(),
+        ));
+    }
+    let leader = wait_leader(&servers).await;
+    let follower = (leader + 1) % 3;
+    let follower_node = servers[follower].as_ref().unwrap().meta().clone();
+
+    // Many concurrent writes on a follower: forwarded to the leader in
+    // batches, every one acknowledged and applied exactly once.
+    let writes = (0..300).map(|i| {
+        let node = follower_node.clone();
+        async move { node.propose(set(format!("fwd-{i}"), i.to_string())).await }
+    });
+    for r in futures::future::join_all(writes).await {
+        assert!(r.unwrap().error.is_empty());
+    }
+
+    // One call with a good proposal, a malformed one and a retry of the
+    // first under its request id: three outcomes, in order.
+    let mut client = connect_lazy(
+        &format!("127.0.0.1:{}", ports[follower]),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let rid = vec![7u8; 16];
+    let request = |key: &str, rid: Vec<u8>| ProposeRequest {
+        command: Some(set(key.into(), "v".into())),
+        forwarded: false,
+        request_id: rid,
+    };
+    let resp = client
+        .propose_many(ProposeManyRequest {
+            requests: vec![
+                request("many-a", rid.clone()),
+                request("many-b", vec![1, 2, 3]),
+                request("many-a", rid.clone()),
+            ],
+            forwarded: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<i32> = resp.outcomes.iter().map(|o| o.code).collect();
+    assert_eq!(
+        codes,
+        [
+            tonic::Code::Ok as i32,
+            tonic::Code::InvalidArgument as i32,
+            tonic::Code::Ok as i32
+        ],
+        "{resp:?}"
+    );
+    assert!(resp.outcomes[1].message.contains("request_id"), "{resp:?}");
+
+    let leader_node = servers[leader].as_ref().unwrap().meta().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while follower_node.applied_index() < leader_node.applied_index() {
+        assert!(tokio::time::Instant::now() < deadline, "follower behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let list = leader_node
+        .query(
+            &Query {
+                kind: Some(stoker_proto::meta::query::Kind::ListConfig(
+                    stoker_proto::meta::ListConfig {},
+                )),
+            },
+            stoker::meta::Consistency::Linearizable,
+        )
+        .await
+        .unwrap()
+        .0;
+    let Some(stoker_proto::meta::query_result::Kind::ListConfig(list)) = list.kind else {
+        panic!("not a config list: {list:?}");
+    };
+    let keys: Vec<String> = list
+        .entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.key).into_owned())
+        .collect();
+    assert_eq!(keys.iter().filter(|k| k.starts_with("fwd-")).count(), 300);
+    assert!(keys.iter().any(|k| k == "many-a"), "{keys:?}");
+    assert!(!keys.iter().any(|k| k == "many-b"), "{keys:?}");
+    assert_eq!(
+        leader_node.storage().digest().unwrap(),
+        follower_node.storage().digest().unwrap()
+    );
+
+    for s in servers.into_iter().flatten() {
+        s.shutdown().await;
+    }
+}

@@ -3,7 +3,7 @@
 //! [`MetaError`] and `tonic::Code`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -12,14 +12,15 @@ use stoker_proto::meta::membership_request::Kind as MemberKind;
 use stoker_proto::meta::meta_client::MetaClient;
 use stoker_proto::meta::meta_server::Meta;
 use stoker_proto::meta::{
-    Command, CommandResult, Member, MembershipRequest, MembershipResponse, ProposeRequest,
-    ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse,
+    Command, CommandResult, Member, MembershipRequest, MembershipResponse, ProposeManyRequest,
+    ProposeManyResponse, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use super::auth::{AuthChannel, Bearer};
+use super::batch::{to_outcome, ProposeBatcher};
 use crate::meta::{
     Consistency, Forwarder, MetaError, MetaNode, NodeStatus, RedbStorage, RequestId,
 };
@@ -139,6 +140,9 @@ pub struct GrpcForwarder {
     /// The cluster token every forwarded call carries.
     bearer: Bearer,
     clients: Mutex<HashMap<u64, (String, MetaClient<AuthChannel>)>>,
+    /// Forwarded proposals go to the leader in batches (one per leader
+    /// address).
+    batchers: Mutex<HashMap<u64, (String, Arc<ProposeBatcher>)>>,
 }
 
 impl GrpcForwarder {
@@ -150,12 +154,12 @@ impl GrpcForwarder {
             timeout,
             bearer,
             clients: Mutex::new(HashMap::new()),
+            batchers: Mutex::new(HashMap::new()),
         }
     }
 
-    fn client(&self, leader: u64) -> Result<MetaClient<AuthChannel>, MetaError> {
-        let addr = self
-            .storage
+    fn address(&self, leader: u64) -> Result<String, MetaError> {
+        self.storage
             .members()?
             .into_iter()
             .find(|(id, _)| *id == leader)
@@ -164,7 +168,11 @@ impl GrpcForwarder {
                 leader,
                 reason: "leader address unknown".into(),
                 retriable: true,
-            })?;
+            })
+    }
+
+    fn client(&self, leader: u64) -> Result<MetaClient<AuthChannel>, MetaError> {
+        let addr = self.address(leader)?;
         let mut clients = self.clients.lock().expect("clients lock");
         if let Some((a, c)) = clients.get(&leader) {
             if *a == addr {
@@ -175,6 +183,21 @@ impl GrpcForwarder {
         clients.insert(leader, (addr, c.clone()));
         Ok(c)
     }
+
+    /// The batcher of forwarded proposals to `leader` (at its current
+    /// address). Must be called within a tokio runtime.
+    fn batcher(&self, leader: u64) -> Result<Arc<ProposeBatcher>, MetaError> {
+        let addr = self.address(leader)?;
+        let mut batchers = self.batchers.lock().expect("batchers lock");
+        if let Some((a, b)) = batchers.get(&leader) {
+            if *a == addr {
+                return Ok(b.clone());
+            }
+        }
+        let b = Arc::new(ProposeBatcher::new(self.client(leader)?, true));
+        batchers.insert(leader, (addr, b.clone()));
+        Ok(b)
+    }
 }
 
 impl Forwarder for GrpcForwarder {
@@ -184,17 +207,16 @@ impl Forwarder for GrpcForwarder {
         cmd: Command,
         request_id: RequestId,
     ) -> BoxFuture<'static, Result<CommandResult, MetaError>> {
-        let client = self.client(leader);
+        let batcher = self.batcher(leader);
         Box::pin(async move {
-            let resp = client?
+            batcher?
                 .propose(ProposeRequest {
                     command: Some(cmd),
                     forwarded: true,
                     request_id: request_id.0.to_vec(),
                 })
                 .await
-                .map_err(|s| from_status(leader, s))?;
-            Ok(resp.into_inner().result.unwrap_or_default())
+                .map_err(|s| from_status(leader, s))
         })
     }
 
@@ -268,13 +290,14 @@ pub fn status_to_proto(s: NodeStatus) -> StatusResponse {
     }
 }
 
-#[tonic::async_trait]
-impl Meta for MetaService {
-    async fn propose(
+impl MetaService {
+    /// Proposes one request; `forwarded` (by a follower) proposes on this
+    /// node only, never bouncing it on.
+    async fn propose_one(
         &self,
-        request: Request<ProposeRequest>,
-    ) -> Result<Response<ProposeResponse>, Status> {
-        let req = request.into_inner();
+        req: ProposeRequest,
+        forwarded: bool,
+    ) -> Result<CommandResult, Status> {
         let cmd = req
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))?;
@@ -284,16 +307,42 @@ impl Meta for MetaService {
             RequestId::from_bytes(&req.request_id)
                 .ok_or_else(|| Status::invalid_argument("request_id must be 16 bytes"))?
         };
-        let result = if req.forwarded {
-            // Forwarded once already: never bounce it on.
+        if forwarded {
             self.node.propose_local(cmd, request_id, self.timeout).await
         } else {
             self.node.propose_with_id(cmd, request_id).await
         }
-        .map_err(to_status)?;
+        .map_err(to_status)
+    }
+}
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeResponse>, Status> {
+        let req = request.into_inner();
+        let forwarded = req.forwarded;
+        let result = self.propose_one(req, forwarded).await?;
         Ok(Response::new(ProposeResponse {
             result: Some(result),
         }))
+    }
+
+    async fn propose_many(
+        &self,
+        request: Request<ProposeManyRequest>,
+    ) -> Result<Response<ProposeManyResponse>, Status> {
+        let req = request.into_inner();
+        let forwarded = req.forwarded;
+        // Proposed at once, so the leader's loop batches them together.
+        let outcomes = futures::future::join_all(req.requests.into_iter().map(|r| async move {
+            let forwarded = forwarded || r.forwarded;
+            to_outcome(self.propose_one(r, forwarded).await)
+        }))
+        .await;
+        Ok(Response::new(ProposeManyResponse { outcomes }))
     }
 
     async fn query(

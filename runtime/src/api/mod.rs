@@ -24,6 +24,7 @@
 //!   endpoints and their one authorization function.
 
 pub mod auth;
+pub mod batch;
 pub mod dashboard;
 pub mod http;
 pub mod local_cluster;

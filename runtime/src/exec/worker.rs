@@ -46,6 +46,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::stats::WorkerStats;
 use crate::api::auth::{AuthChannel, Bearer, Secret};
+use crate::api::batch::ProposeBatcher;
 use crate::blob::BlobStore;
 use crate::meta::records::MAX_INLINE_BYTES;
 use crate::meta::{now_ms, RequestId};
@@ -310,6 +311,8 @@ struct Endpoints {
     addrs: Vec<String>,
     current: AtomicUsize,
     channels: Mutex<HashMap<usize, Channel>>,
+    /// Proposals to each endpoint, batched across this worker's executors.
+    batchers: Mutex<HashMap<usize, Arc<ProposeBatcher>>>,
     timeout: Duration,
     /// The cluster token every call carries.
     bearer: Bearer,
@@ -321,6 +324,7 @@ impl Endpoints {
             addrs,
             current: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
+            batchers: Mutex::new(HashMap::new()),
             timeout,
             bearer,
         }
@@ -376,6 +380,16 @@ impl Endpoints {
                 .max_decoding_message_size(crate::api::meta::MAX_API_MESSAGE)
                 .max_encoding_message_size(crate::api::meta::MAX_API_MESSAGE),
         ))
+    }
+
+    /// The current endpoint's index and proposal batcher.
+    fn batcher(&self) -> Result<(usize, Arc<ProposeBatcher>), String> {
+        let (i, client) = self.meta()?;
+        let mut batchers = self.batchers.lock().expect("batchers lock");
+        let b = batchers
+            .entry(i)
+            .or_insert_with(|| Arc::new(ProposeBatcher::new(client, false)));
+        Ok((i, b.clone()))
     }
 }
 
@@ -1178,7 +1192,7 @@ impl Shared {
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = async {
-                let (i, mut client) = self.endpoints.meta()?;
+                let (i, batcher) = self.endpoints.batcher()?;
                 let req = ProposeRequest {
                     command: Some(Command {
                         kind: Some(cmd.clone()),
@@ -1186,8 +1200,8 @@ impl Shared {
                     forwarded: false,
                     request_id: request_id.0.to_vec(),
                 };
-                match tokio::time::timeout(CALL_TIMEOUT, client.propose(req)).await {
-                    Ok(Ok(r)) => Ok(Ok(r.into_inner().result.unwrap_or_default())),
+                match tokio::time::timeout(CALL_TIMEOUT, batcher.propose(req)).await {
+                    Ok(Ok(r)) => Ok(Ok(r)),
                     Ok(Err(s)) if permanent(s.code()) => Ok(Err(s.message().to_string())),
                     Ok(Err(s)) => {
                         self.endpoints.failed(i);

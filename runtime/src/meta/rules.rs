@@ -106,6 +106,44 @@ pub fn cluster_config(
     Ok(out)
 }
 
+/// The cluster settings named in `keys` or starting with one of
+/// `prefixes`: what the owner reads every round, without reading every
+/// setting (`config set` accepts any key, so the table may be large).
+///
+/// # Errors
+/// Storage failures.
+pub fn cluster_config_subset(
+    path: &std::path::Path,
+    txn: &ReadTransaction,
+    keys: &[&str],
+    prefixes: &[&str],
+) -> Result<std::collections::BTreeMap<String, String>, MetaError> {
+    let err = |e: redb::Error| storage_err(path, e);
+    let table = txn
+        .open_table(super::state_machine::CONFIG_TABLE)
+        .map_err(|e| err(e.into()))?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut out = std::collections::BTreeMap::new();
+    for key in keys {
+        if let Some(v) = table.get(key.as_bytes()).map_err(|e| err(e.into()))? {
+            out.insert((*key).to_string(), text(v.value()));
+        }
+    }
+    for prefix in prefixes {
+        for row in table
+            .range(prefix.as_bytes()..)
+            .map_err(|e| err(e.into()))?
+        {
+            let (k, v) = row.map_err(|e| err(e.into()))?;
+            if !k.value().starts_with(prefix.as_bytes()) {
+                break;
+            }
+            out.insert(text(k.value()), text(v.value()));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use stoker_proto::meta::command::Kind as C;
@@ -163,5 +201,42 @@ mod tests {
         // An empty set removes every rule.
         sm.ok(set(""));
         assert!(sm.read(rule_set).rules.is_empty());
+    }
+
+    #[test]
+    fn a_config_subset_holds_the_named_keys_and_prefixes_only() {
+        let mut sm = Sm::new();
+        for (k, v) in [
+            ("scheduler.hot-node", "paused"),
+            ("scheduler.balance-subtask", "running"),
+            ("schedulerz", "x"),
+            ("scheduler", "y"),
+            ("subtask-schedule-limit", "2"),
+            ("bench/1/2", "3"),
+        ] {
+            sm.ok(C::SetConfig(stoker_proto::meta::SetConfig {
+                key: k.into(),
+                value: v.into(),
+            }));
+        }
+        let got = sm.read(|p, t| {
+            cluster_config_subset(
+                p,
+                t,
+                &["subtask-schedule-limit", "leader-schedule-limit"],
+                &["scheduler."],
+            )
+        });
+        let keys: Vec<&str> = got.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "scheduler.balance-subtask",
+                "scheduler.hot-node",
+                "subtask-schedule-limit"
+            ]
+        );
+        assert_eq!(got["scheduler.hot-node"], "paused");
+        assert_eq!(sm.read(cluster_config).len(), 6);
     }
 }

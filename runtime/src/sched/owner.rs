@@ -265,7 +265,16 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
             path: p.to_path_buf(),
             what: format!("placement rules in force: {e}"),
         })?;
-        let config = crate::meta::rules::cluster_config(p, t)?;
+        let config = crate::meta::rules::cluster_config_subset(
+            p,
+            t,
+            &[
+                super::coordinator::SUBTASK_LIMIT_KEY,
+                super::coordinator::LEADER_LIMIT_KEY,
+                super::coordinator::OPERATOR_TIMEOUT_KEY,
+            ],
+            &[super::coordinator::SCHEDULER_KEY_PREFIX],
+        )?;
         Ok(ClusterView {
             nodes,
             tasks,
