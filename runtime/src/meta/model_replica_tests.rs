@@ -50,6 +50,7 @@ fn workload() -> Vec<C> {
             step: 0,
             subtasks: vec![NewSubtask::default()],
             last: true,
+            start: false,
         }));
         cmds.push(set_state(id, TaskState::Running));
         cmds.push(assign(id, 0, 0, 1));
@@ -197,6 +198,7 @@ fn random_command(rng: &mut Rng, hash: &str, time: u64) -> C {
                 })
                 .collect(),
             last: rng.below(2) == 0,
+            start: rng.below(4) == 0,
         }),
         9 | 10 => assign(task, step, ordinal, node),
         11 => claim(task, step, ordinal, node, attempt),
@@ -242,6 +244,8 @@ fn plausible_command(sm: &Sm, rng: &mut Rng, time: u64) -> Option<C> {
                 })
                 .collect(),
             last: true,
+            // Half the tasks start with their plan, half by a later command.
+            start: id.is_multiple_of(2),
         }),
         (TaskState::Running, Some(s)) => {
             let r = (s.task_id, s.step, s.ordinal);

@@ -179,6 +179,7 @@ pub(super) fn add(
             })
             .collect(),
         last,
+        start: false,
     }));
 }
 
@@ -467,6 +468,7 @@ fn a_task_runs_its_steps_finishes_into_history_and_is_collected() {
         step: 1,
         subtasks: vec![NewSubtask::default()],
         last: true,
+        start: false,
     }));
     assert!(e.contains("unfinished or failed subtasks"), "{e}");
     for o in 0..3 {
@@ -533,6 +535,34 @@ fn a_task_runs_its_steps_finishes_into_history_and_is_collected() {
     assert_eq!(sm.read(|p, t| queries::task(p, t, task)), None);
     assert!(sm.read(|p, t| queries::task_input(p, t, task)).is_empty());
     assert_eq!(sm.step(task, 0).0.len(), 0);
+}
+
+#[test]
+fn the_batch_that_seals_a_pending_tasks_step_may_start_it() {
+    let (mut sm, _hash, task) = setup();
+    let batch = |ordinal: u32, last: bool, start: bool| {
+        C::AddSubtasks(AddSubtasks {
+            task_id: task,
+            step: 0,
+            subtasks: vec![NewSubtask {
+                ordinal,
+                ..Default::default()
+            }],
+            last,
+            start,
+        })
+    };
+    // Only the sealing batch starts the task.
+    let e = sm.rejected(batch(0, false, true));
+    assert!(e.contains("only the batch that seals"), "{e}");
+    sm.ok(batch(0, false, false));
+    assert_eq!(sm.task(task).state, "pending");
+    sm.ok(batch(1, true, true));
+    let t = sm.task(task);
+    assert_eq!((t.state.as_str(), t.step_planned), ("running", true));
+    // A running task is not started again.
+    let e = sm.rejected(batch(2, true, true));
+    assert!(e.contains(&format!("task {task} is running")), "{e}");
 }
 
 #[test]

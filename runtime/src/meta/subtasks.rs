@@ -161,6 +161,12 @@ pub(crate) fn add_subtasks(txn: &WriteTransaction, c: &AddSubtasks) -> Applied<C
     if c.subtasks.is_empty() && !c.last {
         return invalid("an empty batch must seal the step");
     }
+    if c.start && !(c.last && state == TaskState::Pending) {
+        return invalid(format!(
+            "only the batch that seals a step of a pending task starts it; task {} is {state}",
+            c.task_id
+        ));
+    }
     let advance = target_step(txn, &task, c.step)?;
     {
         let table = txn.open_table(SUBTASKS_TABLE)?;
@@ -197,6 +203,9 @@ pub(crate) fn add_subtasks(txn: &WriteTransaction, c: &AddSubtasks) -> Applied<C
     next.started = true;
     next.step_planned = c.last;
     put(txn, TASKS_TABLE, &task_key(next.id), &next)?;
+    if c.start {
+        super::tasks::start_planned(txn, &next)?;
+    }
     Ok(CountResult {
         count: c.subtasks.len() as u64,
     })

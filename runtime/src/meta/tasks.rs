@@ -235,6 +235,13 @@ fn transition(task: &TaskRecord, to: TaskState) -> Applied<TaskRecord> {
     Ok(next)
 }
 
+/// A pending task whose first step was just sealed starts running (the
+/// `start` of an `AddSubtasks`); `task` is its record as written by it.
+pub(crate) fn start_planned(txn: &WriteTransaction, task: &TaskRecord) -> Applied<()> {
+    let next = transition(task, TaskState::Running)?;
+    put_unfinished(txn, task, &next)
+}
+
 pub(crate) fn set_task_state(txn: &WriteTransaction, c: &SetTaskState) -> Applied<Done> {
     let task = get_task(txn, c.id)?;
     let to = parse_state(&c.state)?;

@@ -994,10 +994,17 @@ async fn plan_next(
             } else {
                 BTreeSet::new()
             };
-            write_step(ctx, task, step, subtasks, !non_idempotent, &written).await?;
-            if pending {
-                propose(&ctx.node, set_state(id, TaskState::Running, String::new())).await;
-            }
+            // A pending task starts with the batch that seals its step.
+            write_step(
+                ctx,
+                task,
+                step,
+                subtasks,
+                !non_idempotent,
+                &written,
+                pending,
+            )
+            .await?;
         }
     }
     Ok(())
@@ -1012,6 +1019,7 @@ async fn write_step(
     payloads: Vec<Vec<u8>>,
     idempotent: bool,
     existing: &BTreeSet<u32>,
+    start: bool,
 ) -> Result<(), StepError> {
     let fresh: Vec<NewSubtask> = payloads
         .into_iter()
@@ -1045,6 +1053,7 @@ async fn write_step(
             step,
             subtasks,
             last: i + 1 == n,
+            start: start && i + 1 == n,
         });
         if !propose(&ctx.node, cmd).await {
             return Err(StepError::Missing(format!(
