@@ -256,6 +256,7 @@ impl Stoker for StokerService {
                     hash: hash.clone(),
                     index: index as u32,
                     data: data.to_vec(),
+                    time_ms: now_ms(),
                 }),
                 None,
             )

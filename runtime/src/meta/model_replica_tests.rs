@@ -37,6 +37,7 @@ fn workload() -> Vec<C> {
             hash: hash.clone(),
             index: 0,
             data: vec![1u8; 100],
+            time_ms: 0,
         }),
         C::CommitModule(commit(&hash, 1)),
     ];
@@ -334,6 +335,7 @@ fn random_commands_keep_indexes_right_and_rejections_change_nothing() {
             hash: hash.clone(),
             index: 0,
             data: bytes.to_vec(),
+            time_ms: 0,
         }),
         C::CommitModule(commit(&hash, 1)),
     ];

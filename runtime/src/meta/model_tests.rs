@@ -10,7 +10,7 @@ use stoker_proto::meta::{
     ClaimSubtask, Command, CommandResult, CommitModule, CreateTenant, DeleteModule, FinishTask,
     GcHistory, MarkNodeDown, ModifyTask, NewSubtask, NodeHeartbeat, NodeLoad, PutModuleChunk,
     RegisterNode, ReportSubtask, RequeueSubtask, SetTaskState, SubmitTask, SubtaskRef,
-    TaskModification,
+    SweepModuleStaging, TaskModification,
 };
 
 use super::queries::{self, TaskFilter};
@@ -106,6 +106,7 @@ pub(super) fn upload(sm: &mut Sm, bytes: &[u8], chunk: usize) -> String {
             hash: hash.clone(),
             index: i as u32,
             data: part.to_vec(),
+            time_ms: 0,
         }));
         n += 1;
     }
@@ -380,6 +381,7 @@ fn module_upload_with_a_wrong_hash_or_missing_chunk_is_rejected() {
             hash: wrong.clone(),
             index: i as u32,
             data: part.to_vec(),
+            time_ms: 0,
         }));
     }
     let e = sm.rejected(C::CommitModule(commit(&wrong, 2)));
@@ -397,14 +399,59 @@ fn module_upload_with_a_wrong_hash_or_missing_chunk_is_rejected() {
         hash: "ABC".into(),
         index: 0,
         data: vec![1],
+        time_ms: 0,
     }));
     assert!(e.contains("not a lowercase hex sha256"), "{e}");
     let e = sm.rejected(C::PutModuleChunk(PutModuleChunk {
         hash: wrong.clone(),
         index: 32,
         data: vec![1],
+        time_ms: 0,
     }));
     assert!(e.contains("beyond"), "{e}");
+}
+
+#[test]
+fn abandoned_uploads_are_swept_and_fresh_or_committed_ones_kept() {
+    let mut sm = Sm::new();
+    let stage = |sm: &mut Sm, bytes: &[u8], time_ms: u64| {
+        let hash = hash_of(bytes);
+        sm.ok(C::PutModuleChunk(PutModuleChunk {
+            hash: hash.clone(),
+            index: 0,
+            data: bytes.to_vec(),
+            time_ms,
+        }));
+        hash
+    };
+    let old = stage(&mut sm, b"old upload", 1_000);
+    let fresh = stage(&mut sm, b"fresh upload", 5_000);
+    let done = stage(&mut sm, b"committed upload", 1_000);
+    sm.ok(C::CommitModule(commit(&done, 1)));
+    assert_eq!(sm.read(|p, t| queries::abandoned_uploads(p, t, 2_000)), 1);
+    let r = sm.ok(C::SweepModuleStaging(SweepModuleStaging {
+        before_ms: 2_000,
+    }));
+    assert!(matches!(
+        r,
+        command_result::Kind::Count(stoker_proto::meta::CountResult { count: 1 })
+    ));
+    assert_eq!(
+        sm.read(|p, t| queries::abandoned_uploads(p, t, u64::MAX)),
+        1
+    );
+    // The swept upload's chunks are gone; the fresh one still commits.
+    let e = sm.rejected(C::CommitModule(commit(&old, 1)));
+    assert!(e.contains("expected chunks 0..1, 0 are staged"), "{e}");
+    sm.ok(C::CommitModule(CommitModule {
+        name: "fresh".into(),
+        ..commit(&fresh, 1)
+    }));
+    assert_eq!(
+        sm.read(|p, t| queries::abandoned_uploads(p, t, u64::MAX)),
+        0
+    );
+    assert!(sm.read(|p, t| queries::module_bytes(p, t, &done)).is_some());
 }
 
 #[test]

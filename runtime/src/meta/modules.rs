@@ -5,14 +5,15 @@
 use redb::{ReadableTable, WriteTransaction};
 use sha2::{Digest, Sha256};
 use stoker_proto::meta::{
-    CommitModule, CommitModuleResult, DeleteModule, Done, ModuleRecord, PutModuleChunk, TaskRecord,
+    CommitModule, CommitModuleResult, CountResult, DeleteModule, Done, ModuleRecord,
+    PutModuleChunk, SweepModuleStaging, TaskRecord,
 };
 
 use super::nodes::{ensure_tenant, resolve_tenant};
 use super::records::{
     chunk_key, get, get_module, id_of_rank_key, invalid, module_key, put, task_key, Applied,
     Rejection, MAX_CHUNK_BYTES, MAX_MODULE_BYTES, MODULES_TABLE, MODULE_CHUNKS_TABLE,
-    MODULE_STAGING_TABLE, TASKS_TABLE, UNFINISHED_TABLE,
+    MODULE_STAGING_TABLE, MODULE_STAGING_TIMES_TABLE, TASKS_TABLE, UNFINISHED_TABLE,
 };
 use super::tenants::{module_bytes_of, quota_of, within};
 
@@ -49,7 +50,42 @@ pub(crate) fn put_module_chunk(txn: &WriteTransaction, c: &PutModuleChunk) -> Ap
     }
     txn.open_table(MODULE_STAGING_TABLE)?
         .insert(chunk_key(&c.hash, c.index).as_slice(), c.data.as_slice())?;
+    txn.open_table(MODULE_STAGING_TIMES_TABLE)?
+        .insert(c.hash.as_bytes(), c.time_ms.to_be_bytes().as_slice())?;
     Ok(Done {})
+}
+
+/// Drops the staged chunks of `hash` and its staging time.
+fn drop_staged(txn: &WriteTransaction, hash: &str) -> Applied<()> {
+    let keys = staged_keys(txn, hash)?;
+    let mut staging = txn.open_table(MODULE_STAGING_TABLE)?;
+    for k in &keys {
+        staging.remove(k.as_slice())?;
+    }
+    txn.open_table(MODULE_STAGING_TIMES_TABLE)?
+        .remove(hash.as_bytes())?;
+    Ok(())
+}
+
+/// Sweeps uploads abandoned before `before_ms`; counts them.
+pub(crate) fn sweep_module_staging(
+    txn: &WriteTransaction,
+    c: &SweepModuleStaging,
+) -> Applied<CountResult> {
+    let mut stale = Vec::new();
+    for row in txn.open_table(MODULE_STAGING_TIMES_TABLE)?.iter()? {
+        let (hash, time) = row?;
+        let time = <[u8; 8]>::try_from(time.value()).map_or(0, u64::from_be_bytes);
+        if time < c.before_ms {
+            stale.push(String::from_utf8_lossy(hash.value()).into_owned());
+        }
+    }
+    for hash in &stale {
+        drop_staged(txn, hash)?;
+    }
+    Ok(CountResult {
+        count: stale.len() as u64,
+    })
 }
 
 /// The staged chunk keys of `hash`, in index order.
@@ -82,12 +118,7 @@ pub(crate) fn commit_module(
         // Another tenant stored these bytes already: this tenant gets its
         // own record of them; what it staged is dropped.
         check_module_quota(txn, &tenant, size)?;
-        let keys = staged_keys(txn, &c.hash)?;
-        let mut staging = txn.open_table(MODULE_STAGING_TABLE)?;
-        for k in &keys {
-            staging.remove(k.as_slice())?;
-        }
-        drop(staging);
+        drop_staged(txn, &c.hash)?;
         ensure_tenant(txn, &tenant)?;
         let record = ModuleRecord {
             hash: c.hash.clone(),
@@ -144,6 +175,8 @@ pub(crate) fn commit_module(
             chunks.insert(k.as_slice(), data.value())?;
         }
     }
+    txn.open_table(MODULE_STAGING_TIMES_TABLE)?
+        .remove(c.hash.as_bytes())?;
     ensure_tenant(txn, &tenant)?;
     let record = ModuleRecord {
         hash: c.hash.clone(),

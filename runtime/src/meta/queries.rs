@@ -19,8 +19,8 @@ use super::error::storage_err;
 use super::records::{
     by_node_key, chunk_key, history_key, id_of_rank_key, module_key, node_key, rank_of,
     subtask_range, task_key, task_state, tenant_modules_range, HISTORY_TABLE, MODULES_TABLE,
-    MODULE_CHUNKS_TABLE, NODES_TABLE, SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, TASKS_TABLE,
-    TASK_INPUTS_TABLE, TENANTS_TABLE, TOKENS_TABLE, UNFINISHED_TABLE,
+    MODULE_CHUNKS_TABLE, MODULE_STAGING_TIMES_TABLE, NODES_TABLE, SUBTASKS_BY_NODE_TABLE,
+    SUBTASKS_TABLE, TASKS_TABLE, TASK_INPUTS_TABLE, TENANTS_TABLE, TOKENS_TABLE, UNFINISHED_TABLE,
 };
 use super::state_machine::SmTable;
 use super::MetaError;
@@ -118,6 +118,30 @@ pub fn task_input(path: &Path, txn: &ReadTransaction, id: TaskId) -> Result<Vec<
 ///
 /// # Errors
 /// Storage failures, an undecodable record.
+/// Uploads staged but never committed whose latest chunk came before
+/// `before_ms`.
+///
+/// # Errors
+/// Storage failures.
+pub fn abandoned_uploads(
+    path: &Path,
+    txn: &ReadTransaction,
+    before_ms: u64,
+) -> Result<usize, MetaError> {
+    let err = |e: redb::StorageError| storage_err(path, e);
+    let times = txn
+        .open_table(MODULE_STAGING_TIMES_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    let mut n = 0;
+    for row in times.iter().map_err(err)? {
+        let (_, time) = row.map_err(err)?;
+        if <[u8; 8]>::try_from(time.value()).map_or(0, u64::from_be_bytes) < before_ms {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 pub fn history_before(
     path: &Path,
     txn: &ReadTransaction,

@@ -33,6 +33,10 @@ pub const MODULES_TABLE: SmTable = redb::TableDefinition::new("sm_modules");
 pub const MODULE_CHUNKS_TABLE: SmTable = redb::TableDefinition::new("sm_module_chunks");
 /// Chunks of uploads not committed yet, keyed like [`MODULE_CHUNKS_TABLE`].
 pub const MODULE_STAGING_TABLE: SmTable = redb::TableDefinition::new("sm_module_staging");
+/// Uploads in staging: hash → the time (u64 big-endian ms) of its latest
+/// chunk, for sweeping abandoned ones.
+pub const MODULE_STAGING_TIMES_TABLE: SmTable =
+    redb::TableDefinition::new("sm_module_staging_times");
 /// Tasks, finished or not: big-endian id → [`TaskRecord`].
 pub const TASKS_TABLE: SmTable = redb::TableDefinition::new("sm_tasks");
 /// Inline task inputs: big-endian task id → bytes.

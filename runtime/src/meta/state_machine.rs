@@ -60,6 +60,7 @@ pub const SM_TABLES: &[SmTable] = &[
     records::MODULES_TABLE,
     records::MODULE_CHUNKS_TABLE,
     records::MODULE_STAGING_TABLE,
+    records::MODULE_STAGING_TIMES_TABLE,
     records::TASKS_TABLE,
     records::TASK_INPUTS_TABLE,
     records::UNFINISHED_TABLE,
@@ -112,6 +113,9 @@ pub fn apply_command(
         Some(C::ModifyTask(c)) => framework(tasks::modify_task(txn, c), R::Done),
         Some(C::FinishTask(c)) => framework(tasks::finish_task(txn, c), R::Done),
         Some(C::GcHistory(c)) => framework(tasks::gc_history(txn, c), R::Count),
+        Some(C::SweepModuleStaging(c)) => {
+            framework(modules::sweep_module_staging(txn, c), R::Count)
+        }
         Some(C::AddSubtasks(c)) => framework(subtasks::add_subtasks(txn, c), R::Count),
         Some(C::AssignSubtask(c)) => framework(subtasks::assign_subtask(txn, c), R::SubtaskState),
         Some(C::ClaimSubtask(c)) => framework(subtasks::claim_subtask(txn, c), R::SubtaskState),
@@ -141,9 +145,10 @@ pub fn apply_proposal(
     index: u64,
     p: &Proposal,
 ) -> Result<CommandResult, MetaError> {
-    let cmd = p.command.clone().unwrap_or_default();
+    let none = Command::default();
+    let cmd = p.command.as_ref().unwrap_or(&none);
     if p.request_id.is_empty() {
-        return apply_command(path, txn, &cmd);
+        return apply_command(path, txn, cmd);
     }
     let err = |e: redb::Error| storage_err(path, e);
     let id = p.request_id.as_slice();
@@ -162,7 +167,7 @@ pub fn apply_proposal(
                 what: "bad remembered request".into(),
             });
     }
-    let result = apply_command(path, txn, &cmd)?;
+    let result = apply_command(path, txn, cmd)?;
     let mut record = index.to_be_bytes().to_vec();
     result.encode(&mut record).expect("vec grows");
     let mut order_key = index.to_be_bytes().to_vec();

@@ -25,6 +25,7 @@ fn upload_as(sm: &mut Sm, tenant: &str, bytes: &[u8]) -> Result<String, String> 
         hash: hash.clone(),
         index: 0,
         data: bytes.to_vec(),
+        time_ms: 0,
     }));
     let r = sm.apply(C::CommitModule(CommitModule {
         hash: hash.clone(),

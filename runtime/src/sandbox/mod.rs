@@ -113,6 +113,12 @@ impl Sandbox {
         &self.config
     }
 
+    /// The module already loaded under `hash` (its sha256), if any: callers
+    /// that know the hash skip reading and hashing the bytes again.
+    pub fn loaded(&self, hash: &str) -> Option<Arc<TaskModule>> {
+        self.cache.get(hash)
+    }
+
     /// Validates and compiles a module, once per hash: later loads of the
     /// same bytes return the same [`TaskModule`], and a compiled copy on disk
     /// is reused across restarts.

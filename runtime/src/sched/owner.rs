@@ -29,7 +29,7 @@ use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::{
     change_subtasks, AddSubtasks, AssignSubtask, ChangeSubtasks, Command, FinishTask, GcHistory,
     MarkNodeDown, NewSubtask, NodeRecord, RequeueSubtask, SetTaskState, SubtaskRecord, SubtaskRef,
-    TaskRecord,
+    SweepModuleStaging, TaskRecord,
 };
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -60,6 +60,9 @@ pub struct OwnerConfig {
     pub history_ttl_secs: u64,
     /// How often history is garbage-collected, in seconds.
     pub gc_interval_secs: u64,
+    /// A module upload whose chunks stop coming for this long without a
+    /// commit is swept (at the history collection), in seconds.
+    pub upload_ttl_secs: u64,
     /// Subtasks one `AddSubtasks` command carries at most.
     pub subtask_batch: usize,
     /// Attempts at `plan`, `finish` and `revert` calls that fail retryably.
@@ -76,6 +79,7 @@ impl Default for OwnerConfig {
             node_timeout_ms: 5000,
             history_ttl_secs: 7 * 24 * 3600,
             gc_interval_secs: 60,
+            upload_ttl_secs: 3600,
             subtask_batch: 1000,
             call_attempts: 3,
             limits: CallLimits::default(),
@@ -349,6 +353,27 @@ impl Owner {
         if now.saturating_sub(self.last_gc_ms) >= self.ctx.config.gc_interval_secs * 1000 {
             self.last_gc_ms = now;
             self.collect_history(now).await?;
+            self.sweep_uploads(now).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the staged chunks of module uploads abandoned for longer than
+    /// `upload_ttl_secs` (a client that died between chunks and commit).
+    async fn sweep_uploads(&self, now: u64) -> Result<(), MetaError> {
+        let before = now.saturating_sub(self.ctx.config.upload_ttl_secs * 1000);
+        let abandoned = self
+            .ctx
+            .node
+            .read_local(|p, t| queries::abandoned_uploads(p, t, before))?
+            .0;
+        if abandoned > 0 {
+            info!(uploads = abandoned, "sweeping abandoned module uploads");
+            propose(
+                &self.ctx.node,
+                C::SweepModuleStaging(SweepModuleStaging { before_ms: before }),
+            )
+            .await;
         }
         Ok(())
     }
@@ -819,6 +844,12 @@ fn limits_of(ctx: &Ctx, task: &TaskRecord) -> CallLimits {
 }
 
 async fn load_module(ctx: &Ctx, task: &TaskRecord) -> Result<Arc<TaskModule>, (bool, String)> {
+    // The hash was checked against the bytes at upload: a module loaded
+    // under it needs no second read (megabytes from the chunk table) nor
+    // hashing on every plan and finish.
+    if let Some(module) = ctx.sandbox.loaded(&task.module_hash) {
+        return Ok(module);
+    }
     let bytes = ctx
         .node
         .read_local(|p, t| queries::module_bytes(p, t, &task.module_hash))
