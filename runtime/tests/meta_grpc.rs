@@ -50,6 +50,15 @@ fn set(key: String, value: String) -> Command {
     }
 }
 
+/// Nodes 1..=3 on `ports`, data under `dir`.
+async fn start_three(ports: &[u16], dir: &Path) -> Vec<Option<RunningServer>> {
+    let mut servers = Vec::new();
+    for id in 1..=3 {
+        servers.push(Some(server::start(&config(id, ports, dir)).await.unwrap()));
+    }
+    servers
+}
+
 async fn wait_leader(servers: &[Option<RunningServer>]) -> usize {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
@@ -69,14 +78,7 @@ async fn wait_leader(servers: &[Option<RunningServer>]) -> usize {
 async fn lagging_node_catches_up_from_a_chunked_snapshot_over_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-    let mut servers: Vec<Option<RunningServer>> = Vec::new();
-    for id in 1..=3 {
-        servers.push(Some(
-            server::start(&config(id, &ports, dir.path()))
-                .await
-                .unwrap(),
-        ));
-    }
+    let mut servers = start_three(&ports, dir.path()).await;
     let leader = wait_leader(&servers).await;
     let lagger = (leader + 1) % 3;
     servers[lagger].take().unwrap().shutdown().await;
@@ -137,14 +139,7 @@ async fn batched_proposals_each_get_their_own_outcome_in_order() {
 
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-    let mut servers: Vec<Option<RunningServer>> = Vec::new();
-    for id in 1..=3 {
-        servers.push(Some(
-            server::start(&config(id, &ports, dir.path()))
-                .await
-                .unwrap(),
-        ));
-    }
+    let servers = start_three(&ports, dir.path()).await;
     let leader = wait_leader(&servers).await;
     let follower = (leader + 1) % 3;
     let follower_node = servers[follower].as_ref().unwrap().meta().clone();
