@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use super::auth::Authenticator;
 use super::dashboard;
 use super::metrics::{self, CountsCache};
+use crate::blob::BlobStore;
 use crate::exec::worker::WorkerView;
 use crate::meta::{MetaError, MetaNode};
 
@@ -36,6 +37,8 @@ pub struct HttpState {
     pub schedulers: Vec<String>,
     /// Who a token belongs to (the gRPC API's authentication).
     pub auth: Authenticator,
+    /// Where subtask logs are read from.
+    pub blobs: BlobStore,
     cache: CountsCache,
 }
 
@@ -46,6 +49,7 @@ impl HttpState {
         worker: Option<WorkerView>,
         schedulers: Vec<String>,
         auth: Authenticator,
+        blobs: BlobStore,
     ) -> Self {
         HttpState {
             node_id,
@@ -53,6 +57,7 @@ impl HttpState {
             worker,
             schedulers,
             auth,
+            blobs,
             cache: CountsCache::default(),
         }
     }
@@ -67,6 +72,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/overview", get(super::dashboard::api::overview))
         .route("/api/tasks", get(super::dashboard::api::tasks))
         .route("/api/tasks/{id}", get(super::dashboard::api::task))
+        .route(
+            "/api/tasks/{id}/subtasks/{step}/{ordinal}/log",
+            get(super::dashboard::api::subtask_log),
+        )
         .route("/api/rules", get(super::dashboard::api::rules))
         .merge(dashboard::static_routes())
         .with_state(Arc::new(state))
@@ -272,6 +281,18 @@ pub struct TasksQuery {
 /// Path parameter of `/api/tasks/{id}` (parsed by the handler, so a bad
 /// id gets a JSON error).
 pub type TaskPath = Path<String>;
+/// Path parameters of `/api/tasks/{id}/subtasks/{step}/{ordinal}/log`,
+/// parsed by the handler like [`TaskPath`].
+pub type SubtaskPath = Path<(String, String, String)>;
+
+/// Query parameters of a subtask's log (parsed by the handler).
+#[derive(Debug, Default, Deserialize)]
+pub struct LogQuery {
+    /// Which attempt's log; absent or 0 for the latest.
+    pub attempt: Option<String>,
+}
+/// Query parameters of a subtask's log.
+pub type LogParams = Query<LogQuery>;
 /// Query parameters of `/api/tasks`.
 pub type TasksParams = Query<TasksQuery>;
 
