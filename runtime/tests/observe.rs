@@ -1,7 +1,8 @@
 //! Observability across real `stoker server` processes: `/healthz`,
 //! `/readyz`, `/metrics` parsed as Prometheus text, the resource state in
-//! `node list`, schedulers switched through the cluster config, and fuel
-//! accounting per subtask, task and tenant.
+//! `node list`, schedulers switched through the cluster config, fuel
+//! accounting per subtask, task and tenant, and the progress of
+//! `module upload` on a terminal and in `-o json`.
 
 mod common;
 
@@ -452,5 +453,114 @@ async fn a_worker_only_node_serves_its_own_metrics_and_health() {
             &[("node", "2")]
         ),
         3.0
+    );
+}
+
+/// Runs `stoker` under a pseudo-terminal (util-linux `script`), so that its
+/// stderr is a terminal; everything it wrote, control sequences included.
+fn stoker_on_a_terminal(args: &[&str]) -> String {
+    let script = std::path::Path::new("/usr/bin/script");
+    assert!(
+        script.exists(),
+        "{} (util-linux, Debian's essential bsdutils) is missing: the test runs the CLI on a pseudo-terminal with it",
+        script.display()
+    );
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let line: Vec<String> = std::iter::once(exe().to_str().unwrap())
+        .chain(args.iter().copied())
+        .map(quote)
+        .collect();
+    let out = Command::new(script)
+        .args(["-qefc", &line.join(" "), "/dev/null"])
+        .env("STOKER_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{line:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_upload_draws_a_byte_bar_on_a_terminal_and_json_alone_with_o_json() {
+    let _serial = CLUSTERS.lock().await;
+    let h = Harness::start(1, CONFIG).await;
+    let addr = h.addr(1).to_string();
+    let upload = |guest: &str, more: &[&str]| {
+        let mut args = vec![
+            "module",
+            "upload",
+            stoker_test_artifacts::path(guest).unwrap(),
+            "--name",
+            guest,
+            "--endpoint",
+            &addr,
+        ];
+        args.extend(more);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| Command::new(exe()).args(args).output().unwrap();
+
+    // A pipe: the hash alone on stdout, nothing on stderr.
+    let out = run(upload("misbehave", &[]));
+    assert!(out.status.success(), "{out:?}");
+    let hash = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(hash.trim().len(), 64, "{hash:?}");
+    assert_eq!(hash.lines().count(), 1, "{hash:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // -o json: one JSON object and nothing else, on a terminal too.
+    let out = run(upload("sort", &["-o", "json"]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "sort");
+    assert_eq!(v["created"], true);
+    let args = upload("primes", &["-o", "json"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = stoker_on_a_terminal(&args);
+    let v: serde_json::Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not only JSON on the terminal ({e}): {text:?}"));
+    assert_eq!(v["name"], "primes");
+
+    // Text on a terminal: a bar of the module's bytes, replaced by a line
+    // of how many were sent (all of them), then the hash on a line of its
+    // own.
+    let size = stoker_test_artifacts::read("wordcount").len() as u64;
+    let args = upload("wordcount", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = stoker_on_a_terminal(&args);
+    let total = indicatif::BinaryBytes(size).to_string();
+    assert!(
+        text.contains(&format!("/{total}")) && text.contains("upload ["),
+        "no byte bar of {total}: {text:?}"
+    );
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    let [.., sent, hash] = lines.as_slice() else {
+        panic!("{text:?}")
+    };
+    assert!(
+        sent.contains(&format!("uploaded {total} in ")),
+        "the bar ends as a line of all {total} sent: {text:?}"
+    );
+    let hash = hash.trim();
+    assert_eq!(hash.len(), 64, "the hash comes last: {text:?}");
+    let listed = stoker(&["module", "list", "-o", "json", "--endpoint", &addr]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "wordcount" && m["hash"] == hash),
+        "{listed}"
     );
 }
