@@ -9,57 +9,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::{eventually, exe, http_get, Harness, CLUSTERS, CONFIG};
-use prometheus_parse::{Sample, Scrape, Value};
+use common::{eventually, exe, http_get, one, samples, scrape, value, Harness, CLUSTERS, CONFIG};
 use stoker_proto::api::{ListNodesRequest, SubmitTaskRequest};
 use stoker_proto::meta::NodeLoad;
-
-fn scrape(addr: &str) -> Scrape {
-    let r = http_get(addr, "/metrics", &[]);
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
-        "{:?}",
-        r.headers
-    );
-    Scrape::parse(r.body.lines().map(|l| Ok(l.to_string()))).unwrap()
-}
-
-fn value(v: &Value) -> f64 {
-    match v {
-        Value::Counter(x) | Value::Gauge(x) | Value::Untyped(x) => *x,
-        Value::Histogram(buckets) => buckets
-            .iter()
-            .find(|b| b.less_than.is_infinite())
-            .map_or(0.0, |b| b.count),
-        other => panic!("unexpected sample {other:?}"),
-    }
-}
-
-/// The samples of `name` whose labels include `labels`.
-fn samples<'a>(s: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == name)
-        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .collect()
-}
-
-/// The one sample of `name` with `labels`; its value (a histogram's count).
-fn one(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let found = samples(s, name, labels);
-    assert_eq!(
-        found.len(),
-        1,
-        "{name} {labels:?}: {found:?}\nall metrics: {:?}",
-        s.samples
-            .iter()
-            .map(|x| &x.metric)
-            .collect::<std::collections::BTreeSet<_>>()
-    );
-    value(&found[0].value)
-}
 
 async fn load_of(h: &Harness, id: u64) -> Option<NodeLoad> {
     let nodes = h
@@ -189,6 +141,27 @@ async fn metrics_health_and_fuel_after_a_task_ran() {
         ) > 0.0,
         "the governor handed out fuel"
     );
+    // The coordinator's operators: every series, at zero on a cluster of
+    // one node (nothing to move); the rules tests see them count.
+    for (kind, scheduler) in [
+        ("move-subtask", "balance-subtask"),
+        ("move-subtask", "hot-node"),
+        ("move-subtask", "rule-checker"),
+        ("transfer-leader", "leader-placement"),
+    ] {
+        let labels = [("kind", kind), ("scheduler", scheduler)];
+        assert_eq!(one(&m, "stoker_operators_created_total", &labels), 0.0);
+    }
+    for kind in ["move-subtask", "transfer-leader"] {
+        for outcome in ["done", "cancelled", "timed-out"] {
+            let labels = [("kind", kind), ("outcome", outcome)];
+            assert_eq!(one(&m, "stoker_operators_finished_total", &labels), 0.0);
+        }
+        assert_eq!(
+            one(&m, "stoker_operators_in_flight", &[("kind", kind)]),
+            0.0
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,10 +398,16 @@ async fn a_worker_only_node_serves_its_own_metrics_and_health() {
     let m = scrape(&worker);
     assert_eq!(one(&m, "stoker_worker_slots", &[]), 3.0);
     assert_eq!(one(&m, "stoker_governor_allowed_concurrency", &[]), 3.0);
-    assert!(
-        samples(&m, "stoker_raft_term", &[]).is_empty(),
-        "a worker has no Raft state"
-    );
+    for name in [
+        "stoker_raft_term",
+        "stoker_operators_created_total",
+        "stoker_operators_in_flight",
+    ] {
+        assert!(
+            samples(&m, name, &[]).is_empty(),
+            "a worker has no Raft state and no coordinator: {name}"
+        );
+    }
     // The dashboard's data lives on scheduler nodes; the worker says where.
     let r = http_get(&worker, "/api/overview", &[]);
     assert_eq!(r.status, 503);

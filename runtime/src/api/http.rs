@@ -21,6 +21,7 @@ use super::metrics::{self, CountsCache};
 use crate::blob::BlobStore;
 use crate::exec::worker::WorkerView;
 use crate::meta::{MetaError, MetaNode};
+use crate::sched::coordinator::Board;
 
 /// How long `/readyz` waits for a linearizable read before it says no.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -39,6 +40,9 @@ pub struct HttpState {
     pub auth: Authenticator,
     /// Where subtask logs are read from.
     pub blobs: BlobStore,
+    /// What the owner loop of a scheduler node publishes of its
+    /// coordinator (operator metrics).
+    pub board: Option<Board>,
     cache: CountsCache,
 }
 
@@ -50,6 +54,7 @@ impl HttpState {
         schedulers: Vec<String>,
         auth: Authenticator,
         blobs: BlobStore,
+        board: Option<Board>,
     ) -> Self {
         HttpState {
             node_id,
@@ -58,6 +63,7 @@ impl HttpState {
             schedulers,
             auth,
             blobs,
+            board,
             cache: CountsCache::default(),
         }
     }
@@ -237,7 +243,12 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
 }
 
 async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
-    match metrics::render(state.meta.as_ref(), state.worker.as_ref(), &state.cache).await {
+    let parts = metrics::Parts {
+        meta: state.meta.as_ref(),
+        board: state.board.as_ref(),
+        worker: state.worker.as_ref(),
+    };
+    match metrics::render(parts, &state.cache).await {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }

@@ -379,6 +379,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             cfg.worker.endpoints.clone(),
             auth,
             blobs,
+            None,
         );
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = serve_http(
@@ -481,6 +482,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         Vec::new(),
         auth,
         blobs.clone(),
+        Some(board.clone()),
     );
     let routes = tonic::service::Routes::from(http::router(state))
         .add_service(raft_svc)

@@ -172,7 +172,7 @@ async fn own(ctx: Arc<Ctx>) {
         actions: JoinSet::new(),
         busy: HashMap::new(),
         last_gc_ms: 0,
-        coordinator: Coordinator::default(),
+        coordinator: Coordinator::continuing(&ctx.board),
     };
     let mut applied = ctx.node.applied_watch();
     let tick = Duration::from_millis(ctx.config.tick_ms);
