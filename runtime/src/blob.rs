@@ -255,4 +255,30 @@ mod tests {
         assert!(a.get("k/2").await.unwrap().is_none());
         a.delete("missing").await.unwrap();
     }
+
+    /// A prefix is whole path segments: the logs of task 5 are not those
+    /// of task 50, and another tenant's keys are never listed.
+    #[tokio::test]
+    async fn a_prefix_deletes_whole_segments_of_one_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(dir.path()).unwrap();
+        let (a, b) = (store.tenant("a").unwrap(), store.tenant("b").unwrap());
+        for key in ["logs/5/0-0-1", "logs/5/1-3-2", "logs/50/0-0-1", "logs/5x"] {
+            a.put(key, Bytes::from_static(b"line")).await.unwrap();
+        }
+        b.put("logs/5/0-0-1", Bytes::from_static(b"b's"))
+            .await
+            .unwrap();
+        assert_eq!(a.delete_prefix("logs/5").await.unwrap(), 2);
+        assert!(a.get("logs/5/0-0-1").await.unwrap().is_none());
+        assert!(a.get("logs/5/1-3-2").await.unwrap().is_none());
+        assert!(a.get("logs/50/0-0-1").await.unwrap().is_some());
+        assert!(a.get("logs/5x").await.unwrap().is_some());
+        assert_eq!(b.get("logs/5/0-0-1").await.unwrap().unwrap(), "b's");
+        assert!(
+            !dir.path().join("tenants/a/logs/5").exists(),
+            "no empty directory is left"
+        );
+        assert_eq!(a.delete_prefix("logs/5").await.unwrap(), 0);
+    }
 }

@@ -624,17 +624,18 @@ async fn finished_tasks_and_their_blobs_are_collected_after_the_history_ttl() {
                   gc_interval_secs = 1\n\n[worker]\nheartbeat_interval_ms = 300\n";
     let h = Harness::start_with(config, 1, &[], &[]).await;
     let m = h.upload("misbehave").await;
-    let id = h.submit(submit_req(&m, "ok\nok\n")).await;
+    let id = h.submit(submit_req(&m, "ok\nlog:2\n")).await;
     let r = h.wait(id).await;
     assert_eq!(state(&r), "succeed");
-    // Data the task left in its blob space (as a guest may) stays while
-    // the task is in history.
-    let blob_dir = h
-        .cluster
-        .blob_dir()
-        .join(format!("tenants/default/tasks/{id}"));
+    // Data the task left in its blob space (as a guest may) and the log
+    // its subtask 0/1 printed stay while the task is in history.
+    let tenant_dir = h.cluster.blob_dir().join("tenants/default");
+    let blob_dir = tenant_dir.join(format!("tasks/{id}"));
     std::fs::create_dir_all(blob_dir.join("out")).unwrap();
     std::fs::write(blob_dir.join("out/left-behind"), b"data").unwrap();
+    let log_dir = tenant_dir.join(format!("logs/{id}"));
+    let log = std::fs::read_to_string(log_dir.join("0-1-1")).unwrap();
+    assert_eq!(log, "log line 0 of 2\nlog line 1 of 2\n");
     let finished_at = Instant::now();
     let deadline = Instant::now() + WAIT;
     loop {
@@ -660,4 +661,9 @@ async fn finished_tasks_and_their_blobs_are_collected_after_the_history_ttl() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "the task's blobs are deleted: {left:?}");
+    assert!(
+        !log_dir.exists(),
+        "the task's subtask logs are deleted: {:?}",
+        std::fs::read_dir(&log_dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
 }

@@ -1,7 +1,8 @@
 //! The web dashboard in real headless Chromium (Debian packages `chromium`
 //! and `chromium-driver`, installed by `scripts/test.sh`): the page of a
 //! real node loads, lists a task this test submitted, shows it succeeded,
-//! and its detail page shows the subtasks.
+//! its detail page shows the subtasks, and a subtask's log opens under its
+//! row with the lines the guest printed.
 
 mod common;
 
@@ -85,7 +86,8 @@ async fn dashboard_lists_a_task_and_shows_it_succeed_in_headless_chromium() {
         .submit(SubmitTaskRequest {
             module: hash,
             key: "dashboard-test".into(),
-            input: b"spin:1\nok\nok\n".to_vec(),
+            // Subtask 0/2 prints three lines to stdout.
+            input: b"spin:1\nok\nlog:3\n".to_vec(),
             concurrency: 2,
             ..Default::default()
         })
@@ -156,6 +158,35 @@ async fn dashboard_lists_a_task_and_shows_it_succeed_in_headless_chromium() {
         done.subtasks.len(),
         "every subtask is shown:\n{dom}"
     );
+    // Each finished subtask offers its log; none is open yet.
+    let links = dom.matches("class=\"log-link\"").count();
+    assert_eq!(links, done.subtasks.len(), "a log link per subtask:\n{dom}");
+    assert!(!dom.contains("id=\"subtask-log\""), "no log is open yet");
+    let link = format!("href=\"#/task/{id}/log/0/2\"");
+    assert!(dom.contains(&link), "subtask 0/2 links its log:\n{dom}");
+
+    // Following the link (its address) opens the log under the row.
+    let url = format!("http://{addr}/#/task/{id}/log/0/2");
+    let dom = tokio::task::spawn_blocking({
+        let (url, p) = (url.clone(), profile.path().to_path_buf());
+        move || dump_dom(&url, &p)
+    })
+    .await
+    .unwrap();
+    let pre = tag_with(&dom, "id=\"subtask-log\"")
+        .unwrap_or_else(|| panic!("no open log on {url}:\n{dom}"));
+    assert!(
+        pre.contains("data-step=\"0\"") && pre.contains("data-ordinal=\"2\""),
+        "{pre}"
+    );
+    assert!(pre.contains("data-attempt=\"1\""), "{pre}");
+    let text = &dom[dom.find(pre).unwrap() + pre.len()..];
+    let text = &text[..text.find("</pre>").expect("the log ends")];
+    assert_eq!(
+        text, "log line 0 of 3\nlog line 1 of 3\nlog line 2 of 3\n",
+        "the guest's stdout is shown"
+    );
+    assert!(dom.contains("hide log"), "the open log can be hidden");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,4 +210,25 @@ async fn json_endpoints_refuse_bad_requests_with_a_reason() {
     assert_eq!(v["nodes"][0]["id"], 1);
     let r = http_get(&addr, "/api/rules", &[]);
     assert_eq!((r.status, r.body.as_str()), (200, "{\"rules\":[]}"));
+    for (path, status, why) in [
+        (
+            "/api/tasks/1/subtasks/x/0/log",
+            400,
+            "step must be a number",
+        ),
+        (
+            "/api/tasks/1/subtasks/0/0/log?attempt=z",
+            400,
+            "attempt must be a number",
+        ),
+        (
+            "/api/tasks/999999/subtasks/0/0/log",
+            404,
+            "subtask 999999/0/0 not found",
+        ),
+    ] {
+        let r = http_get(&addr, path, &[]);
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        assert!(r.body.contains(why), "{path}: {}", r.body);
+    }
 }

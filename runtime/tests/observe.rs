@@ -1,64 +1,17 @@
 //! Observability across real `stoker server` processes: `/healthz`,
 //! `/readyz`, `/metrics` parsed as Prometheus text, the resource state in
-//! `node list`, schedulers switched through the cluster config, and fuel
-//! accounting per subtask, task and tenant.
+//! `node list`, schedulers switched through the cluster config, fuel
+//! accounting per subtask, task and tenant, and the progress of
+//! `module upload` on a terminal and in `-o json`.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::{eventually, exe, http_get, Harness, CLUSTERS, CONFIG};
-use prometheus_parse::{Sample, Scrape, Value};
+use common::{eventually, exe, http_get, one, samples, scrape, value, Harness, CLUSTERS, CONFIG};
 use stoker_proto::api::{ListNodesRequest, SubmitTaskRequest};
 use stoker_proto::meta::NodeLoad;
-
-fn scrape(addr: &str) -> Scrape {
-    let r = http_get(addr, "/metrics", &[]);
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
-        "{:?}",
-        r.headers
-    );
-    Scrape::parse(r.body.lines().map(|l| Ok(l.to_string()))).unwrap()
-}
-
-fn value(v: &Value) -> f64 {
-    match v {
-        Value::Counter(x) | Value::Gauge(x) | Value::Untyped(x) => *x,
-        Value::Histogram(buckets) => buckets
-            .iter()
-            .find(|b| b.less_than.is_infinite())
-            .map_or(0.0, |b| b.count),
-        other => panic!("unexpected sample {other:?}"),
-    }
-}
-
-/// The samples of `name` whose labels include `labels`.
-fn samples<'a>(s: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == name)
-        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .collect()
-}
-
-/// The one sample of `name` with `labels`; its value (a histogram's count).
-fn one(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let found = samples(s, name, labels);
-    assert_eq!(
-        found.len(),
-        1,
-        "{name} {labels:?}: {found:?}\nall metrics: {:?}",
-        s.samples
-            .iter()
-            .map(|x| &x.metric)
-            .collect::<std::collections::BTreeSet<_>>()
-    );
-    value(&found[0].value)
-}
 
 async fn load_of(h: &Harness, id: u64) -> Option<NodeLoad> {
     let nodes = h
@@ -188,6 +141,27 @@ async fn metrics_health_and_fuel_after_a_task_ran() {
         ) > 0.0,
         "the governor handed out fuel"
     );
+    // The coordinator's operators: every series, at zero on a cluster of
+    // one node (nothing to move); the rules tests see them count.
+    for (kind, scheduler) in [
+        ("move-subtask", "balance-subtask"),
+        ("move-subtask", "hot-node"),
+        ("move-subtask", "rule-checker"),
+        ("transfer-leader", "leader-placement"),
+    ] {
+        let labels = [("kind", kind), ("scheduler", scheduler)];
+        assert_eq!(one(&m, "stoker_operators_created_total", &labels), 0.0);
+    }
+    for kind in ["move-subtask", "transfer-leader"] {
+        for outcome in ["done", "cancelled", "timed-out"] {
+            let labels = [("kind", kind), ("outcome", outcome)];
+            assert_eq!(one(&m, "stoker_operators_finished_total", &labels), 0.0);
+        }
+        assert_eq!(
+            one(&m, "stoker_operators_in_flight", &[("kind", kind)]),
+            0.0
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,10 +398,16 @@ async fn a_worker_only_node_serves_its_own_metrics_and_health() {
     let m = scrape(&worker);
     assert_eq!(one(&m, "stoker_worker_slots", &[]), 3.0);
     assert_eq!(one(&m, "stoker_governor_allowed_concurrency", &[]), 3.0);
-    assert!(
-        samples(&m, "stoker_raft_term", &[]).is_empty(),
-        "a worker has no Raft state"
-    );
+    for name in [
+        "stoker_raft_term",
+        "stoker_operators_created_total",
+        "stoker_operators_in_flight",
+    ] {
+        assert!(
+            samples(&m, name, &[]).is_empty(),
+            "a worker has no Raft state and no coordinator: {name}"
+        );
+    }
     // The dashboard's data lives on scheduler nodes; the worker says where.
     let r = http_get(&worker, "/api/overview", &[]);
     assert_eq!(r.status, 503);
@@ -452,5 +432,114 @@ async fn a_worker_only_node_serves_its_own_metrics_and_health() {
             &[("node", "2")]
         ),
         3.0
+    );
+}
+
+/// Runs `stoker` under a pseudo-terminal (util-linux `script`), so that its
+/// stderr is a terminal; everything it wrote, control sequences included.
+fn stoker_on_a_terminal(args: &[&str]) -> String {
+    let script = std::path::Path::new("/usr/bin/script");
+    assert!(
+        script.exists(),
+        "{} (util-linux, Debian's essential bsdutils) is missing: the test runs the CLI on a pseudo-terminal with it",
+        script.display()
+    );
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let line: Vec<String> = std::iter::once(exe().to_str().unwrap())
+        .chain(args.iter().copied())
+        .map(quote)
+        .collect();
+    let out = Command::new(script)
+        .args(["-qefc", &line.join(" "), "/dev/null"])
+        .env("STOKER_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{line:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_upload_draws_a_byte_bar_on_a_terminal_and_json_alone_with_o_json() {
+    let _serial = CLUSTERS.lock().await;
+    let h = Harness::start(1, CONFIG).await;
+    let addr = h.addr(1).to_string();
+    let upload = |guest: &str, more: &[&str]| {
+        let mut args = vec![
+            "module",
+            "upload",
+            stoker_test_artifacts::path(guest).unwrap(),
+            "--name",
+            guest,
+            "--endpoint",
+            &addr,
+        ];
+        args.extend(more);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| Command::new(exe()).args(args).output().unwrap();
+
+    // A pipe: the hash alone on stdout, nothing on stderr.
+    let out = run(upload("misbehave", &[]));
+    assert!(out.status.success(), "{out:?}");
+    let hash = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(hash.trim().len(), 64, "{hash:?}");
+    assert_eq!(hash.lines().count(), 1, "{hash:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // -o json: one JSON object and nothing else, on a terminal too.
+    let out = run(upload("sort", &["-o", "json"]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "sort");
+    assert_eq!(v["created"], true);
+    let args = upload("primes", &["-o", "json"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = stoker_on_a_terminal(&args);
+    let v: serde_json::Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not only JSON on the terminal ({e}): {text:?}"));
+    assert_eq!(v["name"], "primes");
+
+    // Text on a terminal: a bar of the module's bytes, replaced by a line
+    // of how many were sent (all of them), then the hash on a line of its
+    // own.
+    let size = stoker_test_artifacts::read("wordcount").len() as u64;
+    let args = upload("wordcount", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = stoker_on_a_terminal(&args);
+    let total = indicatif::BinaryBytes(size).to_string();
+    assert!(
+        text.contains(&format!("/{total}")) && text.contains("upload ["),
+        "no byte bar of {total}: {text:?}"
+    );
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    let [.., sent, hash] = lines.as_slice() else {
+        panic!("{text:?}")
+    };
+    assert!(
+        sent.contains(&format!("uploaded {total} in ")),
+        "the bar ends as a line of all {total} sent: {text:?}"
+    );
+    let hash = hash.trim();
+    assert_eq!(hash.len(), 64, "the hash comes last: {text:?}");
+    let listed = stoker(&["module", "list", "-o", "json", "--endpoint", &addr]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "wordcount" && m["hash"] == hash),
+        "{listed}"
     );
 }

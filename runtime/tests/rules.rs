@@ -7,10 +7,13 @@
 //! Clusters are started one at a time (a file-wide lock), and every process
 //! is killed when its cluster is dropped.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{one, samples, scrape};
 use stoker::api::local_cluster::LocalCluster;
 use stoker::api::meta::{connect_lazy, connect_stoker, set_config_request};
 use stoker_proto::api::stoker_client::StokerClient;
@@ -551,6 +554,13 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
             .filter(|o| o.kind == "move-subtask")
             .count();
         assert!(moving <= 1, "{:?}", ops.operators);
+        let m = scrape(h.cluster.addr(1));
+        let in_flight = one(
+            &m,
+            "stoker_operators_in_flight",
+            &[("kind", "move-subtask")],
+        );
+        assert!(in_flight <= 1.0, "{in_flight} in flight in /metrics");
         for o in ops
             .recent
             .iter()
@@ -571,6 +581,33 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     // flight is not guaranteed; two in flight were never seen.)
     assert!(moves_done.len() >= 3, "moves happened: {moves_done:?}");
     assert_eq!(h.ran_on(id).await, BTreeSet::from([2]));
+    // /metrics of the owner counts them: created by the rule checker
+    // alone, each one either finished or still in flight.
+    let m = scrape(h.cluster.addr(1));
+    let moves = [("kind", "move-subtask")];
+    let created = one(
+        &m,
+        "stoker_operators_created_total",
+        &[("kind", "move-subtask"), ("scheduler", "rule-checker")],
+    );
+    let done = one(
+        &m,
+        "stoker_operators_finished_total",
+        &[("kind", "move-subtask"), ("outcome", "done")],
+    );
+    assert!(done >= moves_done.len() as f64, "{done} done");
+    let finished: f64 = samples(&m, "stoker_operators_finished_total", &moves)
+        .iter()
+        .map(|s| common::value(&s.value))
+        .sum();
+    let in_flight = one(&m, "stoker_operators_in_flight", &moves);
+    assert_eq!(created, finished + in_flight, "{created} created");
+    let by_others: f64 = samples(&m, "stoker_operators_created_total", &moves)
+        .iter()
+        .filter(|s| s.labels.get("scheduler") != Some("rule-checker"))
+        .map(|s| common::value(&s.value))
+        .sum();
+    assert_eq!(by_others, 0.0, "the paused schedulers created none");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,12 @@
 //! Clusters are started one at a time (a file-wide lock), and every process
 //! is killed when its cluster is dropped.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use common::http_get;
 
 use stoker::api::auth::AuthChannel;
 use stoker::api::local_cluster::LocalCluster;
@@ -579,6 +583,27 @@ async fn a_tenant_cannot_see_or_touch_another_tenants_objects() {
     assert_eq!(log.attempt, 1);
     assert_eq!(log.log.lines().count(), 3, "{:?}", log.log);
     code(bb.get_subtask_log(log_req()).await, Code::NotFound);
+    // The dashboard's endpoint for it: the same lookup and scoping. b's
+    // token gets the answer of a task that does not exist; no token, 401.
+    let path = |task: u64| format!("/api/tasks/{task}/subtasks/0/0/log");
+    let bearer = |token: &str| format!("Bearer {token}");
+    let r = http_get(h.addr(), &path(t), &[("Authorization", &bearer(&a))]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["attempt"], 1);
+    assert_eq!(v["log"].as_str().unwrap(), log.log);
+    let admin = http_get(h.addr(), &path(t), &[("Authorization", &bearer(ADMIN))]);
+    assert_eq!((admin.status, admin.body.as_str()), (200, r.body.as_str()));
+    let theirs = http_get(h.addr(), &path(t), &[("Authorization", &bearer(&b))]);
+    let missing = http_get(h.addr(), &path(99_999), &[("Authorization", &bearer(&b))]);
+    assert_eq!((theirs.status, missing.status), (404, 404), "{theirs:?}");
+    assert_eq!(
+        theirs.body.replace(&t.to_string(), "N"),
+        missing.body.replace("99999", "N")
+    );
+    assert!(!theirs.body.contains("log line"), "{}", theirs.body);
+    let anonymous = http_get(h.addr(), &path(t), &[]);
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
 
     // The admin sees every tenant's tasks, and filters by tenant.
     let all = h

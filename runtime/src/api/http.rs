@@ -18,8 +18,10 @@ use serde_json::{json, Value};
 use super::auth::Authenticator;
 use super::dashboard;
 use super::metrics::{self, CountsCache};
+use crate::blob::BlobStore;
 use crate::exec::worker::WorkerView;
 use crate::meta::{MetaError, MetaNode};
+use crate::sched::coordinator::Board;
 
 /// How long `/readyz` waits for a linearizable read before it says no.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,6 +38,11 @@ pub struct HttpState {
     pub schedulers: Vec<String>,
     /// Who a token belongs to (the gRPC API's authentication).
     pub auth: Authenticator,
+    /// Where subtask logs are read from.
+    pub blobs: BlobStore,
+    /// What the owner loop of a scheduler node publishes of its
+    /// coordinator (operator metrics).
+    pub board: Option<Board>,
     cache: CountsCache,
 }
 
@@ -46,6 +53,8 @@ impl HttpState {
         worker: Option<WorkerView>,
         schedulers: Vec<String>,
         auth: Authenticator,
+        blobs: BlobStore,
+        board: Option<Board>,
     ) -> Self {
         HttpState {
             node_id,
@@ -53,6 +62,8 @@ impl HttpState {
             worker,
             schedulers,
             auth,
+            blobs,
+            board,
             cache: CountsCache::default(),
         }
     }
@@ -67,6 +78,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/overview", get(super::dashboard::api::overview))
         .route("/api/tasks", get(super::dashboard::api::tasks))
         .route("/api/tasks/{id}", get(super::dashboard::api::task))
+        .route(
+            "/api/tasks/{id}/subtasks/{step}/{ordinal}/log",
+            get(super::dashboard::api::subtask_log),
+        )
         .route("/api/rules", get(super::dashboard::api::rules))
         .merge(dashboard::static_routes())
         .with_state(Arc::new(state))
@@ -228,7 +243,12 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
 }
 
 async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
-    match metrics::render(state.meta.as_ref(), state.worker.as_ref(), &state.cache).await {
+    let parts = metrics::Parts {
+        meta: state.meta.as_ref(),
+        board: state.board.as_ref(),
+        worker: state.worker.as_ref(),
+    };
+    match metrics::render(parts, &state.cache).await {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
@@ -272,6 +292,18 @@ pub struct TasksQuery {
 /// Path parameter of `/api/tasks/{id}` (parsed by the handler, so a bad
 /// id gets a JSON error).
 pub type TaskPath = Path<String>;
+/// Path parameters of `/api/tasks/{id}/subtasks/{step}/{ordinal}/log`,
+/// parsed by the handler like [`TaskPath`].
+pub type SubtaskPath = Path<(String, String, String)>;
+
+/// Query parameters of a subtask's log (parsed by the handler).
+#[derive(Debug, Default, Deserialize)]
+pub struct LogQuery {
+    /// Which attempt's log; absent or 0 for the latest.
+    pub attempt: Option<String>,
+}
+/// Query parameters of a subtask's log.
+pub type LogParams = Query<LogQuery>;
 /// Query parameters of `/api/tasks`.
 pub type TasksParams = Query<TasksQuery>;
 

@@ -5,6 +5,9 @@
 //!   leadership, proposal latency; from its replica of the replicated
 //!   state: tasks and subtasks by tenant and state, fuel used per tenant,
 //!   each node's slots, assigned subtasks and reported resource state.
+//! - Every scheduler node: the coordinator's operators, created by kind
+//!   and source, finished by kind and outcome, in flight by kind (zero
+//!   unless it owns the cluster).
 //! - Every worker: slots in use, the resource manager's command, allowed
 //!   and active concurrency, fuel rate, level and node CPU, fuel granted
 //!   per tenant, subtask run latency (claim to report) and start delay
@@ -28,6 +31,7 @@ use crate::exec::stats::Labels;
 use crate::exec::worker::WorkerView;
 use crate::meta::stats::{self, StateCounts};
 use crate::meta::{queries, MetaError, MetaNode};
+use crate::sched::coordinator::{Board, OpKind, OpState, OperatorCounts, Published};
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -90,22 +94,31 @@ impl CountsCache {
     }
 }
 
+/// What a node has to report: the metadata node and the coordinator's
+/// board of a scheduler node, the worker of a worker.
+#[derive(Clone, Copy, Default)]
+pub struct Parts<'a> {
+    pub meta: Option<&'a MetaNode>,
+    pub board: Option<&'a Board>,
+    pub worker: Option<&'a WorkerView>,
+}
+
 /// Renders every metric of this node.
 ///
 /// # Errors
 /// Storage failures reading the replicated state.
-pub async fn render(
-    meta: Option<&MetaNode>,
-    worker: Option<&WorkerView>,
-    cache: &CountsCache,
-) -> Result<String, MetaError> {
+pub async fn render(parts: Parts<'_>, cache: &CountsCache) -> Result<String, MetaError> {
     let mut reg = Registry::with_prefix("stoker");
-    if let Some(meta) = meta {
+    if let Some(meta) = parts.meta {
         raft_metrics(&mut reg, meta).await?;
         let counts = cache.get(meta)?;
         cluster_metrics(&mut reg, &counts);
     }
-    if let Some(w) = worker {
+    if let Some(board) = parts.board {
+        let published = board.lock().expect("board lock").clone();
+        operator_metrics(&mut reg, &published);
+    }
+    if let Some(w) = parts.worker {
         worker_metrics(&mut reg, w);
     }
     let mut out = String::new();
@@ -235,6 +248,56 @@ fn cluster_metrics(reg: &mut Registry, c: &ClusterCounts) {
         "cluster_node_cpu_utilisation",
         "Node CPU utilisation (0 to 1) each worker reported in its last heartbeat",
         cpu,
+    );
+}
+
+/// The coordinator's operators. Every scheduler node exports every series
+/// (zero where it never counted one): created and finished count what this
+/// process's coordinators did in the terms it owned the cluster; in flight
+/// is the owner's, zero elsewhere.
+fn operator_metrics(reg: &mut Registry, board: &Published) {
+    let created = Family::<Labels, Counter>::default();
+    for (kind, source) in OperatorCounts::sources() {
+        let n = board.counts.created.get(&(kind, source)).copied();
+        created
+            .get_or_create(&labels(&[("kind", kind.as_str()), ("scheduler", source)]))
+            .inc_by(n.unwrap_or(0));
+    }
+    reg.register(
+        "operators_created",
+        "Operators the coordinator admitted, by kind and the scheduler or checker that created them",
+        created,
+    );
+    let finished = Family::<Labels, Counter>::default();
+    let in_flight = Family::<Labels, Gauge>::default();
+    for kind in [OpKind::MoveSubtask, OpKind::TransferLeader] {
+        for outcome in OpState::FINAL {
+            let n = board.counts.finished.get(&(kind, outcome)).copied();
+            finished
+                .get_or_create(&labels(&[
+                    ("kind", kind.as_str()),
+                    ("outcome", outcome.as_str()),
+                ]))
+                .inc_by(n.unwrap_or(0));
+        }
+        let n = if board.owner {
+            board.operators.iter().filter(|o| o.kind == kind).count()
+        } else {
+            0
+        };
+        in_flight
+            .get_or_create(&labels(&[("kind", kind.as_str())]))
+            .set(n as i64);
+    }
+    reg.register(
+        "operators_finished",
+        "Operators retired, by kind and outcome (done, cancelled, timed-out)",
+        finished,
+    );
+    reg.register(
+        "operators_in_flight",
+        "Operators the owner's coordinator is carrying out, by kind (0 on other nodes)",
+        in_flight,
     );
 }
 

@@ -361,7 +361,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             false,
             wcfg,
             sandbox,
-            blobs,
+            blobs.clone(),
             resource,
         );
         // HTTP only (metrics, health, the dashboard page): a worker-only
@@ -378,6 +378,8 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             Some(worker.view()),
             cfg.worker.endpoints.clone(),
             auth,
+            blobs,
+            None,
         );
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = serve_http(
@@ -479,6 +481,8 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         worker.as_ref().map(WorkerHandle::view),
         Vec::new(),
         auth,
+        blobs.clone(),
+        Some(board.clone()),
     );
     let routes = tonic::service::Routes::from(http::router(state))
         .add_service(raft_svc)

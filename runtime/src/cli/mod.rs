@@ -17,12 +17,14 @@ mod subtask_log;
 mod task;
 mod tenant;
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::ProgressStyle;
 use stoker::api::auth::AuthChannel;
 use stoker_proto::meta::meta_client::MetaClient;
 
@@ -150,6 +152,22 @@ pub enum Output {
     Text,
     /// Exactly one JSON object on stdout, for scripts.
     Json,
+}
+
+impl Output {
+    /// Whether to draw progress bars: text output with stderr (where they
+    /// go) on a terminal. `-o json` prints only its JSON; text output to a
+    /// pipe gets plain lines, if anything.
+    fn bars(self) -> bool {
+        self == Output::Text && std::io::stderr().is_terminal()
+    }
+}
+
+/// The look of every progress bar of the CLI, around `template`'s fields.
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("valid template")
+        .progress_chars("=> ")
 }
 
 /// Where a client command connects.

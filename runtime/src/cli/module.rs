@@ -4,11 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use futures::Stream;
+use indicatif::ProgressBar;
 use stoker::meta::records::MAX_MODULE_BYTES;
 use stoker_proto::api::{ListModulesRequest, UploadModuleRequest};
 
 use super::client::{self, Conn};
-use super::Output;
+use super::{bar_style, Output};
 
 /// Bytes per upload message.
 pub(super) const CHUNK_BYTES: usize = 1 << 20;
@@ -108,6 +110,34 @@ pub(super) fn upload_messages(
     })
 }
 
+/// The upload's progress: a bar of bytes where `task wait` would draw its
+/// bars (see [`Output::bars`]), a hidden one that only counts otherwise.
+fn upload_bar(output: Output, size: usize) -> ProgressBar {
+    if !output.bars() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(size as u64);
+    pb.set_style(bar_style(
+        "upload [{bar:30}] {binary_bytes}/{binary_total_bytes}  {elapsed}  {msg}",
+    ));
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    pb
+}
+
+/// The upload messages as a stream that advances `pb` by each message's
+/// bytes as the transport takes it.
+fn counted(
+    messages: impl Iterator<Item = UploadModuleRequest> + Send + 'static,
+    pb: ProgressBar,
+) -> impl Stream<Item = UploadModuleRequest> + Send + 'static {
+    futures::stream::iter(messages.inspect(move |m| {
+        pb.inc(m.data.len() as u64);
+        if pb.length().is_some_and(|len| pb.position() >= len) {
+            pb.set_message("validating");
+        }
+    }))
+}
+
 fn read_module(file: &Path) -> anyhow::Result<Vec<u8>> {
     let meta = std::fs::metadata(file)
         .with_context(|| format!("cannot read module file {}", file.display()))?;
@@ -144,14 +174,30 @@ async fn upload(
     let bytes = read_module(file)?;
     let size = bytes.len();
     let c = conn.connect()?;
-    let stream = futures::stream::iter(upload_messages(bytes, name, tag));
-    let resp = c
-        .api
-        .clone()
-        .upload_module(stream)
-        .await
-        .map_err(|s| c.error(&file.display().to_string(), &s))?
-        .into_inner();
+    let pb = upload_bar(output, size);
+    let stream = counted(upload_messages(bytes, name, tag), pb.clone());
+    let resp = c.api.clone().upload_module(stream).await;
+    let resp = match resp {
+        Ok(r) => {
+            // As `task wait` does: a line in place of the bar (a bar left
+            // behind ends without a newline).
+            if !pb.is_hidden() {
+                let line = format!(
+                    "uploaded {} in {:.1?}",
+                    indicatif::BinaryBytes(pb.position()),
+                    pb.elapsed()
+                );
+                pb.finish_and_clear();
+                eprintln!("{line}");
+            }
+            r.into_inner()
+        }
+        Err(s) => {
+            // The error is the one line left on stderr.
+            pb.finish_and_clear();
+            return Err(c.error(&file.display().to_string(), &s));
+        }
+    };
     let module = resp.module.unwrap_or_default();
     match output {
         Output::Json => {
@@ -231,6 +277,28 @@ mod tests {
         let exact: Vec<_> =
             upload_messages(vec![1; CHUNK_BYTES], "a".into(), String::new()).collect();
         assert_eq!(exact.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_bar_counts_every_byte_the_transport_takes() {
+        use futures::StreamExt as _;
+        let size = 2 * CHUNK_BYTES + 10;
+        let pb = ProgressBar::hidden();
+        pb.set_length(size as u64);
+        let stream = counted(
+            upload_messages(vec![7; size], "m".into(), String::new()),
+            pb.clone(),
+        );
+        futures::pin_mut!(stream);
+        let first = stream.next().await.unwrap();
+        assert_eq!(pb.position(), first.data.len() as u64);
+        assert!(pb.message().is_empty(), "{}", pb.message());
+        let rest: Vec<_> = stream.collect().await;
+        assert_eq!(rest.len(), 2);
+        assert_eq!(pb.position(), size as u64);
+        assert_eq!(pb.message(), "validating");
+        // `-o json` never draws one.
+        assert!(upload_bar(Output::Json, size).is_hidden());
     }
 
     #[test]

@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::json;
 use stoker::blob::BlobStore;
 use stoker::exec::local::{Event, LocalOptions, LocalRunner, RetryPolicy, Summary};
 use stoker::resource::{Governor, GovernorConfig, ManagerConfig, ResourceManager};
 use stoker::sandbox::{CallLimits, Sandbox, SandboxConfig};
 
-use super::Output;
+use super::{bar_style, Output};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -249,13 +249,9 @@ impl Display {
                 }
                 if self.terminal {
                     let pb = ProgressBar::new(subtasks as u64);
-                    pb.set_style(
-                        ProgressStyle::with_template(
-                            "step {prefix} [{bar:40}] {pos}/{len} subtasks {elapsed}",
-                        )
-                        .expect("valid template")
-                        .progress_chars("=> "),
-                    );
+                    pb.set_style(bar_style(
+                        "step {prefix} [{bar:40}] {pos}/{len} subtasks {elapsed}",
+                    ));
                     pb.set_prefix(step.to_string());
                     *bar = Some(pb);
                 } else {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::json;
 use stoker::model::{parse_labels, TaskState, PRIORITY_RANGE};
 use stoker_proto::api::control_task_request::Action;
@@ -17,7 +17,7 @@ use stoker_proto::api::{
 use stoker_proto::meta::TaskModification;
 
 use super::client::{self, Client, Conn};
-use super::Output;
+use super::{bar_style, Output};
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum TaskCommand {
@@ -730,13 +730,9 @@ impl WaitDisplay {
         if self.bar.as_ref().is_none_or(|(step, _)| *step != t.step) {
             self.finish();
             let pb = ProgressBar::new(total);
-            pb.set_style(
-                ProgressStyle::with_template(
-                    "step {prefix} [{bar:40}] {pos}/{len} subtasks  {msg}  {elapsed}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
+            pb.set_style(bar_style(
+                "step {prefix} [{bar:40}] {pos}/{len} subtasks  {msg}  {elapsed}",
+            ));
             pb.set_prefix(t.step.to_string());
             pb.set_message(t.state.clone());
             pb.set_position(done);

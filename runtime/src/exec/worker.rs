@@ -57,7 +57,13 @@ use crate::sandbox::{module_hash, CallEnv, CallLimits, Sandbox, SandboxError, Ta
 /// The blob key (relative to the tenant) of one run's log: the guest's
 /// stdout, stderr and `log` lines, bounded by the sandbox.
 pub fn subtask_log_key(task: u64, step: u32, ordinal: u32, attempt: u32) -> String {
-    format!("logs/{task}/{step}-{ordinal}-{attempt}")
+    format!("{}/{step}-{ordinal}-{attempt}", task_logs_prefix(task))
+}
+
+/// The blob prefix (relative to the tenant) of every log of a task's
+/// subtasks, deleted with the task when its history is collected.
+pub fn task_logs_prefix(task: u64) -> String {
+    format!("logs/{task}")
 }
 
 /// Configuration of a node's worker (the `[worker]` table of the server

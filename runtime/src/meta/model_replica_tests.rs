@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use stoker_proto::meta::{
     command_result, AddSubtasks, ChangeSubtasks, CommandResult, FinishTask, GcHistory,
-    MarkNodeDown, ModifyTask, NewSubtask, NodeHeartbeat, PutModuleChunk, RegisterNode,
-    RequeueSubtask, SubtaskRecord, TaskModification, TaskRecord,
+    MarkNodeDown, ModifyTask, ModuleRecord, NewSubtask, NodeHeartbeat, PutModuleChunk,
+    RegisterNode, RequeueSubtask, SubtaskRecord, TaskModification, TaskRecord, TenantUsage,
 };
 use stoker_proto::Message;
 
@@ -297,20 +297,35 @@ fn tables(sm: &Sm) -> BTreeMap<String, Rows> {
         .collect()
 }
 
-/// The unfinished and by-node indexes hold exactly what the records say.
+/// The unfinished and by-node indexes and the tenants' usage counts hold
+/// exactly what the records say.
 #[track_caller]
 fn check_indexes(sm: &Sm) {
     let t = tables(sm);
     let keys =
         |name: &str| -> BTreeSet<Vec<u8>> { t[name].iter().map(|(k, _)| k.clone()).collect() };
     let mut unfinished = BTreeSet::new();
+    let mut usage: BTreeMap<String, TenantUsage> = BTreeMap::new();
     for (_, v) in &t["sm_tasks"] {
         let task = TaskRecord::decode(v.as_slice()).unwrap();
         if !records::task_state(&task).unwrap().is_finished() {
             unfinished.insert(rank_key(&rank_of(&task)).to_vec());
+            usage.entry(task.tenant).or_default().unfinished_tasks += 1;
         }
     }
     assert_eq!(keys("sm_tasks_unfinished"), unfinished);
+    for (_, v) in &t["sm_modules"] {
+        let m = ModuleRecord::decode(v.as_slice()).unwrap();
+        usage.entry(m.tenant).or_default().module_bytes += m.size;
+    }
+    let kept: BTreeMap<String, TenantUsage> = t["sm_tenant_usage"]
+        .iter()
+        .map(|(k, v)| {
+            let tenant = String::from_utf8(k.clone()).unwrap();
+            (tenant, TenantUsage::decode(v.as_slice()).unwrap())
+        })
+        .collect();
+    assert_eq!(kept, usage, "the usage counts are the records'");
     let mut by_node = BTreeSet::new();
     for (_, v) in &t["sm_subtasks"] {
         let s = SubtaskRecord::decode(v.as_slice()).unwrap();

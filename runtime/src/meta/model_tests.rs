@@ -34,6 +34,18 @@ impl Sm {
         }
     }
 
+    /// Closes the database and opens it again, as a restart does.
+    pub(super) fn reopen(self) -> Self {
+        let Sm { _dir, s, index } = self;
+        let path = s.path().to_path_buf();
+        drop(s);
+        Sm {
+            s: RedbStorage::open(&path).unwrap(),
+            _dir,
+            index,
+        }
+    }
+
     pub(super) fn apply(&mut self, kind: command::Kind) -> CommandResult {
         self.index += 1;
         let mut tx = self.s.begin_apply().unwrap();

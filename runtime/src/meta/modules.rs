@@ -15,7 +15,7 @@ use super::records::{
     Rejection, MAX_CHUNK_BYTES, MAX_MODULE_BYTES, MODULES_TABLE, MODULE_CHUNKS_TABLE,
     MODULE_STAGING_TABLE, MODULE_STAGING_TIMES_TABLE, TASKS_TABLE, UNFINISHED_TABLE,
 };
-use super::tenants::{module_bytes_of, quota_of, within};
+use super::tenants::{count_module, quota_of, usage_of, within};
 
 /// Most chunks of one module.
 const MAX_CHUNKS: u32 = (MAX_MODULE_BYTES / MAX_CHUNK_BYTES) as u32;
@@ -131,6 +131,7 @@ pub(crate) fn commit_module(
             chunks: c.chunks,
         };
         put(txn, MODULES_TABLE, &module_key(&tenant, &c.hash), &record)?;
+        count_module(txn, &tenant, size, true)?;
         return Ok(CommitModuleResult { created: true });
     }
     let bad = |why: String| -> Applied<CommitModuleResult> {
@@ -189,6 +190,7 @@ pub(crate) fn commit_module(
         chunks: c.chunks,
     };
     put(txn, MODULES_TABLE, &module_key(&tenant, &c.hash), &record)?;
+    count_module(txn, &tenant, size as u64, true)?;
     Ok(CommitModuleResult { created: true })
 }
 
@@ -217,7 +219,7 @@ fn hash_in_use(txn: &WriteTransaction, hash: &str) -> Applied<bool> {
 
 fn check_module_quota(txn: &WriteTransaction, tenant: &str, size: u64) -> Applied<()> {
     let quota = quota_of(txn, tenant)?;
-    let used = module_bytes_of(txn, tenant)?;
+    let used = usage_of(txn, tenant)?.module_bytes;
     within(
         tenant,
         "max_module_bytes",
@@ -256,6 +258,7 @@ pub(crate) fn delete_module(txn: &WriteTransaction, c: &DeleteModule) -> Applied
     }
     txn.open_table(MODULES_TABLE)?
         .remove(module_key(&tenant, &c.hash).as_slice())?;
+    count_module(txn, &tenant, module.size, false)?;
     if !hash_in_use(txn, &c.hash)? {
         let mut chunks = txn.open_table(MODULE_CHUNKS_TABLE)?;
         for i in 0..module.chunks {

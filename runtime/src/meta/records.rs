@@ -52,6 +52,10 @@ pub const SUBTASKS_TABLE: SmTable = redb::TableDefinition::new("sm_subtasks");
 pub const SUBTASKS_BY_NODE_TABLE: SmTable = redb::TableDefinition::new("sm_subtasks_by_node");
 /// Counters (the next task id): UTF-8 name → big-endian u64.
 pub const COUNTERS_TABLE: SmTable = redb::TableDefinition::new("sm_counters");
+/// What each tenant uses of its count quotas: UTF-8 tenant id →
+/// [`TenantUsage`](stoker_proto::meta::TenantUsage), maintained with the
+/// rows it counts; a tenant using nothing has no row.
+pub const TENANT_USAGE_TABLE: SmTable = redb::TableDefinition::new("sm_tenant_usage");
 
 /// The tenant everything belongs to until tenancy arrives.
 pub const DEFAULT_TENANT: &str = "default";

@@ -68,6 +68,7 @@ pub const SM_TABLES: &[SmTable] = &[
     records::SUBTASKS_TABLE,
     records::SUBTASKS_BY_NODE_TABLE,
     records::COUNTERS_TABLE,
+    records::TENANT_USAGE_TABLE,
     rules::RULES_TABLE,
     rules::RULES_META_TABLE,
 ];
@@ -388,7 +389,28 @@ pub fn import(path: &Path, txn: &WriteTransaction, data: &SnapshotData) -> Resul
             }
         }
     }
+    let usage = redb::TableHandle::name(&records::TENANT_USAGE_TABLE);
+    if !data.tables.iter().any(|d| d.name == usage) {
+        // A snapshot of a build that did not keep the usage counts.
+        rebuild_usage(path, txn)?;
+    }
     Ok(())
+}
+
+/// Recounts every tenant's usage from the rows it counts (see
+/// [`tenants::rebuild_usage`]).
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn rebuild_usage(path: &Path, txn: &WriteTransaction) -> Result<(), MetaError> {
+    match tenants::rebuild_usage(txn) {
+        Ok(()) => Ok(()),
+        Err(ApplyError::Storage(e)) => Err(storage_err(path, e)),
+        Err(ApplyError::Rejected(why)) => Err(MetaError::Corrupt {
+            path: path.to_path_buf(),
+            what: why.to_string(),
+        }),
+    }
 }
 
 /// A SHA-256 digest of every state machine table, equal on two nodes exactly

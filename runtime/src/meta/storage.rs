@@ -20,13 +20,15 @@ use protobuf::Message as PbMessage;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    WriteTransaction,
 };
 use stoker_proto::meta::SnapshotData;
 use stoker_proto::Message as _;
 
 use super::error::storage_err;
-use super::state_machine::{self, SM_TABLES};
+use super::records;
+use super::state_machine::{self, SmTable, SM_TABLES};
 use super::MetaError;
 
 /// Log entries: index → 8 bytes of big-endian term, then the encoded entry.
@@ -169,6 +171,17 @@ impl RedbStorage {
         };
         let db = Database::create(path).map_err(|e| open_err(e.into()))?;
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        // A database written by a build that did not keep the tenants'
+        // usage counts gets them counted once, here.
+        let recount = {
+            let names: Vec<String> = txn
+                .list_tables()
+                .map_err(|e| open_err(e.into()))?
+                .map(|t| t.name().to_string())
+                .collect();
+            let has = |def: &SmTable| names.iter().any(|n| n == def.name());
+            has(&records::TASKS_TABLE) && !has(&records::TENANT_USAGE_TABLE)
+        };
         {
             txn.open_table(LOG).map_err(|e| open_err(e.into()))?;
             txn.open_table(RAFT_STATE).map_err(|e| open_err(e.into()))?;
@@ -177,6 +190,9 @@ impl RedbStorage {
             for def in SM_TABLES {
                 txn.open_table(*def).map_err(|e| open_err(e.into()))?;
             }
+        }
+        if recount {
+            state_machine::rebuild_usage(path, &txn)?;
         }
         txn.commit().map_err(|e| open_err(e.into()))?;
         let state = Self::load(&db, path)?;

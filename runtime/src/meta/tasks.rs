@@ -16,7 +16,7 @@ use super::records::{
     TASKS_TABLE, TASK_INPUTS_TABLE, UNFINISHED_TABLE,
 };
 use super::subtasks;
-use super::tenants::{quota_of, unfinished_tasks_of, within};
+use super::tenants::{count_unfinished, quota_of, usage_of, within};
 use crate::model::{check_task_transition, TaskId, TaskState, DEFAULT_PRIORITY, PRIORITY_RANGE};
 
 /// The counter the next task id comes from.
@@ -121,7 +121,7 @@ fn check_submit(txn: &WriteTransaction, c: &SubmitTask) -> Applied<String> {
         || format!("the task asks for {} bytes of memory", c.memory_limit),
     )?;
     if quota.max_queued_tasks != 0 {
-        let queued = unfinished_tasks_of(txn, &tenant)?;
+        let queued = usage_of(txn, &tenant)?.unfinished_tasks;
         within(
             &tenant,
             "max_queued_tasks",
@@ -186,6 +186,7 @@ pub(crate) fn submit_task(txn: &WriteTransaction, c: &SubmitTask) -> Applied<Sub
     }
     txn.open_table(UNFINISHED_TABLE)?
         .insert(rank_key(&rank_of(&task)).as_slice(), [].as_slice())?;
+    count_unfinished(txn, &task.tenant, true)?;
     Ok(SubmitTaskResult { id })
 }
 
@@ -301,6 +302,7 @@ pub(crate) fn finish_task(txn: &WriteTransaction, c: &FinishTask) -> Applied<Don
     next.finish_time_ms = c.time_ms;
     txn.open_table(UNFINISHED_TABLE)?
         .remove(rank_key(&rank_of(&task)).as_slice())?;
+    count_unfinished(txn, &task.tenant, false)?;
     txn.open_table(HISTORY_TABLE)?
         .insert(history_key(c.time_ms, c.id).as_slice(), [].as_slice())?;
     put(txn, TASKS_TABLE, &task_key(c.id), &next)?;

@@ -1,14 +1,19 @@
 //! Tenants and their API tokens: creation, weight and quota changes, token
-//! creation and revocation. Tokens are stored as their sha256 only.
+//! creation and revocation. Tokens are stored as their sha256 only. And
+//! what the quotas check: each tenant's usage (unfinished tasks, module
+//! bytes), kept up to date by the commands that change it.
+
+use std::collections::BTreeMap;
 
 use redb::{ReadableTable, WriteTransaction};
 use stoker_proto::meta::{
-    CreateTenant, CreateToken, Done, RevokeToken, SetTenant, TaskRecord, TenantRecord, TokenRecord,
+    CreateTenant, CreateToken, Done, ModuleRecord, RevokeToken, SetTenant, TaskRecord,
+    TenantRecord, TenantUsage, TokenRecord,
 };
 
 use super::records::{
-    get, get_tenant, get_token, id_of_rank_key, invalid, put, task_key, tenant_modules_range,
-    Applied, Rejection, MODULES_TABLE, TASKS_TABLE, TENANTS_TABLE, TOKENS_TABLE, UNFINISHED_TABLE,
+    get, get_tenant, get_token, id_of_rank_key, invalid, put, task_key, Applied, Rejection,
+    MODULES_TABLE, TASKS_TABLE, TENANTS_TABLE, TENANT_USAGE_TABLE, TOKENS_TABLE, UNFINISHED_TABLE,
 };
 use stoker_proto::Message;
 
@@ -148,8 +153,64 @@ pub(crate) fn quota_of(
         .unwrap_or_default())
 }
 
-/// Unfinished tasks of `tenant` (for the queued-task quota).
-pub(crate) fn unfinished_tasks_of(txn: &WriteTransaction, tenant: &str) -> Applied<u64> {
+/// What `tenant` uses of its count quotas (unfinished tasks, module
+/// bytes): one read, whatever the number of its tasks and modules.
+pub(crate) fn usage_of(txn: &WriteTransaction, tenant: &str) -> Applied<TenantUsage> {
+    Ok(get(txn, TENANT_USAGE_TABLE, tenant.as_bytes())?.unwrap_or_default())
+}
+
+/// Changes `tenant`'s usage row by `f`. Called in the write phase of the
+/// command that changes the counted rows, after it validated; a usage of
+/// nothing leaves no row (as [`rebuild_usage`] would).
+fn change_usage(
+    txn: &WriteTransaction,
+    tenant: &str,
+    f: impl FnOnce(&mut TenantUsage),
+) -> Applied<()> {
+    let mut usage = usage_of(txn, tenant)?;
+    f(&mut usage);
+    if usage == TenantUsage::default() {
+        txn.open_table(TENANT_USAGE_TABLE)?
+            .remove(tenant.as_bytes())?;
+        Ok(())
+    } else {
+        put(txn, TENANT_USAGE_TABLE, tenant.as_bytes(), &usage)
+    }
+}
+
+/// A task of `tenant` entered (`true`) or left (`false`) the unfinished
+/// index.
+pub(crate) fn count_unfinished(txn: &WriteTransaction, tenant: &str, entered: bool) -> Applied<()> {
+    change_usage(txn, tenant, |u| {
+        u.unfinished_tasks = if entered {
+            u.unfinished_tasks + 1
+        } else {
+            u.unfinished_tasks.saturating_sub(1)
+        };
+    })
+}
+
+/// A module record of `size` bytes of `tenant` was stored (`true`) or
+/// deleted (`false`).
+pub(crate) fn count_module(
+    txn: &WriteTransaction,
+    tenant: &str,
+    size: u64,
+    stored: bool,
+) -> Applied<()> {
+    change_usage(txn, tenant, |u| {
+        u.module_bytes = if stored {
+            u.module_bytes + size
+        } else {
+            u.module_bytes.saturating_sub(size)
+        };
+    })
+}
+
+/// Every tenant's usage counted from the rows themselves: the unfinished
+/// index and the module records. What [`TENANT_USAGE_TABLE`] must hold.
+pub(crate) fn counted_usage(txn: &WriteTransaction) -> Applied<BTreeMap<String, TenantUsage>> {
+    let mut out: BTreeMap<String, TenantUsage> = BTreeMap::new();
     let ids: Vec<u64> = {
         let unfinished = txn.open_table(UNFINISHED_TABLE)?;
         let mut ids = Vec::new();
@@ -158,32 +219,32 @@ pub(crate) fn unfinished_tasks_of(txn: &WriteTransaction, tenant: &str) -> Appli
         }
         ids
     };
-    let mut n = 0;
     for id in ids {
-        let task: Option<TaskRecord> = get(txn, TASKS_TABLE, &task_key(id))?;
-        if task.is_some_and(|t| t.tenant == tenant) {
-            n += 1;
+        if let Some(task) = get::<TaskRecord>(txn, TASKS_TABLE, &task_key(id))? {
+            out.entry(task.tenant).or_default().unfinished_tasks += 1;
         }
     }
-    Ok(n)
+    let modules = txn.open_table(MODULES_TABLE)?;
+    for row in modules.iter()? {
+        let (k, v) = row?;
+        let m = ModuleRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
+            table: "sm_modules".into(),
+            key: hex::encode(k.value()),
+        })?;
+        out.entry(m.tenant).or_default().module_bytes += m.size;
+    }
+    Ok(out)
 }
 
-/// Total bytes of `tenant`'s modules (for the module-bytes quota).
-pub(crate) fn module_bytes_of(txn: &WriteTransaction, tenant: &str) -> Applied<u64> {
-    let (start, end) = tenant_modules_range(tenant);
-    let table = txn.open_table(MODULES_TABLE)?;
-    let mut total = 0u64;
-    for row in table.range(start.as_slice()..end.as_slice())? {
-        let (k, v) = row?;
-        let m = stoker_proto::meta::ModuleRecord::decode(v.value()).map_err(|_| {
-            Rejection::Corrupt {
-                table: "sm_modules".into(),
-                key: hex::encode(k.value()),
-            }
-        })?;
-        total += m.size;
+/// Replaces [`TENANT_USAGE_TABLE`] by [`counted_usage`]: for a snapshot or
+/// a database from a build that did not keep it.
+pub(crate) fn rebuild_usage(txn: &WriteTransaction) -> Applied<()> {
+    let usage = counted_usage(txn)?;
+    txn.open_table(TENANT_USAGE_TABLE)?.retain(|_, _| false)?;
+    for (tenant, u) in &usage {
+        put(txn, TENANT_USAGE_TABLE, tenant.as_bytes(), u)?;
     }
-    Ok(total)
+    Ok(())
 }
 
 /// A [`Rejection::Quota`] when `asked` exceeds a non-zero `limit`.

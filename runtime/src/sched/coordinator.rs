@@ -102,7 +102,7 @@ impl std::fmt::Display for Step {
 }
 
 /// Where an operator stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum OpState {
     /// Created, not carried out yet.
     New,
@@ -125,6 +125,14 @@ impl OpState {
         }
     }
 }
+
+impl OpState {
+    /// The states an operator ends in.
+    pub const FINAL: [OpState; 3] = [OpState::Done, OpState::Cancelled, OpState::TimedOut];
+}
+
+/// The source of the rule checker's operators.
+pub const RULE_CHECKER: &str = "rule-checker";
 
 /// A scheduling operation: who asked, how urgent, what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -498,7 +506,7 @@ pub fn check_rules(view: &CoordView) -> Vec<Operator> {
                 *incoming.entry(to).or_default() += 1;
                 out.push(operator(
                     OpKind::MoveSubtask,
-                    "rule-checker",
+                    RULE_CHECKER,
                     PRIORITY_RULE,
                     Step::MoveSubtask {
                         subtask: q.subtask,
@@ -520,12 +528,39 @@ pub struct Seen {
     pub running: bool,
 }
 
-/// The operators in flight, with their limits and recent history.
+/// How many operators a coordinator created and retired: counters for
+/// `/metrics`, carried from one ownership term to the next on a node so
+/// that they never go back while its process runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OperatorCounts {
+    /// By kind and source (the scheduler or checker that created them).
+    pub created: BTreeMap<(OpKind, &'static str), u64>,
+    /// By kind and the state they ended in (done, cancelled, timed-out).
+    pub finished: BTreeMap<(OpKind, OpState), u64>,
+}
+
+impl OperatorCounts {
+    /// Every (kind, source) an operator can be created by: the built-in
+    /// schedulers and the rule checker, so that a node can export zeros.
+    pub fn sources() -> Vec<(OpKind, &'static str)> {
+        let mut all: Vec<_> = SCHEDULERS
+            .iter()
+            .filter_map(|n| new_scheduler(n))
+            .map(|s| (s.kind(), s.name()))
+            .collect();
+        all.push((OpKind::MoveSubtask, RULE_CHECKER));
+        all.sort();
+        all
+    }
+}
+
+/// The operators in flight, with their limits, recent history and counts.
 #[derive(Debug, Default)]
 pub struct Operators {
     next_id: u64,
     in_flight: BTreeMap<u64, Operator>,
     recent: VecDeque<Operator>,
+    counts: OperatorCounts,
 }
 
 /// Finished operators kept for `operator list`.
@@ -542,6 +577,10 @@ impl Operators {
 
     pub fn recent(&self) -> impl Iterator<Item = &Operator> {
         self.recent.iter()
+    }
+
+    pub fn counts(&self) -> &OperatorCounts {
+        &self.counts
     }
 
     fn busy_subtasks(&self) -> BTreeSet<(TaskId, u32, u32)> {
@@ -600,6 +639,7 @@ impl Operators {
             op.created_ms = view.now_ms;
             op.deadline_ms = view.now_ms + limits.timeout.as_millis() as u64;
             op.state = OpState::Running;
+            *self.counts.created.entry((op.kind, op.source)).or_default() += 1;
             self.in_flight.insert(op.id, op.clone());
             out.push(op);
         }
@@ -614,6 +654,7 @@ impl Operators {
     fn finish(&mut self, id: u64, state: OpState) {
         if let Some(mut op) = self.in_flight.remove(&id) {
             op.state = state;
+            *self.counts.finished.entry((op.kind, state)).or_default() += 1;
             self.recent.push_front(op);
             self.recent.truncate(RECENT);
         }
@@ -704,6 +745,9 @@ pub struct Published {
     pub schedulers: Vec<SchedulerStatus>,
     pub operators: Vec<Operator>,
     pub recent: Vec<Operator>,
+    /// Operators created and retired by this node's coordinators, over
+    /// every term it owned the cluster.
+    pub counts: OperatorCounts,
 }
 
 /// Shared between the owner loop and the API of one node.
@@ -734,6 +778,15 @@ impl Default for Coordinator {
 }
 
 impl Coordinator {
+    /// The coordinator of a new ownership term on a node: nothing in
+    /// flight, its counts continuing from what the node's earlier terms
+    /// published on `board`.
+    pub fn continuing(board: &Board) -> Coordinator {
+        let mut c = Coordinator::default();
+        c.operators.counts = board.lock().expect("board lock").counts.clone();
+        c
+    }
+
     /// One round: retire finished operators, run the rule checker and
     /// every running scheduler that is due and allowed, admit what they
     /// created within the limits. Returns the operators to carry out.
@@ -771,6 +824,7 @@ impl Coordinator {
         b.schedulers = self.status(config);
         b.operators = self.operators.list().cloned().collect();
         b.recent = self.operators.recent().cloned().collect();
+        b.counts = self.operators.counts.clone();
     }
 
     /// Every built-in scheduler with its state.
@@ -938,6 +992,61 @@ mod tests {
             c.operators.recent().next().unwrap().state,
             OpState::TimedOut
         );
+        // Counted: two created by the rule checker, one done, one timed out.
+        let counts = c.operators.counts().clone();
+        let created = BTreeMap::from([((OpKind::MoveSubtask, RULE_CHECKER), 2)]);
+        assert_eq!(counts.created, created);
+        let finished = BTreeMap::from([
+            ((OpKind::MoveSubtask, OpState::Done), 1),
+            ((OpKind::MoveSubtask, OpState::TimedOut), 1),
+        ]);
+        assert_eq!(counts.finished, finished);
+    }
+
+    #[test]
+    fn operator_counts_go_on_across_ownership_terms_of_a_node() {
+        let mut v = view_with_queued(&[(0, 3), (1, 3)], &[1, 2]);
+        v.tasks[0].pinned_by = Some("pin".into());
+        let config = BTreeMap::new();
+        let stays = |_: TaskId, _: u32, _: u32| -> Option<Seen> {
+            Some(Seen {
+                node: 3,
+                attempt: 1,
+                running: false,
+            })
+        };
+        let board = Board::default();
+        let mut first = Coordinator::continuing(&board);
+        let ops = first.round(&v, &config, &stays);
+        assert_eq!(ops.len(), 2);
+        first.operators.cancel(ops[0].id);
+        first.operators.cancel(ops[0].id);
+        first.publish(&board, &config);
+        let counts = board.lock().unwrap().counts.clone();
+        assert_eq!(counts.created[&(OpKind::MoveSubtask, RULE_CHECKER)], 2);
+        assert_eq!(
+            counts.finished,
+            BTreeMap::from([((OpKind::MoveSubtask, OpState::Cancelled), 1)]),
+            "a second cancel of the same operator counts nothing"
+        );
+        // The next term starts with nothing in flight and the counts so far.
+        let mut second = Coordinator::continuing(&board);
+        assert_eq!(second.operators.list().count(), 0);
+        assert_eq!(second.operators.counts(), &counts);
+        assert_eq!(second.round(&v, &config, &stays).len(), 2);
+        assert_eq!(
+            second.operators.counts().created[&(OpKind::MoveSubtask, RULE_CHECKER)],
+            4
+        );
+        let sources = OperatorCounts::sources();
+        for s in [
+            (OpKind::MoveSubtask, "balance-subtask"),
+            (OpKind::MoveSubtask, "hot-node"),
+            (OpKind::MoveSubtask, RULE_CHECKER),
+            (OpKind::TransferLeader, "leader-placement"),
+        ] {
+            assert!(sources.contains(&s), "{s:?} in {sources:?}");
+        }
     }
 
     #[test]

@@ -42,6 +42,7 @@ use super::rules::{self, Rule};
 use super::task::{decide, Action, StepCounts};
 use crate::blob::BlobStore;
 use crate::exec::local::RetryPolicy;
+use crate::exec::worker::task_logs_prefix;
 use crate::meta::queries::{self, TaskFilter};
 use crate::meta::records::{subtask_name, MAX_INLINE_BYTES};
 use crate::meta::{now_ms, MetaError, MetaNode};
@@ -175,7 +176,7 @@ async fn own(ctx: Arc<Ctx>) {
         actions: JoinSet::new(),
         busy: HashMap::new(),
         last_gc_ms: 0,
-        coordinator: Coordinator::default(),
+        coordinator: Coordinator::continuing(&ctx.board),
     };
     let mut applied = ctx.node.applied_watch();
     let tick = Duration::from_millis(ctx.config.tick_ms);
@@ -379,7 +380,8 @@ impl Owner {
     }
 
     /// Deletes tasks that finished more than `history_ttl_secs` ago: first
-    /// their blobs (`tasks/<id>/` and a blob input), then their records.
+    /// their blobs (`tasks/<id>/`, a blob input, the subtask logs under
+    /// `logs/<id>/`), then their records.
     /// A crash in between only repeats the blob deletion next time.
     async fn collect_history(&self, now: u64) -> Result<(), MetaError> {
         let before = now.saturating_sub(self.ctx.config.history_ttl_secs * 1000);
@@ -666,14 +668,17 @@ impl Owner {
 /// Finished tasks deleted by one history collection at most.
 const GC_BATCH: usize = 1000;
 
-/// The blobs a task owns: everything under `tasks/<id>/` of its tenant, and
-/// its input when that was stored as a blob.
+/// The blobs a task owns: everything under `tasks/<id>/` and `logs/<id>/`
+/// (its subtasks' logs) of its tenant, and its input when that was stored
+/// as a blob.
 async fn delete_task_blobs(blobs: &BlobStore, task: &TaskRecord) -> Result<(), String> {
     let blobs = blobs.tenant(&task.tenant).map_err(|e| e.to_string())?;
-    blobs
-        .delete_prefix(&format!("tasks/{}", task.id))
-        .await
-        .map_err(|e| e.to_string())?;
+    for prefix in [format!("tasks/{}", task.id), task_logs_prefix(task.id)] {
+        blobs
+            .delete_prefix(&prefix)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     if !task.input_blob.is_empty() {
         blobs
             .delete(&task.input_blob)

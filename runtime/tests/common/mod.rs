@@ -1,5 +1,6 @@
 //! Shared by the observability tests: a one-node cluster of real
-//! `stoker server` processes, plain HTTP GETs, task helpers.
+//! `stoker server` processes, plain HTTP GETs, `/metrics` parsed as
+//! Prometheus text, task helpers.
 
 #![allow(dead_code)]
 
@@ -8,6 +9,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use prometheus_parse::{Sample, Scrape, Value};
 use stoker::api::local_cluster::LocalCluster;
 use stoker::api::meta::connect_stoker;
 use stoker_proto::api::stoker_client::StokerClient;
@@ -184,4 +186,53 @@ pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) ->
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `/metrics` of `addr`, parsed as Prometheus text.
+pub fn scrape(addr: &str) -> Scrape {
+    let r = http_get(addr, "/metrics", &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
+        "{:?}",
+        r.headers
+    );
+    Scrape::parse(r.body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// A sample's value (a histogram's count).
+pub fn value(v: &Value) -> f64 {
+    match v {
+        Value::Counter(x) | Value::Gauge(x) | Value::Untyped(x) => *x,
+        Value::Histogram(buckets) => buckets
+            .iter()
+            .find(|b| b.less_than.is_infinite())
+            .map_or(0.0, |b| b.count),
+        other => panic!("unexpected sample {other:?}"),
+    }
+}
+
+/// The samples of `name` whose labels include `labels`.
+pub fn samples<'a>(s: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .collect()
+}
+
+/// The one sample of `name` with `labels`; its value (a histogram's count).
+pub fn one(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found = samples(s, name, labels);
+    assert_eq!(
+        found.len(),
+        1,
+        "{name} {labels:?}: {found:?}\nall metrics: {:?}",
+        s.samples
+            .iter()
+            .map(|x| &x.metric)
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    value(&found[0].value)
 }

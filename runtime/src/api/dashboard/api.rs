@@ -12,8 +12,10 @@ use serde_json::{json, Value};
 use stoker_proto::meta::{NodeRecord, SubtaskRecord, TaskRecord};
 
 use crate::api::http::{
-    authorize, meta_of, read, ApiError, HttpState, JsonResult, TaskPath, TasksParams, Viewer,
+    authorize, meta_of, read, ApiError, HttpState, JsonResult, LogParams, SubtaskPath, TaskPath,
+    TasksParams, Viewer,
 };
+use crate::api::logs::{self, LogAt, LogError};
 use crate::meta::queries::{self, TaskFilter};
 use crate::meta::stats;
 use crate::model::SubtaskState;
@@ -191,12 +193,7 @@ pub async fn task(
 ) -> JsonResult {
     let viewer = authorize(&state, &headers).await?;
     let meta = meta_of(&state)?;
-    let id: u64 = path.0.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("task id must be a number, got {:?}", path.0),
-        )
-    })?;
+    let id: u64 = number("task id", &path.0)?;
     let found = read(meta, |p, t| {
         let Some(task) = queries::task(p, t, id)? else {
             return Ok(None);
@@ -229,6 +226,62 @@ pub async fn task(
     found
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))
+}
+
+/// A number from a path or query parameter, or 400 naming it.
+fn number<T: std::str::FromStr>(what: &str, text: &str) -> Result<T, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{what} must be a number, got {text:?}"),
+        )
+    })
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::NotFound(m) => ApiError::not_found(m),
+            LogError::Meta(e) => e.into(),
+            LogError::Blob { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+}
+
+/// `GET /api/tasks/{id}/subtasks/{step}/{ordinal}/log?attempt=`: one run's
+/// log (the latest attempt's without `attempt`), by the same lookup and
+/// tenant scoping as `GetSubtaskLog`.
+///
+/// # Errors
+/// 400 (not a number), 401 (bad token), 404 (unknown task, subtask or
+/// attempt, or another tenant's task), 503 (worker-only node, no quorum,
+/// blob store unreachable).
+pub async fn subtask_log(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    path: SubtaskPath,
+    query: LogParams,
+) -> JsonResult {
+    let viewer = authorize(&state, &headers).await?;
+    let meta = meta_of(&state)?;
+    let (task, step, ordinal) = &path.0;
+    let at = LogAt {
+        task: number("task id", task)?,
+        step: number("step", step)?,
+        ordinal: number("ordinal", ordinal)?,
+        attempt: match query.attempt.as_deref() {
+            None | Some("") => 0,
+            Some(a) => number("attempt", a)?,
+        },
+    };
+    let found = logs::subtask_log(meta, &state.blobs, |t| viewer.sees(t), at).await?;
+    Ok(Json(json!({
+        "task_id": at.task,
+        "step": at.step,
+        "ordinal": at.ordinal,
+        "attempt": found.attempt,
+        "log": found.log,
+    })))
 }
 
 /// `GET /api/rules`: placement rules and their status. The cluster has no

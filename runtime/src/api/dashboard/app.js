@@ -113,7 +113,40 @@ async function renderOverview() {
   document.getElementById("rules-empty").hidden = rules.rules.length > 0;
 }
 
-async function renderTask(id) {
+// Logs of finished runs never change: kept here, keyed by
+// task/step/ordinal/attempt, so the refresh does not fetch them again.
+const finishedLogs = new Map();
+const FINISHED = new Set(["succeed", "failed", "canceled"]);
+
+// The log of one run of subtask `s` (the latest without `attempt`).
+async function subtaskLog(taskId, s, attempt) {
+  const a = attempt || s.attempt;
+  const key = [taskId, s.step, s.ordinal, a].join("/");
+  if (finishedLogs.has(key)) return finishedLogs.get(key);
+  const path = "/api/tasks/" + taskId + "/subtasks/" + s.step + "/" + s.ordinal + "/log" +
+    (attempt ? "?attempt=" + attempt : "");
+  const log = await api(path);
+  if (FINISHED.has(s.state) || a < s.attempt) finishedLogs.set(key, log);
+  return log;
+}
+
+// The row under a subtask that shows one run's log, with links to the
+// other attempts.
+async function logRow(taskId, s, attempt, columns) {
+  const log = await subtaskLog(taskId, s, attempt);
+  const base = "#/task/" + taskId + "/log/" + s.step + "/" + s.ordinal;
+  const attempts = [];
+  for (let a = 1; a <= s.attempt; a++) {
+    attempts.push(a === log.attempt ? el("b", {}, a) : el("a", { href: base + "/" + a }, a), " ");
+  }
+  const pre = el("pre", { id: "subtask-log", "data-step": s.step, "data-ordinal": s.ordinal,
+    "data-attempt": log.attempt }, log.log || "(nothing logged)");
+  return el("tr", { class: "log-row" }, el("td", { colSpan: columns },
+    el("div", { class: "log-head" }, "log of subtask " + s.step + "/" + s.ordinal + ", attempt ", ...attempts),
+    pre));
+}
+
+async function renderTask(id, open) {
   const d = await api("/api/tasks/" + encodeURIComponent(id));
   const t = d.task;
   const title = document.getElementById("task-title");
@@ -128,21 +161,37 @@ async function renderTask(id) {
   fill(document.querySelector("#steps tbody"), d.steps.map((s) =>
     el("tr", {}, el("td", {}, s.step),
       el("td", {}, Object.entries(s.counts).map(([k, v]) => k + ": " + v).join(", ")))));
-  fill(document.querySelector("#subtasks tbody"), d.subtasks.map((s) =>
-    el("tr", { class: "subtask", "data-state": s.state },
+  const columns = document.querySelectorAll("#subtasks thead th").length;
+  const rows = [];
+  for (const s of d.subtasks) {
+    const shown = open && open.step === s.step && open.ordinal === s.ordinal;
+    const link = shown
+      ? el("a", { href: "#/task/" + t.id, class: "log-link" }, "hide log")
+      : el("a", { href: "#/task/" + t.id + "/log/" + s.step + "/" + s.ordinal, class: "log-link" }, "log");
+    rows.push(el("tr", { class: "subtask", "data-state": s.state },
       el("td", {}, s.step), el("td", {}, s.ordinal), stateCell(s.state), el("td", {}, s.node || ""),
       el("td", {}, s.attempt), el("td", {}, s.retries), el("td", {}, fmtFuel(s.fuel_used)),
       el("td", {}, s.end_time_ms && s.start_time_ms ? (s.end_time_ms - s.start_time_ms) + " ms" : ""),
-      el("td", { class: "error" }, s.error))));
+      el("td", { class: "error" }, s.error), el("td", {}, s.attempt ? link : "")));
+    if (shown && s.attempt) rows.push(await logRow(t.id, s, open.attempt, columns));
+  }
+  fill(document.querySelector("#subtasks tbody"), rows);
 }
 
 async function render() {
-  const m = window.location.hash.match(/^#\/task\/(\d+)$/);
+  // #/task/<id>, or #/task/<id>/log/<step>/<ordinal>[/<attempt>] with
+  // that subtask's log open.
+  const m = window.location.hash.match(/^#\/task\/(\d+)(?:\/log\/(\d+)\/(\d+)(?:\/(\d+))?)?$/);
   document.getElementById("overview-view").hidden = !!m;
   document.getElementById("task-view").hidden = !m;
   try {
-    if (m) await renderTask(m[1]);
-    else await renderOverview();
+    if (m) {
+      const open = m[2] === undefined ? null
+        : { step: Number(m[2]), ordinal: Number(m[3]), attempt: m[4] ? Number(m[4]) : 0 };
+      await renderTask(m[1], open);
+    } else {
+      await renderOverview();
+    }
     showError(null);
   } catch (e) {
     showError(e);
