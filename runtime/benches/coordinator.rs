@@ -4,7 +4,7 @@
 //! 1,000 tasks with 10 pending subtasks each (10,000 pending): half of
 //! them queued on a node (some off their rule's nodes), half waiting for
 //! one. A round finds each task's rule and eligible nodes, admits,
-//! assigns, and runs the coordinator (rule checker and schedulers).
+//! assigns, and runs the coordinator (checkers and schedulers).
 //!
 //! `cargo bench -p stoker --bench coordinator` (aim: under 10 ms a round)
 
@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use criterion::{criterion_group, criterion_main, Criterion};
 use stoker::model::{NodeView, Rank, TaskPlacement};
 use stoker::sched::balance::Queued;
+use stoker::sched::checkers::{Active, Liveness};
 use stoker::sched::coordinator::{CoordTask, CoordView, Coordinator, Seen, SubtaskAt};
 use stoker::sched::placement::{admit, assign, eligible_nodes, Candidate, Usage};
 use stoker::sched::rules::{self, Rule};
@@ -103,13 +104,24 @@ fn round(s: &Sim, coordinator: &mut Coordinator) -> (usize, usize) {
     let mut candidates = Vec::with_capacity(s.tasks.len());
     let mut coord_tasks = Vec::with_capacity(s.tasks.len());
     let mut usage = Usage::default();
+    let mut active: BTreeMap<u64, Vec<Active>> = BTreeMap::new();
     for (p, key) in &s.tasks {
         let id = p.rank.id;
         let rule = rules::subtask_rule(&s.rules, key, "default", NOW);
         let in_use: BTreeSet<u64> = s.queued[&id].iter().map(|(_, n)| *n).collect();
         let eligible = eligible_nodes(&s.nodes, p, |n| rule.is_none_or(|r| r.matches(n)), &in_use);
-        for (_, n) in &s.queued[&id] {
+        for (o, n) in &s.queued[&id] {
             usage.add(id, *n);
+            active.entry(*n).or_default().push(Active {
+                subtask: SubtaskAt {
+                    task: id,
+                    step: 0,
+                    ordinal: *o,
+                    attempt: 1,
+                },
+                running: false,
+                idempotent: true,
+            });
         }
         coord_tasks.push(CoordTask {
             id,
@@ -145,6 +157,17 @@ fn round(s: &Sim, coordinator: &mut Coordinator) -> (usize, usize) {
         rules: s.rules.clone(),
         leader: 1,
         voters: BTreeSet::from([1, 2, 3]),
+        liveness: s
+            .nodes
+            .iter()
+            .map(|n| Liveness {
+                id: n.id,
+                up: true,
+                worker: true,
+                heard_ms: NOW,
+            })
+            .collect(),
+        active,
     };
     let seen = |_: u64, _: u32, _: u32| -> Option<Seen> { None };
     let ops = coordinator.round(&view, &BTreeMap::new(), &seen);

@@ -2,7 +2,9 @@
 //! processes on 127.0.0.1: subtask rules pin key ranges to labelled nodes,
 //! a leader rule moves ownership, `--rules FILE` reloads on SIGUSR1, a time
 //! window opens and closes, an operator limit of 1 moves one subtask at a
-//! time, and a rule whose node is full waits and says why.
+//! time (each move done by the report of the node it went to, or timed out
+//! when that node never reports), `stoker scheduler add|remove` steers the
+//! built-in schedulers, and a rule whose node is full waits and says why.
 //!
 //! Clusters are started one at a time (a file-wide lock), and every process
 //! is killed when its cluster is dropped.
@@ -19,8 +21,8 @@ use stoker::api::meta::{connect_lazy, connect_stoker, set_config_request};
 use stoker_proto::api::stoker_client::StokerClient;
 use stoker_proto::api::{
     control_scheduler_request, ApplyRulesRequest, ControlSchedulerRequest, GetTaskRequest,
-    GetTaskResponse, ListOperatorsRequest, RuleInfo, ShowRulesRequest, SubmitTaskRequest,
-    UploadModuleRequest,
+    GetTaskResponse, ListOperatorsRequest, OperatorInfo, RuleInfo, ShowRulesRequest,
+    SubmitTaskRequest, UploadModuleRequest,
 };
 use tonic::transport::Channel;
 
@@ -195,6 +197,27 @@ impl Harness {
             .success();
         assert!(ok, "kill {sig} {pid}");
     }
+}
+
+/// Sets a cluster config key through node 1.
+async fn set_config(h: &Harness, key: &str, value: &str) {
+    let mut meta = connect_lazy(h.cluster.addr(1), Duration::from_secs(20)).unwrap();
+    let r = meta
+        .propose(set_config_request(key.into(), value.into()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.result.unwrap().error.is_empty());
+}
+
+/// Runs the `stoker` CLI against node 1.
+fn cli(h: &Harness, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(exe())
+        .args(args)
+        .args(["--endpoint", h.cluster.addr(1)])
+        .env("STOKER_LOG", "warn")
+        .output()
+        .expect("stoker runs")
 }
 
 /// Misbehave input: `n` subtasks spinning `millions` million iterations.
@@ -480,22 +503,13 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
         &|_, _| vec!["--no-worker".into()],
         &[
             &["--slots", "8", "--labels", "host=h2"],
-            &["--slots", "2", "--labels", "host=h3"],
+            &["--slots", "8", "--labels", "host=h3"],
             &["--slots", "2", "--labels", "host=h4"],
         ],
         3,
     )
     .await;
-    let mut meta = connect_lazy(h.cluster.addr(1), Duration::from_secs(20)).unwrap();
-    let r = meta
-        .propose(set_config_request(
-            "subtask-schedule-limit".into(),
-            "1".into(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.result.unwrap().error.is_empty());
+    set_config(&h, "subtask-schedule-limit", "1").await;
     // Only the rule checker moves work here.
     for name in ["balance-subtask", "hot-node"] {
         let state = h
@@ -511,24 +525,71 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
         assert_eq!(state, "paused");
     }
     let m = h.upload("misbehave").await;
-    // Nodes 3 and 4 stop claiming: what is assigned to them stays queued.
+    // Nodes 3 and 4 stop claiming (and heartbeating): what is assigned to
+    // them stays queued.
     h.signal(3, "-STOP");
     h.signal(4, "-STOP");
     let id = h.submit(&m, "m/1", spins(10, 150), 8).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let r = h.get(id).await;
-        let queued = r
-            .subtasks
-            .iter()
-            .filter(|s| s.state == "pending" && (s.node == 3 || s.node == 4))
-            .count();
-        if queued >= 3 {
+        let queued_on = |n: u64| {
+            r.subtasks
+                .iter()
+                .filter(|s| s.state == "pending" && s.node == n)
+                .count()
+        };
+        if queued_on(3) + queued_on(4) >= 3 && queued_on(4) >= 1 {
             break;
         }
         assert!(Instant::now() < deadline, "nothing queued on 3 and 4");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let operators = || async {
+        h.client()
+            .list_operators(ListOperatorsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    // A rule onto stopped node 3: moves from node 4 reach node 3's
+    // heartbeat replies, but it never reports, so each times out.
+    set_config(&h, "operator-timeout-ms", "1500").await;
+    h.apply(&rule(
+        "pin",
+        "subtask",
+        "m/",
+        "m0",
+        "[{ host = \"h3\" }]",
+        "",
+    ))
+    .await
+    .unwrap();
+    loop {
+        let ops = operators().await;
+        assert!(ops.operators.len() <= 1, "{:?}", ops.operators);
+        let to_3 =
+            |o: &&OperatorInfo| o.kind == "move-subtask" && o.steps[0].ends_with("to node 3");
+        assert!(
+            ops.recent.iter().filter(to_3).all(|o| o.state != "done"),
+            "node 3 never took anything: {:?}",
+            ops.recent
+        );
+        if let Some(o) = ops
+            .recent
+            .iter()
+            .filter(to_3)
+            .find(|o| o.state == "timed-out")
+        {
+            assert_eq!(o.confirmed_by, "");
+            assert!(o.reports.iter().all(|r| !r.contains("node 3")), "{o:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no move timed out: {:?}", ops);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Onto node 2, which runs: every move is done by node 2's report.
+    set_config(&h, "operator-timeout-ms", "30000").await;
     h.apply(&rule(
         "pin",
         "subtask",
@@ -541,13 +602,9 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     .unwrap();
     // Watch the operators until the task is done: never two moves at once.
     let mut moves_done = BTreeSet::new();
+    let mut by_report = BTreeSet::new();
     loop {
-        let ops = h
-            .client()
-            .list_operators(ListOperatorsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let ops = operators().await;
         let moving = ops
             .operators
             .iter()
@@ -561,12 +618,17 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
             &[("kind", "move-subtask")],
         );
         assert!(in_flight <= 1.0, "{in_flight} in flight in /metrics");
-        for o in ops
-            .recent
-            .iter()
-            .filter(|o| o.kind == "move-subtask" && o.state == "done")
-        {
+        for o in ops.recent.iter().filter(|o| {
+            o.kind == "move-subtask" && o.state == "done" && o.steps[0].ends_with("to node 2")
+        }) {
             moves_done.insert(o.id);
+            if o.confirmed_by == "report of node 2" {
+                assert!(
+                    o.reports.iter().any(|r| r.starts_with("node 2 took")),
+                    "{o:?}"
+                );
+                by_report.insert(o.id);
+            }
         }
         let r = h.get(id).await;
         if r.task.as_ref().unwrap().state == "succeed" {
@@ -580,6 +642,10 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     // (A move may start and finish between two looks, so seeing one in
     // flight is not guaranteed; two in flight were never seen.)
     assert!(moves_done.len() >= 3, "moves happened: {moves_done:?}");
+    assert!(
+        !by_report.is_empty(),
+        "none done by node 2's report: {moves_done:?}"
+    );
     assert_eq!(h.ran_on(id).await, BTreeSet::from([2]));
     // /metrics of the owner counts them: created by the rule checker
     // alone, each one either finished or still in flight.
@@ -608,6 +674,57 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
         .map(|s| common::value(&s.value))
         .sum();
     assert_eq!(by_others, 0.0, "the paused schedulers created none");
+
+    // `scheduler add|remove` steer the built-in schedulers; other names are
+    // refused with the known ones; checkers are listed, not steered.
+    let out = cli(&h, &["scheduler", "remove", "hot-node"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = |h: &Harness| {
+        let out = cli(h, &["scheduler", "list", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["schedulers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let field = |k: &str| s[k].as_str().unwrap().to_string();
+                (field("name"), field("kind"), field("state"))
+            })
+            .collect::<Vec<_>>()
+    };
+    let has = |l: &[(String, String, String)], name: &str, kind: &str, state: &str| {
+        l.contains(&(name.into(), kind.into(), state.into()))
+    };
+    let l = list(&h);
+    assert!(has(&l, "hot-node", "scheduler", "removed"), "{l:?}");
+    assert!(has(&l, "down-node-checker", "checker", "running"), "{l:?}");
+    assert!(has(&l, "rule-checker", "checker", "running"), "{l:?}");
+    let out = cli(&h, &["scheduler", "add", "hot-node"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(has(&list(&h), "hot-node", "scheduler", "running"));
+    let out = cli(&h, &["scheduler", "add", "balance-region"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("balance-subtask, hot-node, leader-placement"),
+        "{err}"
+    );
+    let out = cli(&h, &["scheduler", "pause", "down-node-checker"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checker"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

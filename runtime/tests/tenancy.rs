@@ -229,11 +229,7 @@ async fn requests_without_a_valid_token_are_unauthenticated() {
             Code::Unauthenticated,
         );
         code(
-            api.heartbeat(HeartbeatRequest {
-                node: None,
-                load: None,
-            })
-            .await,
+            api.heartbeat(HeartbeatRequest::default()).await,
             Code::Unauthenticated,
         );
         // The internal services are no way around it either.
@@ -257,12 +253,7 @@ async fn requests_without_a_valid_token_are_unauthenticated() {
     let mut meta = connect_meta_with(h.addr(), Duration::from_secs(10), Some(&a)).unwrap();
     code(meta.status(StatusRequest {}).await, Code::Unauthenticated);
     code(
-        h.api(Some(&a))
-            .heartbeat(HeartbeatRequest {
-                node: None,
-                load: None,
-            })
-            .await,
+        h.api(Some(&a)).heartbeat(HeartbeatRequest::default()).await,
         Code::PermissionDenied,
     );
     code(

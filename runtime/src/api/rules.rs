@@ -7,25 +7,32 @@
 //! command that the state machine validates again, so a rejected file never
 //! changes the rules in force. Scheduler states and operator limits are
 //! entries of the replicated cluster config; operators live in the owner's
-//! memory, so a node that is not the owner asks the owner for them.
+//! memory, so a node that is not the owner asks the owner for them (and
+//! passes worker heartbeats on to it, whose replies carry operator steps).
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use stoker_proto::api::stoker_client::StokerClient;
 use stoker_proto::api::{
     control_scheduler_request, ApplyRulesRequest, ApplyRulesResponse, ControlSchedulerRequest,
-    ControlSchedulerResponse, ListOperatorsRequest, ListOperatorsResponse, ListSchedulersRequest,
-    ListSchedulersResponse, OperatorInfo, RuleInfo, SchedulerInfo, ShowRulesRequest,
-    ShowRulesResponse,
+    ControlSchedulerResponse, HeartbeatRequest, HeartbeatResponse, ListOperatorsRequest,
+    ListOperatorsResponse, ListSchedulersRequest, ListSchedulersResponse, OperatorInfo, RuleInfo,
+    SchedulerInfo, ShowRulesRequest, ShowRulesResponse,
 };
 use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::{SetConfig, SetRules};
 use tonic::{Request, Response, Status};
 
-use super::meta::{connect_stoker_with, to_status};
+use super::auth::{AuthChannel, Bearer};
+use super::meta::{channel, to_status, MAX_API_MESSAGE};
 use super::service::StokerService;
 use crate::meta::{now_ms, queries, MetaError};
 use crate::model::{SubtaskState, TaskState};
-use crate::sched::coordinator::{self, Operator, SCHEDULERS, SCHEDULER_KEY_PREFIX};
+use crate::sched::coordinator::{self, Operator, CHECKERS, SCHEDULERS, SCHEDULER_KEY_PREFIX};
+
+/// How long a heartbeat passed on to the owner may take before this node
+/// answers it itself (without operator steps).
+const HEARTBEAT_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 use crate::sched::rules::{self, Rule, StatusView, TaskKey};
 
 /// A task as `rules show` needs it: key, tenant, subtasks waiting for a node.
@@ -160,6 +167,7 @@ impl StokerService {
                         state: s.state.into(),
                         interval_ms: s.interval.as_millis() as u64,
                         operators: s.operators,
+                        checker: s.checker,
                     })
                     .collect(),
                 node: me,
@@ -174,16 +182,22 @@ impl StokerService {
         }
         // No reachable owner: the replicated states, without run figures.
         let config = self.config().await?;
+        let checkers = CHECKERS.iter().map(|n| SchedulerInfo {
+            name: (*n).into(),
+            state: "running".into(),
+            interval_ms: 0,
+            operators: 0,
+            checker: true,
+        });
+        let schedulers = SCHEDULERS.iter().map(|n| SchedulerInfo {
+            name: (*n).into(),
+            state: coordinator::scheduler_state(&config, n).into(),
+            interval_ms: 0,
+            operators: 0,
+            checker: false,
+        });
         Ok(Response::new(ListSchedulersResponse {
-            schedulers: SCHEDULERS
-                .iter()
-                .map(|n| SchedulerInfo {
-                    name: (*n).into(),
-                    state: coordinator::scheduler_state(&config, n).into(),
-                    interval_ms: 0,
-                    operators: 0,
-                })
-                .collect(),
+            schedulers: checkers.chain(schedulers).collect(),
             node: me,
             owner: false,
         }))
@@ -198,9 +212,15 @@ impl StokerService {
             .await?
             .require_admin("steering the coordinator")?;
         let req = request.into_inner();
+        if CHECKERS.contains(&req.name.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "{} is a checker: checkers run every round and are not paused, added or removed",
+                req.name
+            )));
+        }
         if coordinator::new_scheduler(&req.name).is_none() {
             return Err(Status::not_found(format!(
-                "scheduler {:?} not found; known: {}",
+                "scheduler {:?} not found; the built-in schedulers are: {}",
                 req.name,
                 SCHEDULERS.join(", ")
             )));
@@ -280,14 +300,11 @@ impl StokerService {
     }
 
     /// A client of the owner when it is another node (and known), carrying
-    /// `token`.
+    /// `token`. The channel to it is kept for the next calls.
     async fn owner_client(
         &self,
         token: Option<&str>,
-    ) -> Result<
-        Option<stoker_proto::api::stoker_client::StokerClient<super::auth::AuthChannel>>,
-        Status,
-    > {
+    ) -> Result<Option<StokerClient<AuthChannel>>, Status> {
         let node = self.node();
         let Some(leader) = node.leader_watch().borrow().leader_id else {
             return Ok(None);
@@ -295,18 +312,55 @@ impl StokerService {
         if leader == node.id() {
             return Ok(None);
         }
-        let status = node.status().await.map_err(to_status)?;
-        let Some(addr) = status
-            .members
-            .iter()
-            .find(|m| m.id == leader)
-            .map(|m| m.addr.clone())
-        else {
+        let members = node.storage().members().map_err(to_status)?;
+        let Some((_, addr)) = members.into_iter().find(|(id, _)| *id == leader) else {
             return Ok(None);
         };
-        connect_stoker_with(&addr, std::time::Duration::from_secs(10), token)
-            .map(Some)
-            .map_err(to_status)
+        let channel = {
+            let mut cached = self.owner_channel.lock().expect("owner channel lock");
+            match cached.as_ref().filter(|(a, _)| *a == addr) {
+                Some((_, c)) => c.clone(),
+                None => {
+                    let c =
+                        channel(&addr, std::time::Duration::from_secs(10)).map_err(to_status)?;
+                    *cached = Some((addr, c.clone()));
+                    c
+                }
+            }
+        };
+        let bearer = Bearer::new(token).map_err(Status::invalid_argument)?;
+        Ok(Some(
+            StokerClient::with_interceptor(channel, bearer)
+                .max_decoding_message_size(MAX_API_MESSAGE)
+                .max_encoding_message_size(MAX_API_MESSAGE),
+        ))
+    }
+
+    /// Passes a worker's heartbeat on to the owner, whose reply carries the
+    /// operator steps for the node (only the owner has its operators).
+    /// `None` when this node owns the cluster, or no owner answered in
+    /// time: this node answers it then.
+    pub(super) async fn heartbeat_at_owner(
+        &self,
+        req: &HeartbeatRequest,
+        token: Option<&str>,
+    ) -> Option<HeartbeatResponse> {
+        if self.board.lock().expect("board lock").owner {
+            return None;
+        }
+        let mut owner = self.owner_client(token).await.ok().flatten()?;
+        let mut forwarded = tonic::Request::new(HeartbeatRequest {
+            forwarded: true,
+            ..req.clone()
+        });
+        forwarded.set_timeout(HEARTBEAT_FORWARD_TIMEOUT);
+        match owner.heartbeat(forwarded).await {
+            Ok(r) => Some(r.into_inner()),
+            Err(s) => {
+                tracing::debug!(error = %s.message(), "heartbeat not passed on to the owner");
+                None
+            }
+        }
     }
 
     async fn config(&self) -> Result<BTreeMap<String, String>, Status> {
@@ -328,5 +382,7 @@ fn operator_info(o: &Operator) -> OperatorInfo {
         created_ms: o.created_ms,
         deadline_ms: o.deadline_ms,
         state: o.state.as_str().into(),
+        reports: o.reports.iter().map(|r| r.to_string()).collect(),
+        confirmed_by: o.confirmed_by.map(|c| c.to_string()).unwrap_or_default(),
     }
 }

@@ -80,6 +80,9 @@ pub struct StokerService {
     blobs: BlobStore,
     /// What this node's owner loop publishes of its coordinator.
     pub(super) board: crate::sched::coordinator::Board,
+    /// A channel to the owner when it is another node: (its address, the
+    /// channel), reused by the calls passed on to it.
+    pub(super) owner_channel: std::sync::Mutex<Option<(String, tonic::transport::Channel)>>,
 }
 
 impl StokerService {
@@ -98,6 +101,7 @@ impl StokerService {
             auth,
             blobs,
             board: Default::default(),
+            owner_channel: Default::default(),
         }
     }
 
@@ -556,7 +560,14 @@ impl Stoker for StokerService {
         self.caller(&request)
             .await?
             .require_admin("a worker heartbeat")?;
-        workers::heartbeat(&self.node, request.into_inner(), self.heartbeat_interval)
+        let token = self.auth.token_of(request.metadata())?;
+        let req = request.into_inner();
+        if !req.forwarded {
+            if let Some(reply) = self.heartbeat_at_owner(&req, token.as_deref()).await {
+                return Ok(Response::new(reply));
+            }
+        }
+        workers::heartbeat(&self.node, req, self.heartbeat_interval, &self.board)
             .await
             .map(Response::new)
     }

@@ -2,6 +2,12 @@
 //! (which register a node when it is unknown or its description changed)
 //! and the assignment long poll.
 //!
+//! Heartbeats also carry the coordinator's operators (PD style): the reply
+//! holds the steps of the owner's operators in flight that concern the
+//! node, and the node's next heartbeats report what it did about them. Only
+//! the owner has its operators, so a scheduler node that does not own the
+//! cluster passes heartbeats on to the owner (see `StokerService`).
+//!
 //! Both are served by any scheduler node. Heartbeats are proposed through the
 //! Raft log (followers forward them); assignments are read from this node's
 //! applied state, which may lag the leader a little. That is safe: claims and
@@ -15,7 +21,8 @@ use stoker_proto::api::{
 };
 use stoker_proto::meta::command::Kind;
 use stoker_proto::meta::{
-    Command, NodeHeartbeat, NodeRecord, RegisterNode, SubtaskRecord, TaskRecord,
+    operator_report, Command, NodeHeartbeat, NodeRecord, OperatorReport, OperatorStep,
+    RegisterNode, SubtaskRecord, SubtaskRef, TaskRecord,
 };
 use tokio::time::Instant;
 use tonic::Status;
@@ -23,6 +30,7 @@ use tonic::Status;
 use super::meta::to_status;
 use crate::meta::{now_ms, queries, records, stats, MetaNode};
 use crate::resource::settings::RESOURCE_CONFIG_PREFIX;
+use crate::sched::coordinator::{Board, Report, Step, StepOutcome, SubtaskAt};
 
 /// Longest wait of one assignment long poll.
 pub const MAX_ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
@@ -53,7 +61,9 @@ async fn propose(node: &MetaNode, kind: Kind) -> Result<Result<(), String>, Stat
 
 /// A worker's heartbeat: records that the node is alive, and (re)registers
 /// it when the cluster does not know it or knows a different description.
-/// Times come from this server's clock.
+/// Times come from this server's clock. The node's operator reports go to
+/// this node's owner loop (when it owns the cluster) before the heartbeat
+/// is proposed, whose apply wakes the owner's round.
 ///
 /// # Errors
 /// `invalid_argument` for a missing description or one the state machine
@@ -62,6 +72,7 @@ pub async fn heartbeat(
     node: &MetaNode,
     req: HeartbeatRequest,
     interval: Duration,
+    board: &Board,
 ) -> Result<HeartbeatResponse, Status> {
     let desc = req
         .node
@@ -69,6 +80,11 @@ pub async fn heartbeat(
     if desc.id == 0 {
         return Err(Status::invalid_argument("node id must not be 0"));
     }
+    let reports = req
+        .operator_reports
+        .iter()
+        .filter_map(|r| report_of(desc.id, r));
+    board.lock().expect("board lock").add_reports(reports);
     let (stored, _) = node
         .read_local(|path, txn| queries::node(path, txn, desc.id))
         .map_err(to_status)?;
@@ -80,7 +96,7 @@ pub async fn heartbeat(
             load: req.load,
         };
         match propose(node, Kind::NodeHeartbeat(beat)).await? {
-            Ok(()) => return response(node, interval),
+            Ok(()) => return response(node, interval, board, desc.id),
             // Unknown after all (this node's view was ahead of the log?):
             // register below.
             Err(e) if e.ends_with("not found") => {}
@@ -97,22 +113,73 @@ pub async fn heartbeat(
         slots = register.slots,
         "registering node"
     );
+    let id = register.id;
     propose(node, Kind::RegisterNode(register))
         .await?
         .map_err(Status::invalid_argument)?;
-    response(node, interval)
+    response(node, interval, board, id)
 }
 
-/// The answer to a heartbeat: the period, and the cluster config's
+/// The answer to node `id`'s heartbeat: the period, the cluster config's
 /// `resource.*` keys from this server's applied state (a worker applies
-/// them on its next beat at the latest).
-fn response(node: &MetaNode, interval: Duration) -> Result<HeartbeatResponse, Status> {
+/// them on its next beat at the latest), and the operator steps for it
+/// when this node owns the cluster.
+fn response(
+    node: &MetaNode,
+    interval: Duration,
+    board: &Board,
+    id: u64,
+) -> Result<HeartbeatResponse, Status> {
     let (resource_config, _) = node
         .read_local(|path, txn| stats::config_with_prefix(path, txn, RESOURCE_CONFIG_PREFIX))
         .map_err(to_status)?;
+    let steps = board.lock().expect("board lock").steps_for(id);
     Ok(HeartbeatResponse {
         interval_ms: interval.as_millis() as u64,
         resource_config,
+        operator_steps: steps
+            .into_iter()
+            .filter_map(|(op, s)| step_message(op, s))
+            .collect(),
+    })
+}
+
+/// An operator step as a heartbeat reply carries it (moves only: the other
+/// steps are the owner's to carry out).
+fn step_message(operator: u64, step: Step) -> Option<OperatorStep> {
+    match step {
+        Step::MoveSubtask { subtask, from, to } => Some(OperatorStep {
+            operator,
+            subtask: Some(SubtaskRef {
+                task_id: subtask.task,
+                step: subtask.step,
+                ordinal: subtask.ordinal,
+            }),
+            attempt: subtask.attempt,
+            from,
+            to,
+        }),
+        _ => None,
+    }
+}
+
+/// Node `node`'s report as the coordinator takes it; `None` when malformed.
+fn report_of(node: u64, r: &OperatorReport) -> Option<Report> {
+    let s = r.subtask.as_ref()?;
+    let outcome = match operator_report::Outcome::try_from(r.outcome).ok()? {
+        operator_report::Outcome::Released => StepOutcome::Released,
+        operator_report::Outcome::Taken => StepOutcome::Taken,
+    };
+    Some(Report {
+        node,
+        operator: r.operator,
+        subtask: SubtaskAt {
+            task: s.task_id,
+            step: s.step,
+            ordinal: s.ordinal,
+            attempt: r.attempt,
+        },
+        outcome,
     })
 }
 
@@ -300,6 +367,53 @@ mod tests {
             fingerprint(&[a(1, 0, 1, "ab", "c")]),
             fingerprint(&[a(1, 0, 1, "a", "bc")])
         );
+    }
+
+    #[test]
+    fn steps_and_reports_travel_intact() {
+        use crate::exec::steps::{self, MoveStep};
+        let queued = SubtaskAt {
+            task: 7,
+            step: 1,
+            ordinal: 2,
+            attempt: 3,
+        };
+        let step = Step::MoveSubtask {
+            subtask: queued,
+            from: 4,
+            to: 5,
+        };
+        let msg = step_message(9, step).unwrap();
+        let got = MoveStep::from_proto(&msg).unwrap();
+        assert_eq!(
+            (got.operator, got.key, got.attempt, got.from, got.to),
+            (9, (7, 1, 2), 3, 4, 5)
+        );
+        // Node 5 claimed it at the next attempt: the coordinator reads the
+        // report as the move taken there.
+        let sent = steps::reports(5, &[got], &Default::default(), |k, a| {
+            k == (7, 1, 2) && a == 4
+        });
+        assert_eq!(
+            report_of(5, &sent[0]),
+            Some(Report {
+                node: 5,
+                operator: 9,
+                subtask: SubtaskAt {
+                    attempt: 4,
+                    ..queued
+                },
+                outcome: StepOutcome::Taken,
+            })
+        );
+        // Only moves travel; malformed reports are dropped.
+        assert!(step_message(1, Step::TransferLeader { from: 1, to: 2 }).is_none());
+        let mut bad = sent[0];
+        bad.outcome = 7;
+        assert!(report_of(5, &bad).is_none());
+        bad.outcome = 0;
+        bad.subtask = None;
+        assert!(report_of(5, &bad).is_none());
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! list`: the owner's coordinator. Scheduler states are replicated cluster
 //! config; operators are the owner's (any node asks it). Operator limits
 //! are cluster config too: `stoker config set subtask-schedule-limit 1`.
+//!
+//! The schedulers are built in (`balance-subtask`, `hot-node`,
+//! `leader-placement`): `add` puts a removed one back, it does not load new
+//! code; any other name is refused with the list of known ones. The
+//! checkers (`down-node-checker`, `rule-checker`) are listed too; they run
+//! every round and are not steered.
 
 use std::process::ExitCode;
 
@@ -16,8 +22,8 @@ use super::Output;
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum SchedulerCommand {
-    /// The coordinator's schedulers: state, current interval, operators
-    /// created during this ownership term.
+    /// The coordinator's checkers and schedulers: kind, state, current
+    /// interval, operators created during this ownership term.
     ///
     /// Example: stoker scheduler list -o json
     List {
@@ -40,13 +46,18 @@ pub(super) enum SchedulerCommand {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Add a removed scheduler back.
+    /// Add a removed built-in scheduler back (only the built-in ones
+    /// exist: balance-subtask, hot-node, leader-placement).
+    ///
+    /// Example: stoker scheduler add hot-node
     Add {
         name: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Remove a scheduler (it stays known and can be added back).
+    ///
+    /// Example: stoker scheduler remove hot-node
     Remove {
         name: String,
         #[command(flatten)]
@@ -131,6 +142,7 @@ fn schedulers_json(resp: &ListSchedulersResponse) -> Value {
         "owner": resp.owner,
         "schedulers": resp.schedulers.iter().map(|s| json!({
             "name": s.name,
+            "kind": if s.checker { "checker" } else { "scheduler" },
             "state": s.state,
             "interval_ms": s.interval_ms,
             "operators": s.operators,
@@ -145,17 +157,20 @@ fn schedulers_table(resp: &ListSchedulersResponse) -> String {
         .map(|s| {
             vec![
                 s.name.clone(),
+                if s.checker { "checker" } else { "scheduler" }.into(),
                 s.state.clone(),
-                if resp.owner {
-                    format!("{}ms", s.interval_ms)
-                } else {
+                if !resp.owner {
                     "-".into()
+                } else if s.checker {
+                    "every round".into()
+                } else {
+                    format!("{}ms", s.interval_ms)
                 },
                 s.operators.to_string(),
             ]
         })
         .collect();
-    client::table(&["NAME", "STATE", "INTERVAL", "OPERATORS"], &rows)
+    client::table(&["NAME", "KIND", "STATE", "INTERVAL", "OPERATORS"], &rows)
 }
 
 fn operator_json(o: &OperatorInfo) -> Value {
@@ -168,6 +183,8 @@ fn operator_json(o: &OperatorInfo) -> Value {
         "created_ms": o.created_ms,
         "deadline_ms": o.deadline_ms,
         "state": o.state,
+        "reports": o.reports,
+        "confirmed_by": o.confirmed_by,
     })
 }
 
@@ -189,6 +206,13 @@ fn operators_table(resp: &ListOperatorsResponse) -> String {
             o.priority.to_string(),
             o.state.clone(),
             o.steps.join("; "),
+            if o.confirmed_by.is_empty() {
+                o.reports.join("; ")
+            } else {
+                format!("{} (by {})", o.reports.join("; "), o.confirmed_by)
+                    .trim_start()
+                    .to_string()
+            },
         ]
     };
     let mut rows: Vec<Vec<String>> = resp.operators.iter().map(row).collect();
@@ -197,7 +221,9 @@ fn operators_table(resp: &ListOperatorsResponse) -> String {
         return "no operators".into();
     }
     client::table(
-        &["ID", "KIND", "SOURCE", "PRIORITY", "STATE", "STEPS"],
+        &[
+            "ID", "KIND", "SOURCE", "PRIORITY", "STATE", "STEPS", "REPORTS",
+        ],
         &rows,
     )
 }

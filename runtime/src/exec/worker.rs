@@ -10,6 +10,10 @@
 //!   local runs that are no longer assigned to this node at their attempt
 //!   (requeued, cancelled, preempted, moved), and pauses the runs of tasks
 //!   that are `pausing`;
+//! - the heartbeat replies carry the steps of the owner's operators that
+//!   concern the node ([`steps`](super::steps)): a subtask that moved away
+//!   is dropped at once, one that moved here is fetched and claimed, and
+//!   the next heartbeats report both back;
 //! - an **executor** per subtask fetches and loads the module (once per
 //!   hash), claims the subtask (`ClaimSubtask`, fenced by node and attempt),
 //!   runs it in the sandbox, and reports the result (`ReportSubtask`).
@@ -21,7 +25,7 @@
 //! stale; responses older (by applied index) than one already seen are
 //! ignored, and the fencing of claims and reports makes the rest safe.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,7 +41,7 @@ use stoker_proto::meta::{
     ClaimSubtask, Command, CommandResult, NodeLoad, ProposeRequest, RegisterNode, ReportSubtask,
     SubtaskRecord, SubtaskRef,
 };
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::{watch, Notify, OnceCell};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -45,6 +49,7 @@ use tonic::Code;
 use tracing::{debug, info, warn, Instrument};
 
 use super::stats::WorkerStats;
+use super::steps::{self, MoveStep};
 use crate::api::auth::{AuthChannel, Bearer, Secret};
 use crate::api::batch::ProposeBatcher;
 use crate::blob::BlobStore;
@@ -447,6 +452,22 @@ struct State {
     blocked: HashMap<(SubtaskKey, u32), Instant>,
     next_run: u64,
     stopped: bool,
+    /// The operator steps of the latest heartbeat reply.
+    steps: Vec<MoveStep>,
+    /// Operators whose move away from this node it carried out.
+    released: BTreeSet<u64>,
+    /// The latest (subtask, attempt) this process claimed or adopted,
+    /// oldest first: what `taken` reports are made of.
+    taken: VecDeque<(SubtaskKey, u32)>,
+}
+
+/// Claims remembered for `taken` reports.
+const TAKEN: usize = 1024;
+
+impl State {
+    fn was_taken(&self, key: SubtaskKey, attempt: u32) -> bool {
+        self.taken.contains(&(key, attempt))
+    }
 }
 
 struct Shared {
@@ -461,6 +482,10 @@ struct Shared {
     endpoints: Endpoints,
     modules: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskModule>>>>>,
     state: Mutex<State>,
+    /// Wakes the assignment loop to poll again at once.
+    repoll: Notify,
+    /// Wakes the heartbeat loop to beat (and report) at once.
+    beat_now: Notify,
 }
 
 /// How long a refused claim is not retried.
@@ -562,6 +587,8 @@ pub fn start(
         endpoints: Endpoints::new(addrs, timeout, bearer),
         modules: Mutex::new(HashMap::new()),
         state: Mutex::new(State::default()),
+        repoll: Notify::new(),
+        beat_now: Notify::new(),
     });
     let (stop, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
@@ -639,6 +666,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             let req = HeartbeatRequest {
                 node: Some(shared.description()),
                 load: Some(load),
+                operator_reports: shared.step_reports(),
+                forwarded: false,
             };
             match client.heartbeat(req).await {
                 Ok(r) => {
@@ -646,6 +675,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     if let Some(control) = &shared.resource {
                         control.apply_cluster(&r.resource_config).await;
                     }
+                    on_steps(&shared, &r.operator_steps);
                     Ok(r.interval_ms)
                 }
                 Err(s) => {
@@ -669,7 +699,92 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             () = tokio::time::sleep(wait) => {}
+            () = shared.beat_now.notified() => {}
         }
+    }
+}
+
+impl Shared {
+    /// What this node reports about the steps it holds.
+    fn step_reports(&self) -> Vec<stoker_proto::meta::OperatorReport> {
+        let st = self.state.lock().expect("state lock");
+        steps::reports(self.id, &st.steps, &st.released, |key, attempt| {
+            st.was_taken(key, attempt)
+        })
+    }
+
+    /// Remembers that this process holds `key` at `attempt` (claimed or
+    /// adopted); beats at once when a move here waits for that report.
+    fn took(&self, key: SubtaskKey, attempt: u32) {
+        let mut st = self.state.lock().expect("state lock");
+        if st.taken.len() >= TAKEN {
+            st.taken.pop_front();
+        }
+        st.taken.push_back((key, attempt));
+        let awaited = st
+            .steps
+            .iter()
+            .any(|s| s.to == self.id && s.key == key && s.moved_attempt() == attempt);
+        drop(st);
+        if awaited {
+            self.beat_now.notify_one();
+        }
+    }
+}
+
+/// Acts on the operator steps of a heartbeat reply: forgets subtasks that
+/// moved away (stopping runs of them that have not claimed), polls again
+/// when one that moved here is not listed yet.
+fn on_steps(shared: &Arc<Shared>, sent: &[stoker_proto::meta::OperatorStep]) {
+    let actions = {
+        let mut guard = shared.state.lock().expect("state lock");
+        let st = &mut *guard;
+        st.steps = sent.iter().filter_map(MoveStep::from_proto).collect();
+        let live: BTreeSet<u64> = st.steps.iter().map(|s| s.operator).collect();
+        st.released.retain(|op| live.contains(op));
+        let local: BTreeMap<SubtaskKey, LocalRun> = st
+            .running
+            .iter()
+            .map(|(k, e)| {
+                (
+                    *k,
+                    LocalRun {
+                        attempt: e.attempt,
+                        pausing: e.pausing,
+                    },
+                )
+            })
+            .collect();
+        let actions = steps::act(shared.id, &st.steps, &st.latest, &local);
+        for &(operator, key, attempt) in &actions.drop {
+            st.latest.retain(|a| {
+                a.subtask
+                    .as_ref()
+                    .is_none_or(|s| key_of(s) != key || s.attempt > attempt)
+            });
+            st.finished.insert((key, attempt));
+            if st.running.get(&key).is_some_and(|e| e.attempt <= attempt) {
+                let e = st.running.remove(&key).expect("checked");
+                e.abort.abort();
+                info!(
+                    node_id = shared.id,
+                    operator,
+                    task_id = key.0,
+                    step = key.1,
+                    ordinal = key.2,
+                    attempt = e.attempt,
+                    "subtask moved away by an operator: stopped"
+                );
+            }
+            st.released.insert(operator);
+        }
+        actions
+    };
+    if actions.repoll {
+        shared.repoll.notify_one();
+    }
+    if !actions.drop.is_empty() {
+        reconcile(shared);
     }
 }
 
@@ -696,9 +811,16 @@ async fn assignment_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let answer = loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                answer = &mut poll => break answer,
+                answer = &mut poll => break Some(answer),
                 _ = tick.tick() => reconcile(&shared),
+                () = shared.repoll.notified() => break None,
             }
+        };
+        let Some(answer) = answer else {
+            // A subtask moved here is not in the assignments yet: ask for
+            // them now rather than wait for a change.
+            fingerprint = 0;
+            continue;
         };
         match answer {
             Ok(resp) => {
@@ -962,6 +1084,9 @@ impl Executor {
                     .observe(delay_ms as f64 / 1000.0);
             }
         }
+        // Claimed now, or already running here at this attempt (adopted).
+        let s = self.subtask();
+        self.shared.took(key_of(s), s.attempt);
         let checkpoint = self.subtask().checkpoint.clone();
         if *self.pause.borrow() {
             return self.paused(checkpoint).await;

@@ -1,4 +1,5 @@
-//! The balancer and the node manager's liveness rule, as pure functions.
+//! The balancer and the liveness rule (the down-node checker's), as pure
+//! functions.
 //!
 //! The balancer evens a task's queued (assigned, not yet running) subtasks
 //! over its eligible nodes and takes every subtask off nodes the task may no

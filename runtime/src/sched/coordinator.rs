@@ -1,35 +1,36 @@
-//! The coordinator (PD style) of the owner: checkers that patrol the
-//! cluster for rule violations, schedulers behind one [`Scheduler`] trait
-//! that run on their own intervals with back-off, and the [`Operators`]
-//! controller that admits their operators within per-kind in-flight limits,
-//! tracks them until done and times them out.
+//! The coordinator (PD style) of the owner: [checkers](super::checkers)
+//! that patrol the cluster every round (down nodes, rule violations),
+//! schedulers behind one [`Scheduler`] trait that run on their own
+//! intervals with back-off, and the [`Operators`] controller that admits
+//! their operators within per-kind in-flight limits, tracks them until done
+//! and times them out.
 //!
 //! Everything here is pure: a [`CoordView`] of the cluster in, operators
-//! out. The owner's loop builds the view from the replicated state, carries
-//! the new operators out through replicated commands (a move is an
-//! `AssignSubtask` of a queued subtask to its new node, which the workers
-//! see in their next assignment poll; a leader transfer is a Raft leader
-//! transfer) and reports back what it saw.
+//! out. The owner's loop builds the view from the replicated state and
+//! carries the new operators out: a move is an `AssignSubtask` of a queued
+//! subtask to its new node, whose step then reaches both nodes in their
+//! heartbeat replies (the node it went to reports back when it claimed it);
+//! a leader transfer is a Raft leader transfer; a node-down operator is a
+//! `MarkNodeDown` and the requeues of the node's subtasks.
 //!
 //! Schedulers: `balance-subtask` evens each task's queued subtasks over its
 //! eligible nodes; `hot-node` moves queued subtasks off nodes whose CPU
 //! stayed above a band; `leader-placement` moves Raft leadership to a node
-//! matching the `leader` rules in force. The rule checker moves queued
-//! subtasks of pinned tasks onto their rule's nodes (when one has room).
+//! matching the `leader` rules in force.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::balance::{balance, Queued};
+use super::checkers::{Active, Checker, DownNodeChecker, Liveness, RuleChecker};
+pub use super::operators::{
+    Confirmation, Limits, OpKind, OpState, Operator, OperatorCounts, Operators, Report, Seen, Step,
+    StepOutcome, SubtaskAt, LEADER_LIMIT_KEY, OPERATOR_TIMEOUT_KEY, PRIORITY_BALANCE,
+    PRIORITY_DOWN, PRIORITY_HOT, PRIORITY_RULE, SUBTASK_LIMIT_KEY,
+};
 use super::rules::{Rule, RuleKind};
 use crate::model::{NodeId, NodeView, TaskId};
 
-/// Cluster config key: moves in flight at once.
-pub const SUBTASK_LIMIT_KEY: &str = "subtask-schedule-limit";
-/// Cluster config key: leader transfers in flight at once.
-pub const LEADER_LIMIT_KEY: &str = "leader-schedule-limit";
-/// Cluster config key: how long an operator may take, in ms.
-pub const OPERATOR_TIMEOUT_KEY: &str = "operator-timeout-ms";
 /// Cluster config key prefix of a scheduler's state: `scheduler.<name>` =
 /// `running`, `paused` or `removed`.
 pub const SCHEDULER_KEY_PREFIX: &str = "scheduler.";
@@ -37,135 +38,8 @@ pub const SCHEDULER_KEY_PREFIX: &str = "scheduler.";
 /// The built-in schedulers, all running unless the config says otherwise.
 pub const SCHEDULERS: &[&str] = &["balance-subtask", "hot-node", "leader-placement"];
 
-/// A subtask at one assignment (fenced by its attempt).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SubtaskAt {
-    pub task: TaskId,
-    pub step: u32,
-    pub ordinal: u32,
-    pub attempt: u32,
-}
-
-impl SubtaskAt {
-    /// The subtask regardless of attempt.
-    pub fn id(&self) -> (TaskId, u32, u32) {
-        (self.task, self.step, self.ordinal)
-    }
-}
-
-/// What an operator changes; its in-flight limit is per kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum OpKind {
-    MoveSubtask,
-    TransferLeader,
-}
-
-impl OpKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpKind::MoveSubtask => "move-subtask",
-            OpKind::TransferLeader => "transfer-leader",
-        }
-    }
-}
-
-/// One step of an operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// A queued subtask goes from one node to another.
-    MoveSubtask {
-        subtask: SubtaskAt,
-        from: NodeId,
-        to: NodeId,
-    },
-    /// Raft leadership (the owner) goes to `to`.
-    TransferLeader { from: NodeId, to: NodeId },
-}
-
-impl std::fmt::Display for Step {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Step::MoveSubtask {
-                subtask: s,
-                from,
-                to,
-            } => write!(
-                f,
-                "move {}/{}/{} from node {from} to node {to}",
-                s.task, s.step, s.ordinal
-            ),
-            Step::TransferLeader { from, to } => {
-                write!(f, "transfer leader from node {from} to node {to}")
-            }
-        }
-    }
-}
-
-/// Where an operator stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum OpState {
-    /// Created, not carried out yet.
-    New,
-    /// Carried out, waiting to see its effect.
-    Running,
-    Done,
-    /// The cluster changed under it (e.g. the subtask started first).
-    Cancelled,
-    TimedOut,
-}
-
-impl OpState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpState::New => "new",
-            OpState::Running => "running",
-            OpState::Done => "done",
-            OpState::Cancelled => "cancelled",
-            OpState::TimedOut => "timed-out",
-        }
-    }
-}
-
-impl OpState {
-    /// The states an operator ends in.
-    pub const FINAL: [OpState; 3] = [OpState::Done, OpState::Cancelled, OpState::TimedOut];
-}
-
-/// The source of the rule checker's operators.
-pub const RULE_CHECKER: &str = "rule-checker";
-
-/// A scheduling operation: who asked, how urgent, what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Operator {
-    pub id: u64,
-    pub kind: OpKind,
-    /// The scheduler or checker that created it.
-    pub source: &'static str,
-    /// Higher first when several compete for the limit.
-    pub priority: u32,
-    pub steps: Vec<Step>,
-    pub created_ms: u64,
-    pub deadline_ms: u64,
-    pub state: OpState,
-}
-
-/// Priorities: rule enforcement first, then hot spots, then balance.
-pub const PRIORITY_RULE: u32 = 3;
-pub const PRIORITY_HOT: u32 = 2;
-pub const PRIORITY_BALANCE: u32 = 1;
-
-fn operator(kind: OpKind, source: &'static str, priority: u32, step: Step) -> Operator {
-    Operator {
-        id: 0,
-        kind,
-        source,
-        priority,
-        steps: vec![step],
-        created_ms: 0,
-        deadline_ms: 0,
-        state: OpState::New,
-    }
-}
+/// The checkers, in the order they run; they always run.
+pub const CHECKERS: &[&str] = &["down-node-checker", "rule-checker"];
 
 /// A task as the coordinator sees it.
 #[derive(Debug, Clone, Default)]
@@ -190,61 +64,31 @@ pub struct CoordView {
     pub used: BTreeMap<NodeId, u32>,
     /// Latest CPU utilisation (0..=1) per node, for nodes that report it.
     pub cpu: BTreeMap<NodeId, f32>,
+    /// The tasks that accept work.
     pub tasks: Vec<CoordTask>,
     pub rules: Vec<Rule>,
     /// This node: the leader.
     pub leader: NodeId,
     /// Up scheduler (voter) nodes: the possible leaders.
     pub voters: BTreeSet<NodeId>,
+    /// Every registered node, for the down-node checker.
+    pub liveness: Vec<Liveness>,
+    /// The pending and running subtasks on each node, of every task
+    /// whatever its state.
+    pub active: BTreeMap<NodeId, Vec<Active>>,
 }
 
 impl CoordView {
-    fn slots(&self, node: NodeId) -> u32 {
+    /// Free slots of every up node: its slots less those in use.
+    pub fn free_slots(&self) -> BTreeMap<NodeId, u32> {
         self.nodes
             .iter()
-            .find(|n| n.id == node && n.up)
-            .map_or(0, |n| n.slots)
-    }
-}
-
-/// What decides whether and when a scheduler runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub subtask: usize,
-    pub leader: usize,
-    pub timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            subtask: 8,
-            leader: 1,
-            timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Limits {
-    /// The limits from the replicated cluster config; a missing or bad
-    /// value keeps its default (`stoker config set` accepts any string).
-    pub fn from_config(config: &BTreeMap<String, String>) -> Limits {
-        let d = Limits::default();
-        let num = |k: &str| config.get(k).and_then(|v| v.trim().parse::<u64>().ok());
-        Limits {
-            subtask: num(SUBTASK_LIMIT_KEY).map_or(d.subtask, |v| v as usize),
-            leader: num(LEADER_LIMIT_KEY).map_or(d.leader, |v| v as usize),
-            timeout: num(OPERATOR_TIMEOUT_KEY)
-                .filter(|v| *v > 0)
-                .map_or(d.timeout, Duration::from_millis),
-        }
-    }
-
-    pub fn of(&self, kind: OpKind) -> usize {
-        match kind {
-            OpKind::MoveSubtask => self.subtask,
-            OpKind::TransferLeader => self.leader,
-        }
+            .filter(|n| n.up)
+            .map(|n| {
+                let used = self.used.get(&n.id).copied().unwrap_or(0);
+                (n.id, n.slots.saturating_sub(used))
+            })
+            .collect()
     }
 }
 
@@ -275,6 +119,21 @@ pub trait Scheduler: Send + Sync {
 /// The longest back-off of an idle scheduler.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(5);
 
+fn move_op(
+    source: &'static str,
+    priority: u32,
+    subtask: SubtaskAt,
+    from: NodeId,
+    to: NodeId,
+) -> Operator {
+    Operator::new(
+        OpKind::MoveSubtask,
+        source,
+        priority,
+        vec![Step::MoveSubtask { subtask, from, to }],
+    )
+}
+
 /// Evens each task's queued subtasks over its eligible nodes. Pinned tasks'
 /// eligible nodes are their rule's nodes, so their subtasks never leave
 /// them; subtasks off their eligible nodes are the rule checker's.
@@ -293,25 +152,18 @@ impl Scheduler for BalanceSubtask {
     }
     fn schedule(&mut self, view: &CoordView) -> Vec<Operator> {
         let mut out = Vec::new();
-        for t in &view.tasks {
-            let allowed: BTreeSet<NodeId> = t.eligible.iter().copied().collect();
-            let queued: Vec<Queued<SubtaskAt>> = t
-                .queued
-                .iter()
-                .filter(|q| allowed.contains(&q.node))
-                .copied()
-                .collect();
+        let mut queued = Vec::new();
+        for t in view.tasks.iter().filter(|t| !t.queued.is_empty()) {
+            queued.clear();
+            queued.extend(t.queued.iter().filter(|q| t.eligible.contains(&q.node)));
             for m in balance(&queued, &t.eligible) {
                 if let Some(to) = m.to {
-                    out.push(operator(
-                        OpKind::MoveSubtask,
+                    out.push(move_op(
                         self.name(),
                         PRIORITY_BALANCE,
-                        Step::MoveSubtask {
-                            subtask: m.subtask,
-                            from: m.from,
-                            to,
-                        },
+                        m.subtask,
+                        m.from,
+                        to,
                     ));
                 }
             }
@@ -370,7 +222,7 @@ impl Scheduler for HotNode {
         if hot.is_empty() {
             return Vec::new();
         }
-        let mut incoming: BTreeMap<NodeId, u32> = BTreeMap::new();
+        let mut room = view.free_slots();
         let mut out = Vec::new();
         for t in &view.tasks {
             for q in t.queued.iter().filter(|q| hot.contains(&q.node)) {
@@ -379,33 +231,20 @@ impl Scheduler for HotNode {
                     .iter()
                     .filter(|n| {
                         view.cpu.get(*n).is_some_and(|c| *c < self.low)
-                            && free(view, **n, &incoming) > 0
+                            && room.get(*n).is_some_and(|r| *r > 0)
                     })
                     .min_by(|a, b| view.cpu[*a].total_cmp(&view.cpu[*b]).then(a.cmp(b)))
                     .copied();
                 if let Some(to) = to {
-                    *incoming.entry(to).or_default() += 1;
-                    out.push(operator(
-                        OpKind::MoveSubtask,
-                        self.name(),
-                        PRIORITY_HOT,
-                        Step::MoveSubtask {
-                            subtask: q.subtask,
-                            from: q.node,
-                            to,
-                        },
-                    ));
+                    if let Some(r) = room.get_mut(&to) {
+                        *r -= 1;
+                    }
+                    out.push(move_op(self.name(), PRIORITY_HOT, q.subtask, q.node, to));
                 }
             }
         }
         out
     }
-}
-
-fn free(view: &CoordView, node: NodeId, incoming: &BTreeMap<NodeId, u32>) -> u32 {
-    view.slots(node).saturating_sub(
-        view.used.get(&node).copied().unwrap_or(0) + incoming.get(&node).copied().unwrap_or(0),
-    )
 }
 
 /// Moves Raft leadership to a voter matching the `leader` rules in force.
@@ -474,230 +313,15 @@ impl Scheduler for LeaderPlacement {
             .iter()
             .min_by_key(|n| (view.used.get(*n).copied().unwrap_or(0), **n))
             .expect("not empty");
-        vec![operator(
+        vec![Operator::new(
             OpKind::TransferLeader,
             self.name(),
             PRIORITY_RULE,
-            Step::TransferLeader {
+            vec![Step::TransferLeader {
                 from: view.leader,
                 to,
-            },
+            }],
         )]
-    }
-}
-
-/// The rule checker: queued subtasks of a pinned task that sit off its
-/// rule's nodes move onto the matching node with the most room. When none
-/// has room nothing moves: the rule waits rather than overload a node.
-pub fn check_rules(view: &CoordView) -> Vec<Operator> {
-    let mut incoming: BTreeMap<NodeId, u32> = BTreeMap::new();
-    let mut out = Vec::new();
-    for t in view.tasks.iter().filter(|t| t.pinned_by.is_some()) {
-        let allowed: BTreeSet<NodeId> = t.eligible.iter().copied().collect();
-        for q in t.queued.iter().filter(|q| !allowed.contains(&q.node)) {
-            let to = t
-                .eligible
-                .iter()
-                .map(|n| (free(view, *n, &incoming), *n))
-                .filter(|(f, _)| *f > 0)
-                .max_by_key(|(f, n)| (*f, std::cmp::Reverse(*n)))
-                .map(|(_, n)| n);
-            if let Some(to) = to {
-                *incoming.entry(to).or_default() += 1;
-                out.push(operator(
-                    OpKind::MoveSubtask,
-                    RULE_CHECKER,
-                    PRIORITY_RULE,
-                    Step::MoveSubtask {
-                        subtask: q.subtask,
-                        from: q.node,
-                        to,
-                    },
-                ));
-            }
-        }
-    }
-    out
-}
-
-/// Where a subtask is now, as the owner reads it back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seen {
-    pub node: NodeId,
-    pub attempt: u32,
-    pub running: bool,
-}
-
-/// How many operators a coordinator created and retired: counters for
-/// `/metrics`, carried from one ownership term to the next on a node so
-/// that they never go back while its process runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OperatorCounts {
-    /// By kind and source (the scheduler or checker that created them).
-    pub created: BTreeMap<(OpKind, &'static str), u64>,
-    /// By kind and the state they ended in (done, cancelled, timed-out).
-    pub finished: BTreeMap<(OpKind, OpState), u64>,
-}
-
-impl OperatorCounts {
-    /// Every (kind, source) an operator can be created by: the built-in
-    /// schedulers and the rule checker, so that a node can export zeros.
-    pub fn sources() -> Vec<(OpKind, &'static str)> {
-        let mut all: Vec<_> = SCHEDULERS
-            .iter()
-            .filter_map(|n| new_scheduler(n))
-            .map(|s| (s.kind(), s.name()))
-            .collect();
-        all.push((OpKind::MoveSubtask, RULE_CHECKER));
-        all.sort();
-        all
-    }
-}
-
-/// The operators in flight, with their limits, recent history and counts.
-#[derive(Debug, Default)]
-pub struct Operators {
-    next_id: u64,
-    in_flight: BTreeMap<u64, Operator>,
-    recent: VecDeque<Operator>,
-    counts: OperatorCounts,
-}
-
-/// Finished operators kept for `operator list`.
-const RECENT: usize = 64;
-
-impl Operators {
-    pub fn in_flight(&self, kind: OpKind) -> usize {
-        self.in_flight.values().filter(|o| o.kind == kind).count()
-    }
-
-    pub fn list(&self) -> impl Iterator<Item = &Operator> {
-        self.in_flight.values()
-    }
-
-    pub fn recent(&self) -> impl Iterator<Item = &Operator> {
-        self.recent.iter()
-    }
-
-    pub fn counts(&self) -> &OperatorCounts {
-        &self.counts
-    }
-
-    fn busy_subtasks(&self) -> BTreeSet<(TaskId, u32, u32)> {
-        self.in_flight
-            .values()
-            .flat_map(|o| o.steps.iter())
-            .filter_map(|s| match s {
-                Step::MoveSubtask { subtask, .. } => Some(subtask.id()),
-                Step::TransferLeader { .. } => None,
-            })
-            .collect()
-    }
-
-    /// Admits operators (highest priority first) while their kind's limit
-    /// allows, one per subtask, and a move only onto a node with a free
-    /// slot (counting moves already heading there). Returns the admitted
-    /// ones, to carry out.
-    pub fn admit(
-        &mut self,
-        mut ops: Vec<Operator>,
-        view: &CoordView,
-        limits: &Limits,
-    ) -> Vec<Operator> {
-        ops.sort_by_key(|o| std::cmp::Reverse(o.priority));
-        let mut busy = self.busy_subtasks();
-        let mut incoming: BTreeMap<NodeId, u32> = BTreeMap::new();
-        for o in self.in_flight.values() {
-            for s in &o.steps {
-                if let Step::MoveSubtask { to, .. } = s {
-                    *incoming.entry(*to).or_default() += 1;
-                }
-            }
-        }
-        let mut out = Vec::new();
-        for mut op in ops {
-            if self.in_flight(op.kind) >= limits.of(op.kind) {
-                continue;
-            }
-            let fits = op.steps.iter().all(|s| match s {
-                Step::MoveSubtask { subtask, to, .. } => {
-                    !busy.contains(&subtask.id()) && free(view, *to, &incoming) > 0
-                }
-                Step::TransferLeader { to, .. } => view.voters.contains(to),
-            });
-            if !fits {
-                continue;
-            }
-            for s in &op.steps {
-                if let Step::MoveSubtask { subtask, to, .. } = s {
-                    busy.insert(subtask.id());
-                    *incoming.entry(*to).or_default() += 1;
-                }
-            }
-            self.next_id += 1;
-            op.id = self.next_id;
-            op.created_ms = view.now_ms;
-            op.deadline_ms = view.now_ms + limits.timeout.as_millis() as u64;
-            op.state = OpState::Running;
-            *self.counts.created.entry((op.kind, op.source)).or_default() += 1;
-            self.in_flight.insert(op.id, op.clone());
-            out.push(op);
-        }
-        out
-    }
-
-    /// An operator could not be carried out (its command was refused).
-    pub fn cancel(&mut self, id: u64) {
-        self.finish(id, OpState::Cancelled);
-    }
-
-    fn finish(&mut self, id: u64, state: OpState) {
-        if let Some(mut op) = self.in_flight.remove(&id) {
-            op.state = state;
-            *self.counts.finished.entry((op.kind, state)).or_default() += 1;
-            self.recent.push_front(op);
-            self.recent.truncate(RECENT);
-        }
-    }
-
-    /// Retires operators whose effect is seen (a moved subtask started on
-    /// its new node, or left the active set), whose subtask went elsewhere,
-    /// or whose deadline passed. `seen` maps an active subtask to where it
-    /// is; `leader` is the current leader.
-    pub fn reconcile(
-        &mut self,
-        now_ms: u64,
-        seen: &dyn Fn(TaskId, u32, u32) -> Option<Seen>,
-        leader: NodeId,
-    ) {
-        let mut ended = Vec::new();
-        for (id, op) in &self.in_flight {
-            let mut state = None;
-            for s in &op.steps {
-                state = match s {
-                    Step::MoveSubtask { subtask, to, .. } => {
-                        match seen(subtask.task, subtask.step, subtask.ordinal) {
-                            None => Some(OpState::Done),
-                            Some(at) if at.node == 0 => Some(OpState::Cancelled),
-                            Some(at) if at.node == *to && at.running => Some(OpState::Done),
-                            Some(at) if at.node != *to && at.attempt > subtask.attempt + 1 => {
-                                Some(OpState::Cancelled)
-                            }
-                            Some(_) => None,
-                        }
-                    }
-                    Step::TransferLeader { to, .. } => (leader == *to).then_some(OpState::Done),
-                };
-            }
-            match state {
-                Some(st) => ended.push((*id, st)),
-                None if now_ms >= op.deadline_ms => ended.push((*id, OpState::TimedOut)),
-                None => {}
-            }
-        }
-        for (id, st) in ended {
-            self.finish(id, st);
-        }
     }
 }
 
@@ -709,13 +333,21 @@ struct Slot {
     created: u64,
 }
 
-/// A scheduler's state as `scheduler list` shows it.
+/// A checker with what it created.
+struct CheckerSlot {
+    checker: Box<dyn Checker>,
+    created: u64,
+}
+
+/// A scheduler's (or checker's) state as `scheduler list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerStatus {
     pub name: &'static str,
     pub state: &'static str,
+    /// Zero for a checker: it runs every round.
     pub interval: Duration,
     pub operators: u64,
+    pub checker: bool,
 }
 
 /// The scheduler states from the cluster config: `running` (the default),
@@ -736,8 +368,9 @@ pub fn new_scheduler(name: &str) -> Option<Box<dyn Scheduler>> {
     }
 }
 
-/// What the owner publishes of its coordinator for `scheduler list` and
-/// `operator list` on this node.
+/// What the owner publishes of its coordinator for `scheduler list`,
+/// `operator list` and heartbeat replies on this node, and what heartbeats
+/// bring back for it.
 #[derive(Debug, Clone, Default)]
 pub struct Published {
     /// Whether this node owns the cluster now.
@@ -745,9 +378,36 @@ pub struct Published {
     pub schedulers: Vec<SchedulerStatus>,
     pub operators: Vec<Operator>,
     pub recent: Vec<Operator>,
+    /// Reports from heartbeats, for the owner's next round.
+    pub reports: Vec<Report>,
     /// Operators created and retired by this node's coordinators, over
     /// every term it owned the cluster.
     pub counts: OperatorCounts,
+}
+
+/// Reports kept for the next round at most (a worker repeats a report
+/// until its step is retired, so dropping some loses nothing).
+const MAX_REPORTS: usize = 4096;
+
+impl Published {
+    /// The steps of the operators in flight that `node` acts on, with their
+    /// operator ids.
+    pub fn steps_for(&self, node: NodeId) -> Vec<(u64, Step)> {
+        self.operators
+            .iter()
+            .filter(|o| o.state == OpState::Running)
+            .flat_map(|o| o.steps_for(node).map(move |s| (o.id, *s)))
+            .collect()
+    }
+
+    /// Keeps reports from a heartbeat for the owner (only while this node
+    /// owns the cluster).
+    pub fn add_reports(&mut self, reports: impl IntoIterator<Item = Report>) {
+        if self.owner {
+            let room = MAX_REPORTS.saturating_sub(self.reports.len());
+            self.reports.extend(reports.into_iter().take(room));
+        }
+    }
 }
 
 /// Shared between the owner loop and the API of one node.
@@ -755,13 +415,55 @@ pub type Board = std::sync::Arc<std::sync::Mutex<Published>>;
 
 /// The coordinator of one ownership term.
 pub struct Coordinator {
+    checkers: Vec<CheckerSlot>,
     schedulers: Vec<Slot>,
     pub operators: Operators,
 }
 
+impl OperatorCounts {
+    /// Every (kind, source) an operator can be created by: the checkers and
+    /// the built-in schedulers, so that a node can export zeros.
+    pub fn sources() -> Vec<(OpKind, &'static str)> {
+        let mut all: Vec<_> = SCHEDULERS
+            .iter()
+            .filter_map(|n| new_scheduler(n))
+            .map(|s| (s.kind(), s.name()))
+            .collect();
+        let c = Coordinator::default();
+        all.extend(
+            c.checkers
+                .iter()
+                .map(|c| (c.checker.kind(), c.checker.name())),
+        );
+        all.sort();
+        all
+    }
+}
+
 impl Default for Coordinator {
     fn default() -> Self {
+        Coordinator::new(DownNodeChecker::default().timeout)
+    }
+}
+
+impl Coordinator {
+    /// A coordinator whose down-node checker takes a worker silent for
+    /// longer than `node_timeout` as down.
+    pub fn new(node_timeout: Duration) -> Coordinator {
+        let checkers: Vec<Box<dyn Checker>> = vec![
+            Box::new(DownNodeChecker {
+                timeout: node_timeout,
+            }),
+            Box::new(RuleChecker),
+        ];
         Coordinator {
+            checkers: checkers
+                .into_iter()
+                .map(|checker| CheckerSlot {
+                    checker,
+                    created: 0,
+                })
+                .collect(),
             schedulers: SCHEDULERS
                 .iter()
                 .filter_map(|n| new_scheduler(n))
@@ -775,21 +477,23 @@ impl Default for Coordinator {
             operators: Operators::default(),
         }
     }
-}
 
-impl Coordinator {
-    /// The coordinator of a new ownership term on a node: nothing in
-    /// flight, its counts continuing from what the node's earlier terms
-    /// published on `board`.
-    pub fn continuing(board: &Board) -> Coordinator {
-        let mut c = Coordinator::default();
-        c.operators.counts = board.lock().expect("board lock").counts.clone();
-        c
+    /// Takes in what nodes reported about operator steps.
+    pub fn reports(&mut self, reports: &[Report]) {
+        for r in reports {
+            if !self.operators.report(r) {
+                tracing::debug!(
+                    node = r.node,
+                    operator = r.operator,
+                    "report matches no step in flight"
+                );
+            }
+        }
     }
 
-    /// One round: retire finished operators, run the rule checker and
-    /// every running scheduler that is due and allowed, admit what they
-    /// created within the limits. Returns the operators to carry out.
+    /// One round: retire finished operators, run every checker and every
+    /// running scheduler that is due and allowed, admit what they created
+    /// within the limits. Returns the operators to carry out.
     pub fn round(
         &mut self,
         view: &CoordView,
@@ -797,8 +501,15 @@ impl Coordinator {
         seen: &dyn Fn(TaskId, u32, u32) -> Option<Seen>,
     ) -> Vec<Operator> {
         let limits = Limits::from_config(config);
-        self.operators.reconcile(view.now_ms, seen, view.leader);
-        let mut out = self.operators.admit(check_rules(view), view, &limits);
+        self.operators.reconcile(view, seen);
+        let mut out = Vec::new();
+        for slot in &mut self.checkers {
+            let admitted = self
+                .operators
+                .admit(slot.checker.check(view), view, &limits);
+            slot.created += admitted.len() as u64;
+            out.extend(admitted);
+        }
         for slot in &mut self.schedulers {
             if scheduler_state(config, slot.scheduler.name()) != "running"
                 || view.now_ms < slot.next_ms
@@ -824,31 +535,47 @@ impl Coordinator {
         b.schedulers = self.status(config);
         b.operators = self.operators.list().cloned().collect();
         b.recent = self.operators.recent().cloned().collect();
-        b.counts = self.operators.counts.clone();
+        b.counts = self.operators.counts().clone();
     }
 
-    /// Every built-in scheduler with its state.
+    /// The coordinator of a new ownership term on a node: nothing in
+    /// flight, its operator counts continuing from what the node's earlier
+    /// terms published on `board`.
+    pub fn continuing(node_timeout: Duration, board: &Board) -> Coordinator {
+        let mut c = Coordinator::new(node_timeout);
+        c.operators.counts = board.lock().expect("board lock").counts.clone();
+        c
+    }
+
+    /// Every checker, then every built-in scheduler with its state.
     pub fn status(&self, config: &BTreeMap<String, String>) -> Vec<SchedulerStatus> {
-        self.schedulers
-            .iter()
-            .map(|s| SchedulerStatus {
-                name: s.scheduler.name(),
-                state: match scheduler_state(config, s.scheduler.name()) {
-                    "paused" => "paused",
-                    "removed" => "removed",
-                    _ => "running",
-                },
-                interval: s.interval,
-                operators: s.created,
-            })
-            .collect()
+        let checkers = self.checkers.iter().map(|c| SchedulerStatus {
+            name: c.checker.name(),
+            state: "running",
+            interval: Duration::ZERO,
+            operators: c.created,
+            checker: true,
+        });
+        let schedulers = self.schedulers.iter().map(|s| SchedulerStatus {
+            name: s.scheduler.name(),
+            state: match scheduler_state(config, s.scheduler.name()) {
+                "paused" => "paused",
+                "removed" => "removed",
+                _ => "running",
+            },
+            interval: s.interval,
+            operators: s.created,
+            checker: false,
+        });
+        checkers.chain(schedulers).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::parse_labels;
+    use crate::model::{parse_labels, SubtaskState};
+    use crate::sched::checkers::check_rules;
     use crate::sched::rules;
 
     fn node(id: NodeId, slots: u32, labels: &str) -> NodeView {
@@ -875,7 +602,7 @@ mod tests {
             .flat_map(|o| o.steps.iter())
             .filter_map(|s| match s {
                 Step::MoveSubtask { subtask, from, to } => Some((subtask.ordinal, *from, *to)),
-                Step::TransferLeader { .. } => None,
+                _ => None,
             })
             .collect()
     }
@@ -888,6 +615,15 @@ mod tests {
         }
         CoordView {
             now_ms: 1000,
+            liveness: nodes
+                .iter()
+                .map(|n| Liveness {
+                    id: n.id,
+                    up: true,
+                    worker: true,
+                    heard_ms: 1000,
+                })
+                .collect(),
             nodes,
             used,
             tasks: vec![CoordTask {
@@ -908,6 +644,22 @@ mod tests {
             voters: BTreeSet::from([1]),
             ..Default::default()
         }
+    }
+
+    /// Time passes; every node keeps heartbeating.
+    fn tick(v: &mut CoordView, ms: u64) {
+        v.now_ms += ms;
+        for n in &mut v.liveness {
+            n.heard_ms = v.now_ms;
+        }
+    }
+
+    fn seen_at(node: NodeId, attempt: u32, state: SubtaskState) -> Option<Seen> {
+        Some(Seen {
+            node,
+            attempt,
+            state,
+        })
     }
 
     #[test]
@@ -943,110 +695,303 @@ mod tests {
         v.tasks[0].pinned_by = Some("pin".into());
         let config = BTreeMap::from([(SUBTASK_LIMIT_KEY.to_string(), "1".to_string())]);
         let mut c = Coordinator::default();
-        let nowhere = |_: TaskId, _: u32, _: u32| -> Option<Seen> {
-            Some(Seen {
-                node: 3,
-                attempt: 1,
-                running: false,
-            })
-        };
+        let nowhere = |_: TaskId, _: u32, _: u32| seen_at(3, 1, SubtaskState::Pending);
         let first = c.round(&v, &config, &nowhere);
         assert_eq!(first.len(), 1);
         assert_eq!(c.operators.in_flight(OpKind::MoveSubtask), 1);
-        // While it is in flight nothing else moves.
-        v.now_ms += 100;
-        let moved = match first[0].steps[0] {
+        // While it is in flight nothing else moves, even once it runs on
+        // its new node: the node has not reported yet.
+        tick(&mut v, 100);
+        let (moved, to) = match first[0].steps[0] {
             Step::MoveSubtask { subtask, to, .. } => (subtask, to),
             _ => unreachable!(),
         };
-        let pending_there = move |t: TaskId, s: u32, o: u32| -> Option<Seen> {
-            Some(Seen {
-                node: if (t, s, o) == moved.0.id() {
-                    moved.1
-                } else {
-                    3
-                },
+        let running_there = move |t: TaskId, s: u32, o: u32| {
+            if (t, s, o) == moved.id() {
+                seen_at(to, 2, SubtaskState::Running)
+            } else {
+                seen_at(3, 1, SubtaskState::Pending)
+            }
+        };
+        assert!(c.round(&v, &config, &running_there).is_empty());
+        // Its report frees the limit: the next one goes.
+        c.reports(&[Report {
+            node: to,
+            operator: first[0].id,
+            subtask: SubtaskAt {
                 attempt: 2,
-                running: false,
-            })
-        };
-        assert!(c.round(&v, &config, &pending_there).is_empty());
-        // Once it runs on its new node, the next one goes.
-        let running_there = move |t: TaskId, s: u32, o: u32| -> Option<Seen> {
-            let here = (t, s, o) == moved.0.id();
-            Some(Seen {
-                node: if here { moved.1 } else { 3 },
-                attempt: if here { 2 } else { 1 },
-                running: here,
-            })
-        };
-        v.tasks[0].queued.retain(|q| q.subtask.id() != moved.0.id());
-        assert_eq!(c.round(&v, &config, &running_there).len(), 1);
+                ..moved
+            },
+            outcome: StepOutcome::Taken,
+        }]);
         assert_eq!(c.operators.recent().next().unwrap().state, OpState::Done);
+        v.tasks[0].queued.retain(|q| q.subtask.id() != moved.id());
+        assert_eq!(c.round(&v, &config, &running_there).len(), 1);
         // A limit of 0 stops moves; an operator past its deadline times out.
         let zero = BTreeMap::from([(SUBTASK_LIMIT_KEY.to_string(), "0".to_string())]);
-        v.now_ms += 31_000;
-        assert!(c.round(&v, &zero, &pending_there).is_empty());
+        tick(&mut v, 31_000);
+        assert!(c.round(&v, &zero, &running_there).is_empty());
         assert_eq!(c.operators.in_flight(OpKind::MoveSubtask), 0);
         assert_eq!(
             c.operators.recent().next().unwrap().state,
             OpState::TimedOut
         );
-        // Counted: two created by the rule checker, one done, one timed out.
-        let counts = c.operators.counts().clone();
-        let created = BTreeMap::from([((OpKind::MoveSubtask, RULE_CHECKER), 2)]);
-        assert_eq!(counts.created, created);
-        let finished = BTreeMap::from([
-            ((OpKind::MoveSubtask, OpState::Done), 1),
-            ((OpKind::MoveSubtask, OpState::TimedOut), 1),
+    }
+
+    /// One move of subtask 0 from node 3 to node 1, admitted.
+    fn one_move() -> (Coordinator, CoordView, Operator) {
+        let mut v = view_with_queued(&[(0, 3)], &[1]);
+        v.tasks[0].pinned_by = Some("pin".into());
+        let mut c = Coordinator::default();
+        let queued = |_: TaskId, _: u32, _: u32| seen_at(3, 1, SubtaskState::Pending);
+        let ops = c.round(&v, &BTreeMap::new(), &queued);
+        assert_eq!(moves(&ops), vec![(0, 3, 1)]);
+        v.tasks[0].queued.clear();
+        (c, v, ops[0].clone())
+    }
+
+    fn report(op: &Operator, node: NodeId, attempt: u32, outcome: StepOutcome) -> Report {
+        Report {
+            node,
+            operator: op.id,
+            subtask: SubtaskAt {
+                attempt,
+                ..at(1, 0)
+            },
+            outcome,
+        }
+    }
+
+    #[test]
+    fn a_move_is_done_by_the_report_of_the_node_it_went_to() {
+        let (mut c, mut v, op) = one_move();
+        let mut board = Published {
+            owner: true,
+            operators: c.operators.list().cloned().collect(),
+            ..Published::default()
+        };
+        // The step reaches both nodes, and only them.
+        let step = op.steps[0];
+        assert_eq!(board.steps_for(3), vec![(op.id, step)]);
+        assert_eq!(board.steps_for(1), vec![(op.id, step)]);
+        assert!(board.steps_for(2).is_empty());
+        // Queued, then running on node 1 in the replicated state: in flight.
+        let there = |state| move |_: TaskId, _: u32, _: u32| seen_at(1, 2, state);
+        for state in [SubtaskState::Pending, SubtaskState::Running] {
+            tick(&mut v, 100);
+            c.round(&v, &BTreeMap::new(), &there(state));
+            assert_eq!(c.operators.in_flight(OpKind::MoveSubtask), 1);
+        }
+        // The node it left reports: noted, not done.
+        board.add_reports([report(&op, 3, 1, StepOutcome::Released)]);
+        // Reports that do not match the step change nothing: another node,
+        // the old attempt, an unknown operator.
+        board.add_reports([
+            report(&op, 2, 2, StepOutcome::Taken),
+            report(&op, 1, 1, StepOutcome::Taken),
+            Report {
+                operator: 99,
+                ..report(&op, 1, 2, StepOutcome::Taken)
+            },
         ]);
-        assert_eq!(counts.finished, finished);
+        c.reports(&std::mem::take(&mut board.reports));
+        let live = c.operators.list().next().expect("still in flight");
+        assert_eq!(live.reports, vec![report(&op, 3, 1, StepOutcome::Released)]);
+        // The node it went to reports it took it: done, by its report.
+        c.reports(&[report(&op, 1, 2, StepOutcome::Taken)]);
+        assert_eq!(c.operators.in_flight(OpKind::MoveSubtask), 0);
+        let done = c.operators.recent().next().unwrap();
+        assert_eq!(done.state, OpState::Done);
+        assert_eq!(done.confirmed_by, Some(Confirmation::Report(1)));
+        assert_eq!(done.reports.len(), 2);
+        assert_eq!(done.reports[1].to_string(), "node 1 took 1/0/0");
+        // A node that does not own the cluster keeps no reports.
+        let mut follower = Published::default();
+        follower.add_reports([report(&op, 1, 2, StepOutcome::Taken)]);
+        assert!(follower.reports.is_empty());
+    }
+
+    #[test]
+    fn a_move_its_node_never_reports_times_out() {
+        let (mut c, mut v, _) = one_move();
+        let running = |_: TaskId, _: u32, _: u32| seen_at(1, 2, SubtaskState::Running);
+        tick(&mut v, 29_000);
+        c.round(&v, &BTreeMap::new(), &running);
+        assert_eq!(c.operators.in_flight(OpKind::MoveSubtask), 1);
+        tick(&mut v, 1_000);
+        c.round(&v, &BTreeMap::new(), &running);
+        let op = c.operators.recent().next().unwrap();
+        assert_eq!(op.state, OpState::TimedOut);
+        assert_eq!(op.confirmed_by, None);
     }
 
     #[test]
     fn operator_counts_go_on_across_ownership_terms_of_a_node() {
-        let mut v = view_with_queued(&[(0, 3), (1, 3)], &[1, 2]);
-        v.tasks[0].pinned_by = Some("pin".into());
-        let config = BTreeMap::new();
-        let stays = |_: TaskId, _: u32, _: u32| -> Option<Seen> {
-            Some(Seen {
-                node: 3,
-                attempt: 1,
-                running: false,
-            })
-        };
+        let (mut c, mut v, _) = one_move();
+        let running = |_: TaskId, _: u32, _: u32| seen_at(1, 2, SubtaskState::Running);
+        tick(&mut v, 30_000);
+        c.round(&v, &BTreeMap::new(), &running);
         let board = Board::default();
-        let mut first = Coordinator::continuing(&board);
-        let ops = first.round(&v, &config, &stays);
-        assert_eq!(ops.len(), 2);
-        first.operators.cancel(ops[0].id);
-        first.operators.cancel(ops[0].id);
-        first.publish(&board, &config);
+        c.publish(&board, &BTreeMap::new());
         let counts = board.lock().unwrap().counts.clone();
-        assert_eq!(counts.created[&(OpKind::MoveSubtask, RULE_CHECKER)], 2);
+        let move_by_rule = (OpKind::MoveSubtask, "rule-checker");
+        assert_eq!(counts.created, BTreeMap::from([(move_by_rule, 1)]));
         assert_eq!(
             counts.finished,
-            BTreeMap::from([((OpKind::MoveSubtask, OpState::Cancelled), 1)]),
-            "a second cancel of the same operator counts nothing"
+            BTreeMap::from([((OpKind::MoveSubtask, OpState::TimedOut), 1)])
         );
-        // The next term starts with nothing in flight and the counts so far.
-        let mut second = Coordinator::continuing(&board);
-        assert_eq!(second.operators.list().count(), 0);
-        assert_eq!(second.operators.counts(), &counts);
-        assert_eq!(second.round(&v, &config, &stays).len(), 2);
+        // The next term starts with nothing in flight and the counts so far;
+        // a second cancel of one operator counts nothing.
+        let mut next = Coordinator::continuing(Duration::from_secs(5), &board);
+        assert_eq!(next.operators.list().count(), 0);
+        assert_eq!(next.operators.counts(), &counts);
+        let mut v = view_with_queued(&[(0, 3)], &[1]);
+        v.tasks[0].pinned_by = Some("pin".into());
+        let queued = |_: TaskId, _: u32, _: u32| seen_at(3, 1, SubtaskState::Pending);
+        let ops = next.round(&v, &BTreeMap::new(), &queued);
+        next.operators.cancel(ops[0].id);
+        next.operators.cancel(ops[0].id);
+        let after = next.operators.counts();
+        assert_eq!(after.created[&move_by_rule], 2);
         assert_eq!(
-            second.operators.counts().created[&(OpKind::MoveSubtask, RULE_CHECKER)],
-            4
+            after.finished[&(OpKind::MoveSubtask, OpState::Cancelled)],
+            1
         );
         let sources = OperatorCounts::sources();
         for s in [
             (OpKind::MoveSubtask, "balance-subtask"),
             (OpKind::MoveSubtask, "hot-node"),
-            (OpKind::MoveSubtask, RULE_CHECKER),
+            (OpKind::MoveSubtask, "rule-checker"),
+            (OpKind::NodeDown, "down-node-checker"),
             (OpKind::TransferLeader, "leader-placement"),
         ] {
             assert!(sources.contains(&s), "{s:?} in {sources:?}");
         }
+    }
+
+    #[test]
+    fn the_replicated_state_ends_a_move_the_report_cannot() {
+        // Finished where it went (its node restarted before reporting):
+        // done, by the state.
+        let (mut c, v, _) = one_move();
+        let finished = |_: TaskId, _: u32, _: u32| seen_at(1, 2, SubtaskState::Succeed);
+        c.round(&v, &BTreeMap::new(), &finished);
+        let op = c.operators.recent().next().unwrap();
+        assert_eq!(
+            (op.state, op.confirmed_by),
+            (OpState::Done, Some(Confirmation::State))
+        );
+        // Requeued, moved on, or started elsewhere: cancelled.
+        for (node, attempt, state) in [
+            (0, 2, SubtaskState::Pending),
+            (2, 3, SubtaskState::Pending),
+            (3, 1, SubtaskState::Running),
+        ] {
+            let (mut c, v, _) = one_move();
+            let elsewhere = move |_: TaskId, _: u32, _: u32| seen_at(node, attempt, state);
+            c.round(&v, &BTreeMap::new(), &elsewhere);
+            let op = c.operators.recent().next().expect("ended");
+            assert_eq!(op.state, OpState::Cancelled, "{node} {attempt} {state}");
+        }
+    }
+
+    fn active(ordinal: u32, running: bool, idempotent: bool) -> Active {
+        Active {
+            subtask: at(1, ordinal),
+            running,
+            idempotent,
+        }
+    }
+
+    #[test]
+    fn the_down_node_checker_marks_silent_workers_and_takes_their_work_back() {
+        let mut v = view_with_queued(&[], &[1, 2]);
+        v.now_ms = 10_000;
+        v.liveness.iter_mut().for_each(|n| n.heard_ms = 9_000);
+        v.liveness[1].heard_ms = 4_000; // node 2: silent for 6 s
+        v.liveness[2].heard_ms = 6_000; // node 3: 4 s, within the timeout
+        v.liveness[3].up = false; // node 4: already down
+        v.active = BTreeMap::from([
+            (2, vec![active(0, true, true), active(1, true, false)]),
+            (3, vec![active(2, false, true)]),
+            (4, vec![active(3, false, false)]),
+        ]);
+        let mut checker = DownNodeChecker::default();
+        let ops = checker.check(&v);
+        let steps: Vec<Vec<String>> = ops
+            .iter()
+            .map(|o| o.steps.iter().map(Step::to_string).collect())
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                vec![
+                    "mark node 2 down (silent for 6000 ms)".to_string(),
+                    "take 1/0/0 back from node 2 (requeue)".into(),
+                    "take 1/0/1 back from node 2 (fail)".into(),
+                ],
+                vec!["take 1/0/3 back from node 4 (requeue)".into()],
+            ]
+        );
+        assert!(ops.iter().all(|o| o.kind == OpKind::NodeDown));
+        // A node that registered as no worker gives its subtasks back too.
+        v.liveness[2].worker = false;
+        assert_eq!(checker.check(&v).len(), 3);
+        // A down node with nothing left: nothing to do.
+        v.active.clear();
+        v.liveness[2].worker = true;
+        assert_eq!(checker.check(&v).len(), 1, "only the mark of node 2");
+    }
+
+    #[test]
+    fn down_nodes_come_first_unlimited_and_nothing_moves_onto_them() {
+        // Subtask 0 queued on node 3 off its rule's node 2; node 2 silent.
+        let mut v = view_with_queued(&[(0, 3)], &[2]);
+        v.tasks[0].pinned_by = Some("pin".into());
+        v.now_ms = 10_000;
+        v.liveness.iter_mut().for_each(|n| n.heard_ms = 9_000);
+        v.liveness[1].heard_ms = 1_000;
+        v.active = BTreeMap::from([(2, vec![active(5, true, true)])]);
+        let zero = BTreeMap::from([(SUBTASK_LIMIT_KEY.to_string(), "0".to_string())]);
+        let mut c = Coordinator::default();
+        let none = |_: TaskId, _: u32, _: u32| None;
+        // No move limit holds a node-down operator back.
+        let ops = c.round(&v, &zero, &none);
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        assert_eq!(ops[0].kind, OpKind::NodeDown);
+        assert_eq!(ops[0].source, "down-node-checker");
+        // While it is in flight the node is not found again, and nothing
+        // moves onto it.
+        assert!(c.round(&v, &BTreeMap::new(), &none).is_empty());
+        let fix = check_rules(&v);
+        assert_eq!(moves(&fix), vec![(0, 3, 2)]);
+        assert!(c.operators.admit(fix, &v, &Limits::default()).is_empty());
+        // Its commands applied: done; the checker finds what is left next.
+        c.operators.carried_out(ops[0].id, true);
+        let done = c.operators.recent().next().unwrap();
+        assert_eq!(
+            (done.state, done.confirmed_by),
+            (OpState::Done, Some(Confirmation::State))
+        );
+        v.liveness[1].up = false;
+        v.nodes[1].up = false;
+        v.active.clear();
+        assert!(c.round(&v, &BTreeMap::new(), &none).is_empty());
+        let status = c.status(&BTreeMap::new());
+        let names: Vec<(&str, bool, u64)> = status
+            .iter()
+            .map(|s| (s.name, s.checker, s.operators))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("down-node-checker", true, 1),
+                ("rule-checker", true, 0),
+                ("balance-subtask", false, 0),
+                ("hot-node", false, 0),
+                ("leader-placement", false, 0),
+            ]
+        );
     }
 
     #[test]
@@ -1059,7 +1004,9 @@ mod tests {
         let none = |_: TaskId, _: u32, _: u32| -> Option<Seen> { None };
         let mut c = Coordinator::default();
         assert!(c.round(&v, &paused, &none).is_empty());
-        assert_eq!(c.status(&paused)[0].state, "paused");
+        let status = c.status(&paused);
+        let balance = status.iter().find(|s| s.name == "balance-subtask").unwrap();
+        assert_eq!(balance.state, "paused");
         let got = c.round(&v, &BTreeMap::new(), &none);
         assert_eq!(got.len(), 2);
         let b = BalanceSubtask;

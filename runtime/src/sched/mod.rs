@@ -8,17 +8,24 @@
 //!   and capped by their `max_slots` quota.
 //! - `task`: a task scheduler's next action from its state and its step's
 //!   subtask states.
-//! - `balance`: the balancer's moves and the node manager's liveness rule.
-//! - [`coordinator`]: the PD-style coordinator: rule checker, schedulers
-//!   (balance-subtask, hot-node, leader-placement), operators and limits.
+//! - `balance`: the balancer's moves and the liveness rule.
+//! - [`coordinator`]: the PD-style coordinator: its view of the cluster, the
+//!   schedulers (balance-subtask, hot-node, leader-placement) and the round
+//!   that runs them after the checkers.
+//! - [`checkers`]: the coordinator's checkers, run every round: down nodes
+//!   (the node manager) and rule violations.
+//! - [`operators`]: operators, their per-kind limits, and the controller
+//!   that admits them, takes nodes' reports and retires them.
 //! - [`rules`]: placement rules: the `rules.toml` file, validation and
 //!   conflict detection, which rule applies to a task, rule status.
 //! - [`owner`]: the owner's loop (leader only) that carries all of it out
 //!   through replicated commands and the module's `plan`/`finish`/`revert`.
 
 pub mod balance;
+pub mod checkers;
 pub mod coordinator;
 pub mod fair_share;
+pub mod operators;
 pub mod owner;
 pub mod placement;
 pub mod rules;

@@ -5,17 +5,18 @@
 //! carries on where the last one stopped.
 //!
 //! One *round* reads the applied state once and
-//! 1. marks silent nodes down and takes their subtasks back (requeued for
-//!    idempotent steps, failed otherwise);
-//! 2. asks [`decide`] for each unfinished task's next action and starts it
+//! 1. asks [`decide`] for each unfinished task's next action and starts it
 //!    (one action per task at a time: planning calls the module's `plan` in
 //!    a sandbox, finishing its `finish`, reverting its `revert`);
-//! 3. admits running tasks in rank order (a task whose key falls in an
+//! 2. admits running tasks in rank order (a task whose key falls in an
 //!    active `subtask` placement rule only on the rule's nodes), preempts
-//!    slots that admission gave to higher-ranked tasks, runs the
-//!    [coordinator](super::coordinator) (rule checker and schedulers whose
-//!    operators move queued subtasks and leadership) and assigns pending
-//!    subtasks to nodes with free slots.
+//!    slots that admission gave to higher-ranked tasks, and runs the
+//!    [coordinator](super::coordinator): its down-node checker marks silent
+//!    workers down and takes their subtasks back (requeued for idempotent
+//!    steps, failed otherwise), its rule checker and schedulers move queued
+//!    subtasks and leadership;
+//! 3. assigns pending subtasks to nodes with free slots (never to a node
+//!    going down).
 //!
 //! Rounds run on a timer and whenever this node applies new entries.
 
@@ -27,15 +28,18 @@ use serde::{Deserialize, Serialize};
 use stoker_proto::guest::{FinishRequest, PlanRequest, RevertRequest};
 use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::{
-    change_subtasks, AddSubtasks, AssignSubtask, ChangeSubtasks, Command, FinishTask, GcHistory,
-    MarkNodeDown, NewSubtask, NodeRecord, RequeueSubtask, SetTaskState, SubtaskRecord, SubtaskRef,
-    SweepModuleStaging, TaskRecord,
+    change_subtasks, command_result, AddSubtasks, AssignSubtask, ChangeSubtasks, Command,
+    CommandResult, FinishTask, GcHistory, MarkNodeDown, NewSubtask, NodeRecord, RequeueSubtask,
+    SetTaskState, SubtaskRecord, SubtaskRef, SweepModuleStaging, TaskRecord,
 };
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::balance::Queued;
-use super::coordinator::{Board, CoordTask, CoordView, Coordinator, Seen, Step, SubtaskAt};
+use super::checkers::{Active, Liveness, DEFAULT_NODE_TIMEOUT_MS};
+use super::coordinator::{
+    Board, CoordTask, CoordView, Coordinator, OpKind, Operator, Seen, Step, SubtaskAt,
+};
 use super::fair_share::{admit_fair, TenantShare};
 use super::placement::{assign, eligible_nodes, preempt, Candidate, Held, Usage};
 use super::rules::{self, Rule};
@@ -77,7 +81,7 @@ impl Default for OwnerConfig {
     fn default() -> Self {
         OwnerConfig {
             tick_ms: 200,
-            node_timeout_ms: 5000,
+            node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             history_ttl_secs: 7 * 24 * 3600,
             gc_interval_secs: 60,
             upload_ttl_secs: 3600,
@@ -176,7 +180,10 @@ async fn own(ctx: Arc<Ctx>) {
         actions: JoinSet::new(),
         busy: HashMap::new(),
         last_gc_ms: 0,
-        coordinator: Coordinator::continuing(&ctx.board),
+        coordinator: Coordinator::continuing(
+            Duration::from_millis(ctx.config.node_timeout_ms),
+            &ctx.board,
+        ),
     };
     let mut applied = ctx.node.applied_watch();
     let tick = Duration::from_millis(ctx.config.tick_ms);
@@ -220,14 +227,25 @@ struct ClusterView {
 }
 
 impl ClusterView {
-    /// The active (pending or running) subtasks assigned to `node`.
-    fn on_node(&self, node: NodeId) -> impl Iterator<Item = &SubtaskRecord> {
-        self.tasks.iter().flat_map(move |t| {
-            t.subtasks.iter().filter(move |s| {
-                s.node == node
-                    && (is_state(s, SubtaskState::Pending) || is_state(s, SubtaskState::Running))
-            })
-        })
+    /// The pending and running subtasks on each node, of every task.
+    fn active(&self) -> BTreeMap<NodeId, Vec<Active>> {
+        let mut out: BTreeMap<NodeId, Vec<Active>> = BTreeMap::new();
+        for s in self.tasks.iter().flat_map(|t| &t.subtasks) {
+            let st = parse_sub(s);
+            if s.node != 0 && (st == SubtaskState::Pending || st == SubtaskState::Running) {
+                out.entry(s.node).or_default().push(Active {
+                    subtask: SubtaskAt {
+                        task: s.task_id,
+                        step: s.step,
+                        ordinal: s.ordinal,
+                        attempt: s.attempt,
+                    },
+                    running: st == SubtaskState::Running,
+                    idempotent: s.idempotent,
+                });
+            }
+        }
+        out
     }
 }
 
@@ -294,21 +312,13 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
 struct Owner {
     ctx: Arc<Ctx>,
     /// When this term began: nodes get a full timeout from then before
-    /// they are taken as down.
+    /// the down-node checker takes them as down.
     since_ms: u64,
     actions: JoinSet<()>,
     /// Tasks with an action in flight, and its tokio task.
     busy: HashMap<TaskId, tokio::task::Id>,
     last_gc_ms: u64,
     coordinator: Coordinator,
-}
-
-fn sref(s: &SubtaskRecord) -> SubtaskRef {
-    SubtaskRef {
-        task_id: s.task_id,
-        step: s.step,
-        ordinal: s.ordinal,
-    }
 }
 
 fn is_state(s: &SubtaskRecord, st: SubtaskState) -> bool {
@@ -333,7 +343,6 @@ impl Owner {
     async fn round(&mut self) -> Result<(), MetaError> {
         let view = read_view(&self.ctx.node)?;
         let now = now_ms();
-        self.check_nodes(&view, now).await;
         for t in &view.tasks {
             if self.busy.contains_key(&t.task.id) {
                 continue;
@@ -411,35 +420,8 @@ impl Owner {
         Ok(())
     }
 
-    /// The node manager: silent workers are marked down, and the subtasks
-    /// of down nodes go back to pending (or fail, for non-idempotent steps).
-    async fn check_nodes(&self, view: &ClusterView, now: u64) {
-        let timeout = self.ctx.config.node_timeout_ms;
-        let mut requeues = Vec::new();
-        for n in &view.nodes {
-            let silent_for = now.saturating_sub(n.last_heartbeat_ms.max(self.since_ms));
-            let down = !n.up || !n.worker;
-            if n.up && silent_for > timeout {
-                info!(node = n.id, silent_ms = silent_for, "node is down");
-                propose(&self.ctx.node, C::MarkNodeDown(MarkNodeDown { id: n.id })).await;
-            } else if !down {
-                continue;
-            }
-            for s in view.on_node(n.id) {
-                requeues.push(C::RequeueSubtask(RequeueSubtask {
-                    subtask: Some(sref(s)),
-                    attempt: s.attempt,
-                    or_fail: true,
-                    reason: format!("node {} is down", n.id),
-                    time_ms: now,
-                    only_pending: false,
-                }));
-            }
-        }
-        propose_all(&self.ctx.node, requeues).await;
-    }
-
-    /// Admission, preemption, balancing and assignment.
+    /// Admission, preemption, the coordinator (down nodes, rules,
+    /// balancing, leadership) and assignment.
     async fn place(&mut self, view: &ClusterView, now: u64) {
         let nodes: Vec<NodeView> = view.nodes.iter().map(queries::node_view).collect();
         let mut candidates = Vec::new();
@@ -577,6 +559,17 @@ impl Owner {
                 .map(|n| n.id)
                 .collect(),
             nodes,
+            liveness: view
+                .nodes
+                .iter()
+                .map(|n| Liveness {
+                    id: n.id,
+                    up: n.up,
+                    worker: n.worker,
+                    heard_ms: n.last_heartbeat_ms.max(self.since_ms),
+                })
+                .collect(),
+            active: view.active(),
         };
         let seen = |task: TaskId, step: u32, ordinal: u32| -> Option<Seen> {
             let t = view.tasks.iter().find(|t| t.task.id == task)?;
@@ -584,16 +577,23 @@ impl Owner {
                 .subtasks
                 .iter()
                 .find(|s| s.step == step && s.ordinal == ordinal)?;
-            let st = parse_sub(s);
-            (st == SubtaskState::Pending || st == SubtaskState::Running).then_some(Seen {
+            Some(Seen {
                 node: s.node,
                 attempt: s.attempt,
-                running: st == SubtaskState::Running,
+                state: parse_sub(s),
             })
         };
+        // What workers reported in their heartbeats since the last round.
+        let reports = std::mem::take(&mut self.ctx.board.lock().expect("board lock").reports);
+        self.coordinator.reports(&reports);
         let operators = self.coordinator.round(&coord, &view.config, &seen);
         let mut moves = Vec::new();
+        let mut downs = Vec::new();
         for op in operators {
+            if op.kind == OpKind::NodeDown {
+                downs.push(op);
+                continue;
+            }
             for step in &op.steps {
                 match *step {
                     Step::MoveSubtask { subtask, to, .. } => {
@@ -609,10 +609,21 @@ impl Owner {
                             }
                         });
                     }
+                    Step::MarkNodeDown { .. } | Step::TakeBack { .. } => {}
                 }
             }
         }
-        let nodes = coord.nodes;
+        let mut nodes = coord.nodes;
+        // A node going down takes no new work; its work comes back first.
+        for step in downs.iter().flat_map(|op| &op.steps) {
+            if let Step::MarkNodeDown { node, .. } = step {
+                nodes
+                    .iter_mut()
+                    .filter(|n| n.id == *node)
+                    .for_each(|n| n.up = false);
+            }
+        }
+        self.take_down(downs, now).await;
         // Freed slots are reused in the next round, once the requeues are
         // applied; assignment now works with what is certainly free.
         let mut pending: BTreeMap<TaskId, Vec<(u32, u32)>> = BTreeMap::new();
@@ -640,7 +651,7 @@ impl Owner {
             }));
         }
         let moved = futures::future::join_all(moves.iter().map(|(_, s, to)| {
-            propose(
+            propose_for(
                 &self.ctx.node,
                 C::AssignSubtask(AssignSubtask {
                     subtask: Some(SubtaskRef {
@@ -653,13 +664,58 @@ impl Owner {
             )
         }));
         let (moved, ()) = tokio::join!(moved, propose_all(&self.ctx.node, commands));
-        for ((op, _, _), ok) in moves.iter().zip(moved) {
-            if !ok {
-                // It started (or went away) first: nothing to move.
+        for ((op, s, _), result) in moves.iter().zip(moved) {
+            // Refused: it started (or went away) first, nothing moved. A
+            // move that landed at another attempt than the next one raced
+            // with a requeue: the step the nodes would get is wrong.
+            let attempt = result.and_then(|r| match r.kind {
+                Some(command_result::Kind::SubtaskState(st)) if r.error.is_empty() => {
+                    Some(st.attempt)
+                }
+                _ => None,
+            });
+            if attempt != Some(s.attempt + 1) {
                 self.coordinator.operators.cancel(*op);
             }
         }
         self.coordinator.publish(&self.ctx.board, &view.config);
+    }
+
+    /// Carries out the down-node checker's operators: marks silent nodes
+    /// down, then takes their subtasks back (requeued, or failed for steps
+    /// that are not idempotent). The commands are idempotent and fenced by
+    /// attempt; an operator whose commands were not all applied is found
+    /// again by the checker next round.
+    async fn take_down(&mut self, ops: Vec<Operator>, now: u64) {
+        for op in ops {
+            let mut applied = true;
+            for step in &op.steps {
+                if let Step::MarkNodeDown { node, silent_ms } = *step {
+                    info!(node, silent_ms, operator = op.id, "node is down");
+                    let mark = C::MarkNodeDown(MarkNodeDown { id: node });
+                    applied &= propose_for(&self.ctx.node, mark).await.is_some();
+                }
+            }
+            let takes = op.steps.iter().filter_map(|step| match *step {
+                Step::TakeBack { subtask, node, .. } => Some(C::RequeueSubtask(RequeueSubtask {
+                    subtask: Some(SubtaskRef {
+                        task_id: subtask.task,
+                        step: subtask.step,
+                        ordinal: subtask.ordinal,
+                    }),
+                    attempt: subtask.attempt,
+                    or_fail: true,
+                    reason: format!("node {node} is down"),
+                    time_ms: now,
+                    only_pending: false,
+                })),
+                _ => None,
+            });
+            let results =
+                futures::future::join_all(takes.map(|c| propose_for(&self.ctx.node, c))).await;
+            applied &= results.iter().all(Option::is_some);
+            self.coordinator.operators.carried_out(op.id, applied);
+        }
     }
 }
 
@@ -717,17 +773,27 @@ fn requeue(
 
 /// Proposes one owner command; a rejection or failure is logged and left
 /// to the next round, which decides again from the replicated state.
+/// Whether it was applied and accepted.
 async fn propose(node: &MetaNode, kind: C) -> bool {
+    propose_for(node, kind)
+        .await
+        .is_some_and(|r| r.error.is_empty())
+}
+
+/// [`propose`], returning the applied result (an accepted command or a
+/// rejection); `None` when the command was not applied.
+async fn propose_for(node: &MetaNode, kind: C) -> Option<CommandResult> {
     let what = command_name(&kind);
     match node.propose(Command { kind: Some(kind) }).await {
-        Ok(r) if r.error.is_empty() => true,
         Ok(r) => {
-            debug!(command = what, error = %r.error, "owner command rejected");
-            false
+            if !r.error.is_empty() {
+                debug!(command = what, error = %r.error, "owner command rejected");
+            }
+            Some(r)
         }
         Err(e) => {
             warn!(command = what, error = %e, "owner command failed");
-            false
+            None
         }
     }
 }
