@@ -15,7 +15,8 @@ use stoker::model::{NodeView, Rank, TaskPlacement};
 use stoker::sched::balance::Queued;
 use stoker::sched::checkers::{Active, Liveness};
 use stoker::sched::coordinator::{CoordTask, CoordView, Coordinator, Seen, SubtaskAt};
-use stoker::sched::placement::{admit, assign, eligible_nodes, Candidate, Usage};
+use stoker::sched::placement::{admit, assign, Candidate, EligibleIndex, Usage};
+use stoker::sched::rule_index::SubtaskRules;
 use stoker::sched::rules::{self, Rule};
 
 const NODES: u64 = 100;
@@ -105,11 +106,17 @@ fn round(s: &Sim, coordinator: &mut Coordinator) -> (usize, usize) {
     let mut coord_tasks = Vec::with_capacity(s.tasks.len());
     let mut usage = Usage::default();
     let mut active: BTreeMap<u64, Vec<Active>> = BTreeMap::new();
+    // As the owner does: the nodes and the rules in force indexed once.
+    let eligibility = EligibleIndex::new(&s.nodes);
+    let subtask_rules = SubtaskRules::new(&s.rules, &s.nodes, NOW);
     for (p, key) in &s.tasks {
         let id = p.rank.id;
-        let rule = rules::subtask_rule(&s.rules, key, "default", NOW);
+        let rule = subtask_rules.rule_for(key, "default");
         let in_use: BTreeSet<u64> = s.queued[&id].iter().map(|(_, n)| *n).collect();
-        let eligible = eligible_nodes(&s.nodes, p, |n| rule.is_none_or(|r| r.matches(n)), &in_use);
+        let eligible = match rule {
+            Some(r) => eligibility.eligible_among(p, subtask_rules.nodes(r), &in_use),
+            None => eligibility.eligible(p, |_| true, &in_use),
+        };
         for (o, n) in &s.queued[&id] {
             usage.add(id, *n);
             active.entry(*n).or_default().push(Active {
@@ -128,7 +135,7 @@ fn round(s: &Sim, coordinator: &mut Coordinator) -> (usize, usize) {
             key: key.clone(),
             tenant: "default".into(),
             eligible: eligible.clone(),
-            pinned_by: rule.map(|r| r.name.clone()),
+            pinned_by: rule.map(|r| r.rule.name.clone()),
             queued: s.queued[&id]
                 .iter()
                 .map(|(o, n)| Queued {

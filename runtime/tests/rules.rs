@@ -494,9 +494,10 @@ async fn a_time_window_opens_and_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     let _one = CLUSTERS.lock().await;
-    // Stopped workers must stay "up": a long node timeout.
+    // Stopped workers must stay "up": a long node timeout. Heartbeats
+    // (which carry operator steps and reports) come often.
     let config =
-        "[owner]\nnode_timeout_ms = 600000\ntick_ms = 100\n\n[worker]\nheartbeat_interval_ms = 300\n";
+        "[owner]\nnode_timeout_ms = 600000\ntick_ms = 100\n\n[worker]\nheartbeat_interval_ms = 100\n";
     let h = Harness::start(
         config,
         1,
@@ -529,7 +530,7 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     // them stays queued.
     h.signal(3, "-STOP");
     h.signal(4, "-STOP");
-    let id = h.submit(&m, "m/1", spins(10, 150), 8).await;
+    let id = h.submit(&m, "m/1", spins(10, 600), 8).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let r = h.get(id).await;
@@ -642,9 +643,11 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     // (A move may start and finish between two looks, so seeing one in
     // flight is not guaranteed; two in flight were never seen.)
     assert!(moves_done.len() >= 3, "moves happened: {moves_done:?}");
+    // A move whose subtask finished before node 2's report came is done by
+    // the replicated state; with heartbeats every 100 ms that is rare.
     assert!(
-        !by_report.is_empty(),
-        "none done by node 2's report: {moves_done:?}"
+        by_report.len() * 2 >= moves_done.len(),
+        "done by node 2's report: {by_report:?} of {moves_done:?}"
     );
     assert_eq!(h.ran_on(id).await, BTreeSet::from([2]));
     // /metrics of the owner counts them: created by the rule checker

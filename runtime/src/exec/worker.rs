@@ -459,6 +459,8 @@ struct State {
     /// The latest (subtask, attempt) this process claimed or adopted,
     /// oldest first: what `taken` reports are made of.
     taken: VecDeque<(SubtaskKey, u32)>,
+    /// (operator, outcome) of the reports the last heartbeat carried.
+    reported: BTreeSet<(u64, i32)>,
 }
 
 /// Claims remembered for `taken` reports.
@@ -707,10 +709,23 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 impl Shared {
     /// What this node reports about the steps it holds.
     fn step_reports(&self) -> Vec<stoker_proto::meta::OperatorReport> {
-        let st = self.state.lock().expect("state lock");
+        let mut guard = self.state.lock().expect("state lock");
+        let st = &mut *guard;
+        let reports = steps::reports(self.id, &st.steps, &st.released, |key, attempt| {
+            st.was_taken(key, attempt)
+        });
+        st.reported = reports.iter().map(|r| (r.operator, r.outcome)).collect();
+        reports
+    }
+
+    /// Whether a report is ready that no heartbeat carried yet (a
+    /// subtask claimed before its step arrived, a move away carried out).
+    fn new_report(&self, st: &State) -> bool {
         steps::reports(self.id, &st.steps, &st.released, |key, attempt| {
             st.was_taken(key, attempt)
         })
+        .iter()
+        .any(|r| !st.reported.contains(&(r.operator, r.outcome)))
     }
 
     /// Remembers that this process holds `key` at `attempt` (claimed or
@@ -721,12 +736,9 @@ impl Shared {
             st.taken.pop_front();
         }
         st.taken.push_back((key, attempt));
-        let awaited = st
-            .steps
-            .iter()
-            .any(|s| s.to == self.id && s.key == key && s.moved_attempt() == attempt);
+        let report = self.new_report(&st);
         drop(st);
-        if awaited {
+        if report {
             self.beat_now.notify_one();
         }
     }
@@ -734,9 +746,10 @@ impl Shared {
 
 /// Acts on the operator steps of a heartbeat reply: forgets subtasks that
 /// moved away (stopping runs of them that have not claimed), polls again
-/// when one that moved here is not listed yet.
+/// when one that moved here is not listed yet, and beats at once when that
+/// makes a new report (the owner waits for it to finish the move).
 fn on_steps(shared: &Arc<Shared>, sent: &[stoker_proto::meta::OperatorStep]) {
-    let actions = {
+    let (actions, report) = {
         let mut guard = shared.state.lock().expect("state lock");
         let st = &mut *guard;
         st.steps = sent.iter().filter_map(MoveStep::from_proto).collect();
@@ -778,8 +791,11 @@ fn on_steps(shared: &Arc<Shared>, sent: &[stoker_proto::meta::OperatorStep]) {
             }
             st.released.insert(operator);
         }
-        actions
+        (actions, shared.new_report(st))
     };
+    if report {
+        shared.beat_now.notify_one();
+    }
     if actions.repoll {
         shared.repoll.notify_one();
     }

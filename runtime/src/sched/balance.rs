@@ -32,6 +32,14 @@ pub struct Move<S> {
 /// the most queued subtasks to the one with the fewest until they differ by
 /// at most one. Deterministic (ties go to the lowest node id).
 pub fn balance<S: Copy>(queued: &[Queued<S>], eligible: &[NodeId]) -> Vec<Move<S>> {
+    if already_even(queued, eligible) {
+        return Vec::new();
+    }
+    plan_moves(queued, eligible)
+}
+
+/// [`balance`] without its shortcut.
+fn plan_moves<S: Copy>(queued: &[Queued<S>], eligible: &[NodeId]) -> Vec<Move<S>> {
     let allowed: BTreeSet<NodeId> = eligible.iter().copied().collect();
     let mut per_node: BTreeMap<NodeId, Vec<S>> =
         eligible.iter().map(|n| (*n, Vec::new())).collect();
@@ -77,6 +85,32 @@ pub fn balance<S: Copy>(queued: &[Queued<S>], eligible: &[NodeId]) -> Vec<Move<S
         });
     }
     moves
+}
+
+/// Whether every queued subtask is on an eligible node and no two nodes
+/// differ by more than one: the common case, told without building the
+/// per-node lists (a round asks it of every task).
+fn already_even<S>(queued: &[Queued<S>], eligible: &[NodeId]) -> bool {
+    let mut counts: Vec<(NodeId, usize)> = Vec::with_capacity(queued.len());
+    for q in queued {
+        if !eligible.contains(&q.node) {
+            return false;
+        }
+        match counts.iter_mut().find(|(n, _)| *n == q.node) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((q.node, 1)),
+        }
+    }
+    let max = counts.iter().map(|(_, c)| *c).max().unwrap_or(0);
+    // A node without queued subtasks holds none (at most this counts a
+    // repeated eligible node as one more empty node: then the full check
+    // runs).
+    let min = if counts.len() < eligible.len() {
+        0
+    } else {
+        counts.iter().map(|(_, c)| *c).min().unwrap_or(0)
+    };
+    max <= min + 1
 }
 
 /// The fullest and the emptiest node when they differ by more than one.
@@ -128,6 +162,28 @@ mod tests {
         let moves = balance(&queued, &[]);
         assert_eq!(moves.len(), 3);
         assert!(moves.iter().all(|m| m.to.is_none()));
+    }
+
+    #[test]
+    fn the_even_shortcut_agrees_with_the_full_balance() {
+        // Every placement of up to 5 subtasks on nodes 1..=4 (4 is not
+        // eligible), with eligible sets with and without a repeated node.
+        for eligible in [vec![1, 2, 3], vec![1, 2, 2], vec![1], vec![]] {
+            for code in 0..4usize.pow(5) {
+                for len in 0..=5 {
+                    let queued: Vec<_> = (0..len)
+                        .map(|i| q(i as u32, 1 + (code / 4usize.pow(i as u32) % 4) as u64))
+                        .collect();
+                    let even = already_even(&queued, &eligible);
+                    let none = plan_moves(&queued, &eligible).is_empty();
+                    assert!(!even || none, "{queued:?} {eligible:?}");
+                    // Without a repeated node it is exactly the full answer.
+                    if eligible != [1, 2, 2] {
+                        assert_eq!(even, none, "{queued:?} {eligible:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,6 @@
 //!   rule's nodes move onto the matching node with the most room; when none
 //!   has room nothing moves (the rule waits rather than overload a node).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::balance::is_down;
@@ -134,21 +133,26 @@ impl Checker for RuleChecker {
 /// its eligible nodes moves to the eligible node with the most free slots
 /// (counting moves already planned; ties to the lowest id), if any has one.
 pub fn check_rules(view: &CoordView) -> Vec<Operator> {
-    let mut room: BTreeMap<NodeId, u32> = view.free_slots();
+    let mut room = view.room();
     let mut out = Vec::new();
+    let mut places = Vec::new();
     for t in view.tasks.iter().filter(|t| t.pinned_by.is_some()) {
-        for q in t.queued.iter().filter(|q| !t.eligible.contains(&q.node)) {
-            let to = t
-                .eligible
+        let mut stray = t.queued.iter().filter(|q| !t.eligible.contains(&q.node));
+        let Some(first) = stray.next() else {
+            continue;
+        };
+        // Where the task's up eligible nodes are kept, found once per task.
+        places.clear();
+        places.extend(t.eligible.iter().filter_map(|n| room.place(*n)));
+        for q in std::iter::once(first).chain(stray) {
+            let to = places
                 .iter()
-                .map(|n| (room.get(n).copied().unwrap_or(0), *n))
-                .filter(|(free, _)| *free > 0)
-                .max_by_key(|(free, n)| (*free, std::cmp::Reverse(*n)))
-                .map(|(_, n)| n);
-            if let Some(to) = to {
-                if let Some(r) = room.get_mut(&to) {
-                    *r -= 1;
-                }
+                .map(|i| (room.at(*i), *i))
+                .filter(|((_, free), _)| *free > 0)
+                .max_by_key(|((n, free), _)| (*free, std::cmp::Reverse(*n)))
+                .map(|((n, _), i)| (n, i));
+            if let Some((to, place)) = to {
+                room.take_at(place);
                 out.push(Operator::new(
                     OpKind::MoveSubtask,
                     "rule-checker",

@@ -79,16 +79,58 @@ pub struct CoordView {
 }
 
 impl CoordView {
-    /// Free slots of every up node: its slots less those in use.
-    pub fn free_slots(&self) -> BTreeMap<NodeId, u32> {
-        self.nodes
+    /// The free slots of every up node: its slots less those in use.
+    pub fn room(&self) -> Room {
+        let mut free: Vec<(NodeId, u32)> = self
+            .nodes
             .iter()
             .filter(|n| n.up)
             .map(|n| {
                 let used = self.used.get(&n.id).copied().unwrap_or(0);
                 (n.id, n.slots.saturating_sub(used))
             })
-            .collect()
+            .collect();
+        free.sort_unstable_by_key(|(n, _)| *n);
+        free.dedup_by_key(|(n, _)| *n);
+        Room { free }
+    }
+}
+
+/// Free slots per up node, as moves are planned: a node's place (found
+/// once) indexes its count.
+#[derive(Debug, Clone, Default)]
+pub struct Room {
+    /// (node, free slots), by node id.
+    free: Vec<(NodeId, u32)>,
+}
+
+impl Room {
+    /// Where `node` is kept; `None` for a node that is not up.
+    pub fn place(&self, node: NodeId) -> Option<usize> {
+        self.free.binary_search_by_key(&node, |(n, _)| *n).ok()
+    }
+
+    /// (node, free slots) at a place.
+    pub fn at(&self, place: usize) -> (NodeId, u32) {
+        self.free[place]
+    }
+
+    /// Free slots of `node` (0 when it is not up).
+    pub fn free(&self, node: NodeId) -> u32 {
+        self.place(node).map_or(0, |i| self.free[i].1)
+    }
+
+    /// One slot of the node at `place` is taken.
+    pub fn take_at(&mut self, place: usize) {
+        let f = &mut self.free[place].1;
+        *f = f.saturating_sub(1);
+    }
+
+    /// One slot of `node` is taken (if it is up).
+    pub fn take(&mut self, node: NodeId) {
+        if let Some(i) = self.place(node) {
+            self.take_at(i);
+        }
     }
 }
 
@@ -222,7 +264,7 @@ impl Scheduler for HotNode {
         if hot.is_empty() {
             return Vec::new();
         }
-        let mut room = view.free_slots();
+        let mut room = view.room();
         let mut out = Vec::new();
         for t in &view.tasks {
             for q in t.queued.iter().filter(|q| hot.contains(&q.node)) {
@@ -230,15 +272,12 @@ impl Scheduler for HotNode {
                     .eligible
                     .iter()
                     .filter(|n| {
-                        view.cpu.get(*n).is_some_and(|c| *c < self.low)
-                            && room.get(*n).is_some_and(|r| *r > 0)
+                        view.cpu.get(*n).is_some_and(|c| *c < self.low) && room.free(**n) > 0
                     })
                     .min_by(|a, b| view.cpu[*a].total_cmp(&view.cpu[*b]).then(a.cmp(b)))
                     .copied();
                 if let Some(to) = to {
-                    if let Some(r) = room.get_mut(&to) {
-                        *r -= 1;
-                    }
+                    room.take(to);
                     out.push(move_op(self.name(), PRIORITY_HOT, q.subtask, q.node, to));
                 }
             }

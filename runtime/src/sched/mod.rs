@@ -18,6 +18,8 @@
 //!   that admits them, takes nodes' reports and retires them.
 //! - [`rules`]: placement rules: the `rules.toml` file, validation and
 //!   conflict detection, which rule applies to a task, rule status.
+//! - [`rule_index`]: the `subtask` rules of one round indexed by key range,
+//!   with the nodes each allows (what a round asks per task, made cheap).
 //! - [`owner`]: the owner's loop (leader only) that carries all of it out
 //!   through replicated commands and the module's `plan`/`finish`/`revert`.
 
@@ -28,5 +30,6 @@ pub mod fair_share;
 pub mod operators;
 pub mod owner;
 pub mod placement;
+pub mod rule_index;
 pub mod rules;
 pub mod task;

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::coordinator::CoordView;
+use super::coordinator::{CoordView, Room};
 use crate::model::{NodeId, SubtaskState, TaskId};
 
 /// Cluster config key: moves in flight at once.
@@ -344,7 +344,7 @@ impl Operators {
         let mut count: BTreeMap<OpKind, usize> = BTreeMap::new();
         let mut busy: BTreeSet<(TaskId, u32, u32)> = BTreeSet::new();
         let mut going_down: BTreeSet<NodeId> = BTreeSet::new();
-        let mut room = view.free_slots();
+        let mut room = view.room();
         for o in self.in_flight.values() {
             *count.entry(o.kind).or_default() += 1;
             for s in &o.steps {
@@ -360,7 +360,7 @@ impl Operators {
             let fits = op.steps.iter().all(|s| match s {
                 Step::MoveSubtask { subtask, from, to } => {
                     !busy.contains(&subtask.id())
-                        && room.get(to).is_some_and(|r| *r > 0)
+                        && room.free(*to) > 0
                         && !going_down.contains(from)
                         && !going_down.contains(to)
                 }
@@ -490,14 +490,12 @@ fn claim(
     s: &Step,
     busy: &mut BTreeSet<(TaskId, u32, u32)>,
     going_down: &mut BTreeSet<NodeId>,
-    room: &mut BTreeMap<NodeId, u32>,
+    room: &mut Room,
 ) {
     match s {
         Step::MoveSubtask { subtask, to, .. } => {
             busy.insert(subtask.id());
-            if let Some(r) = room.get_mut(to) {
-                *r = r.saturating_sub(1);
-            }
+            room.take(*to);
         }
         Step::TakeBack { subtask, .. } => {
             busy.insert(subtask.id());

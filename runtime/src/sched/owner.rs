@@ -41,7 +41,8 @@ use super::coordinator::{
     Board, CoordTask, CoordView, Coordinator, OpKind, Operator, Seen, Step, SubtaskAt,
 };
 use super::fair_share::{admit_fair, TenantShare};
-use super::placement::{assign, eligible_nodes, preempt, Candidate, Held, Usage};
+use super::placement::{assign, preempt, Candidate, EligibleIndex, Held, Usage};
+use super::rule_index::SubtaskRules;
 use super::rules::{self, Rule};
 use super::task::{decide, Action, StepCounts};
 use crate::blob::BlobStore;
@@ -424,6 +425,8 @@ impl Owner {
     /// balancing, leadership) and assignment.
     async fn place(&mut self, view: &ClusterView, now: u64) {
         let nodes: Vec<NodeView> = view.nodes.iter().map(queries::node_view).collect();
+        let eligibility = EligibleIndex::new(&nodes);
+        let subtask_rules = SubtaskRules::new(&view.rules, &nodes, now);
         let mut candidates = Vec::new();
         let mut eligible_of = BTreeMap::new();
         let mut pinned_by = BTreeMap::new();
@@ -435,15 +438,13 @@ impl Owner {
                 .map(|s| s.node)
                 .collect();
             let placement = queries::task_placement(&t.task);
-            let rule = rules::subtask_rule(&view.rules, &t.task.key, &t.task.tenant, now);
-            let eligible = eligible_nodes(
-                &nodes,
-                &placement,
-                |n| rule.is_none_or(|r| r.matches(n)),
-                &in_use,
-            );
+            let rule = subtask_rules.rule_for(&t.task.key, &t.task.tenant);
+            let eligible = match rule {
+                Some(r) => eligibility.eligible_among(&placement, subtask_rules.nodes(r), &in_use),
+                None => eligibility.eligible(&placement, |_| true, &in_use),
+            };
             if let Some(r) = rule {
-                pinned_by.insert(t.task.id, r.name.clone());
+                pinned_by.insert(t.task.id, r.rule.name.clone());
             }
             eligible_of.insert(t.task.id, eligible.clone());
             candidates.push(Candidate {

@@ -2,14 +2,15 @@
 //! functions of a cluster view, driven by the owner's scheduling loop.
 //!
 //! 1. [`eligible_nodes`]: the nodes a task may use (up, `role=dist_worker`
-//!    rule, scope, label selector, placement rules, max node count).
+//!    rule, scope, label selector, placement rules, max node count);
+//!    [`EligibleIndex`] answers it for every task of a round.
 //! 2. [`admit`]: in rank order, which tasks get their stripes (concurrency
 //!    slots on each eligible node) after higher-ranked tasks reserved theirs.
 //! 3. [`assign`]: which pending subtasks go to which node now.
 //! 4. [`preempt`]: which running subtasks give their slots back because a
 //!    higher-ranked task now holds them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::{NodeId, NodeView, TaskId, TaskPlacement, BACKGROUND_SCOPE, DIST_WORKER_LABEL};
 
@@ -18,34 +19,121 @@ use crate::model::{NodeId, NodeView, TaskId, TaskPlacement, BACKGROUND_SCOPE, DI
 /// `allowed` is the placement rules' verdict on a node for this task;
 /// `in_use` are the nodes already running the task's subtasks, kept first
 /// when `max_nodes` trims the list so a limit does not shuffle work around.
+/// For many tasks over the same nodes, build one [`EligibleIndex`].
 pub fn eligible_nodes(
     nodes: &[NodeView],
     task: &TaskPlacement,
     allowed: impl Fn(&NodeView) -> bool,
     in_use: &BTreeSet<NodeId>,
 ) -> Vec<NodeId> {
-    let up: Vec<&NodeView> = nodes.iter().filter(|n| n.up).collect();
-    let (key, value) = DIST_WORKER_LABEL;
-    let dist_only = up.iter().any(|n| n.has_label(key, value));
-    let workers: Vec<&NodeView> = up
-        .into_iter()
-        .filter(|n| !dist_only || n.has_label(key, value))
-        .collect();
-    let scope: &str =
-        if task.scope.is_empty() && workers.iter().any(|n| n.scope == BACKGROUND_SCOPE) {
+    EligibleIndex::new(nodes).eligible(task, allowed, in_use)
+}
+
+/// The nodes of one round sorted out once (up, the `role=dist_worker`
+/// rule, grouped by scope and by id), so that each task's eligible nodes
+/// cost only its own filters (label selector, placement rules).
+#[derive(Debug, Clone)]
+pub struct EligibleIndex<'a> {
+    /// The nodes that run tasks, by scope, each list by id.
+    by_scope: BTreeMap<&'a str, Vec<&'a NodeView>>,
+    /// The scope of a task that names none: `background` when such a node
+    /// runs tasks, otherwise the empty scope.
+    default_scope: &'a str,
+}
+
+impl<'a> EligibleIndex<'a> {
+    pub fn new(nodes: &'a [NodeView]) -> Self {
+        let (key, value) = DIST_WORKER_LABEL;
+        let up = || nodes.iter().filter(|n| n.up);
+        let dist_only = up().any(|n| n.has_label(key, value));
+        let mut by_scope: BTreeMap<&str, Vec<&NodeView>> = BTreeMap::new();
+        for n in up().filter(|n| !dist_only || n.has_label(key, value)) {
+            by_scope.entry(n.scope.as_str()).or_default().push(n);
+        }
+        for list in by_scope.values_mut() {
+            list.sort_by_key(|n| n.id);
+        }
+        let default_scope = if by_scope.contains_key(BACKGROUND_SCOPE) {
             BACKGROUND_SCOPE
         } else {
-            &task.scope
+            ""
         };
-    let mut eligible: Vec<&NodeView> = workers
-        .into_iter()
-        .filter(|n| n.scope == scope && n.matches(&task.selector) && allowed(n))
-        .collect();
-    eligible.sort_by_key(|n| (!in_use.contains(&n.id), n.id));
-    if task.max_nodes > 0 {
-        eligible.truncate(task.max_nodes as usize);
+        EligibleIndex {
+            by_scope,
+            default_scope,
+        }
     }
-    eligible.into_iter().map(|n| n.id).collect()
+
+    /// [`eligible_nodes`] of one task.
+    pub fn eligible(
+        &self,
+        task: &TaskPlacement,
+        allowed: impl Fn(&NodeView) -> bool,
+        in_use: &BTreeSet<NodeId>,
+    ) -> Vec<NodeId> {
+        let eligible = self
+            .scope_of(task)
+            .iter()
+            .filter(|n| n.matches(&task.selector) && allowed(n))
+            .map(|n| n.id)
+            .collect();
+        Self::in_order(task, eligible, in_use)
+    }
+
+    /// [`eligible_nodes`] of a task that placement rules allow only on
+    /// `only` (ids in ascending order): looks up those nodes rather than
+    /// asking about every node.
+    pub fn eligible_among(
+        &self,
+        task: &TaskPlacement,
+        only: &[NodeId],
+        in_use: &BTreeSet<NodeId>,
+    ) -> Vec<NodeId> {
+        let list = self.scope_of(task);
+        let eligible = only
+            .iter()
+            .filter_map(|id| {
+                let i = list.binary_search_by_key(id, |n| n.id).ok()?;
+                Some(list[i])
+            })
+            .filter(|n| n.matches(&task.selector))
+            .map(|n| n.id)
+            .collect();
+        Self::in_order(task, eligible, in_use)
+    }
+
+    /// The nodes of the task's scope, by id.
+    fn scope_of(&self, task: &TaskPlacement) -> &[&'a NodeView] {
+        let scope = if task.scope.is_empty() {
+            self.default_scope
+        } else {
+            task.scope.as_str()
+        };
+        self.by_scope.get(scope).map_or(&[], Vec::as_slice)
+    }
+
+    /// Eligible nodes (by id) in preference order, trimmed to `max_nodes`.
+    fn in_order(
+        task: &TaskPlacement,
+        mut eligible: Vec<NodeId>,
+        in_use: &BTreeSet<NodeId>,
+    ) -> Vec<NodeId> {
+        if !in_use.is_empty() {
+            // The nodes in use first, then the others, each part by id.
+            let mut ordered = Vec::with_capacity(eligible.len());
+            ordered.extend(
+                in_use
+                    .iter()
+                    .filter(|id| eligible.binary_search(id).is_ok()),
+            );
+            ordered.extend(eligible.iter().filter(|id| !in_use.contains(id)));
+            eligible = ordered;
+        }
+        if task.max_nodes > 0 {
+            eligible.truncate(task.max_nodes as usize);
+        }
+        eligible
+    }
 }
 
 /// A task as admission sees it.
@@ -82,28 +170,31 @@ impl Admission {
 /// may still run on nodes it does not need.
 pub fn admit(nodes: &[NodeView], mut candidates: Vec<Candidate>) -> Admission {
     candidates.sort_by_key(|c| c.placement.rank);
-    let mut free: BTreeMap<NodeId, u32> = nodes.iter().map(|n| (n.id, n.slots)).collect();
-    let capacity: BTreeMap<NodeId, u32> = free.clone();
+    // Slots by node, in vectors indexed like `ids` (ascending node ids).
+    let capacity: BTreeMap<NodeId, u32> = nodes.iter().map(|n| (n.id, n.slots)).collect();
+    let ids: Vec<NodeId> = capacity.keys().copied().collect();
+    let slots: Vec<u32> = capacity.values().copied().collect();
+    let mut free = slots.clone();
     let mut out = Admission::default();
+    let mut need: Vec<(NodeId, usize, u32)> = Vec::new();
     for c in candidates {
         let id = c.placement.rank.id;
-        let need: BTreeMap<NodeId, u32> = c
-            .eligible
-            .iter()
-            .filter_map(|n| {
-                capacity
-                    .get(n)
-                    .map(|cap| (*n, c.placement.concurrency.min(*cap)))
-            })
-            .filter(|(_, need)| *need > 0)
-            .collect();
-        let fits = !need.is_empty() && need.iter().all(|(n, k)| free[n] >= *k);
-        for (n, k) in &need {
-            let f = free.get_mut(n).expect("known node");
-            *f = f.saturating_sub(*k);
+        need.clear();
+        need.extend(c.eligible.iter().filter_map(|n| {
+            let i = ids.binary_search(n).ok()?;
+            let k = c.placement.concurrency.min(slots[i]);
+            (k > 0).then_some((*n, i, k))
+        }));
+        // By node, each once (a node listed twice is needed once).
+        need.sort_unstable_by_key(|(_, i, _)| *i);
+        need.dedup_by_key(|(_, i, _)| *i);
+        let fits = !need.is_empty() && need.iter().all(|(_, i, k)| free[*i] >= *k);
+        for (_, i, k) in &need {
+            free[*i] = free[*i].saturating_sub(*k);
         }
         if fits {
-            out.admitted.push((id, need));
+            out.admitted
+                .push((id, need.iter().map(|(n, _, k)| (*n, *k)).collect()));
         } else {
             out.waiting.push(id);
         }
@@ -116,7 +207,8 @@ pub fn admit(nodes: &[NodeView], mut candidates: Vec<Candidate>) -> Admission {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
     pub per_node: BTreeMap<NodeId, u32>,
-    pub per_task_node: BTreeMap<(TaskId, NodeId), u32>,
+    /// Only looked up (a round adds one entry per active subtask).
+    pub per_task_node: HashMap<(TaskId, NodeId), u32>,
 }
 
 impl Usage {
@@ -146,28 +238,31 @@ pub fn assign<S: Copy>(
         .map(|n| (n.id, n.slots))
         .collect();
     let mut out = Vec::new();
+    // One task's nodes at a time, read from `usage` once: (node, its
+    // allowance, the task's subtasks there, the node's used slots, its
+    // slots), by node id.
+    let mut room: Vec<(NodeId, u32, u32, u32, u32)> = Vec::new();
     for (task, per_node) in &admission.admitted {
         let Some(subtasks) = pending.get(task) else {
             continue;
         };
+        room.clear();
+        room.extend(per_node.iter().filter_map(|(n, allow)| {
+            let node_slots = *slots.get(n)?;
+            let node_used = usage.per_node.get(n).copied().unwrap_or(0);
+            Some((*n, *allow, usage.on(*task, *n), node_used, node_slots))
+        }));
         for subtask in subtasks {
-            let best = per_node
-                .iter()
-                .filter(|(n, allow)| {
-                    let node_used = usage.per_node.get(n).copied().unwrap_or(0);
-                    usage.on(*task, **n) < **allow && slots.get(n).is_some_and(|s| node_used < *s)
-                })
-                .min_by_key(|(n, _)| {
-                    (
-                        usage.on(*task, **n),
-                        usage.per_node.get(n).copied().unwrap_or(0),
-                        **n,
-                    )
-                })
-                .map(|(n, _)| *n);
-            let Some(node) = best else {
+            let best = room
+                .iter_mut()
+                .filter(|(_, allow, on, used, cap)| on < allow && used < cap)
+                .min_by_key(|(n, _, on, used, _)| (*on, *used, *n));
+            let Some((node, _, on, used, _)) = best else {
                 break; // no room left for this task
             };
+            *on += 1;
+            *used += 1;
+            let node = *node;
             usage.add(*task, node);
             out.push((*task, *subtask, node));
         }
@@ -295,6 +390,41 @@ mod tests {
             eligible_nodes(&nodes, &t, |_| true, &BTreeSet::from([5])),
             vec![5, 1]
         );
+    }
+
+    #[test]
+    fn eligible_among_a_rules_nodes_is_eligible_with_the_rule() {
+        let mut nodes: Vec<_> = (1..=6)
+            .map(|i| {
+                node(
+                    i,
+                    2,
+                    if i == 6 { "etl" } else { "" },
+                    if i % 2 == 0 { "disk=ssd" } else { "" },
+                )
+            })
+            .collect();
+        nodes[2].up = false;
+        let index = EligibleIndex::new(&nodes);
+        let mut t = task(1, 1, 1);
+        for selector in ["", "disk=ssd"] {
+            t.selector = parse_labels(selector).unwrap();
+            for scope in ["", "etl"] {
+                t.scope = scope.into();
+                for only in [vec![], vec![2, 4], vec![1, 2, 3, 4, 5, 6, 9]] {
+                    for in_use in [BTreeSet::new(), BTreeSet::from([5]), BTreeSet::from([4, 9])] {
+                        for max in [0, 1, 2] {
+                            t.max_nodes = max;
+                            assert_eq!(
+                                index.eligible_among(&t, &only, &in_use),
+                                eligible_nodes(&nodes, &t, |n| only.contains(&n.id), &in_use),
+                                "{selector} {scope:?} {only:?} {in_use:?} {max}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
