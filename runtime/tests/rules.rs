@@ -4,7 +4,9 @@
 //! window opens and closes, an operator limit of 1 moves one subtask at a
 //! time (each move done by the report of the node it went to, or timed out
 //! when that node never reports), `stoker scheduler add|remove` steers the
-//! built-in schedulers, and a rule whose node is full waits and says why.
+//! built-in schedulers, a follower's worker gets its operator steps (and
+//! sends its reports) through the owner, and a rule whose node is full
+//! waits and says why.
 //!
 //! Clusters are started one at a time (a file-wide lock), and every process
 //! is killed when its cluster is dropped.
@@ -728,6 +730,88 @@ async fn an_operator_limit_of_one_moves_one_subtask_at_a_time() {
     let out = cli(&h, &["scheduler", "pause", "down-node-checker"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("checker"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_worker_gets_its_steps_through_the_owner() {
+    let _one = CLUSTERS.lock().await;
+    // Three scheduler nodes that also work; a stopped one stays "up".
+    let config =
+        "[owner]\nnode_timeout_ms = 600000\ntick_ms = 100\n\n[worker]\nheartbeat_interval_ms = 100\n";
+    let h = Harness::start(
+        config,
+        3,
+        &|id, _| vec!["--slots".into(), "2".into(), "--labels".into(), labels(id)],
+        &[],
+        3,
+    )
+    .await;
+    let leader = h
+        .cluster
+        .wait_leader(Duration::from_secs(30))
+        .await
+        .unwrap();
+    // `stopped` is never node 1, which the harness's client talks to.
+    let stopped = if leader == 3 { 2 } else { 3 };
+    let follower = 6 - leader - stopped;
+    for name in ["balance-subtask", "hot-node"] {
+        h.client()
+            .control_scheduler(ControlSchedulerRequest {
+                name: name.into(),
+                action: control_scheduler_request::Action::Pause as i32,
+            })
+            .await
+            .unwrap();
+    }
+    let m = h.upload("misbehave").await;
+    h.signal(stopped, "-STOP");
+    let id = h.submit(&m, "f/1", spins(6, 600), 2).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = h.get(id).await;
+        if r.subtasks
+            .iter()
+            .any(|s| s.state == "pending" && s.node == stopped)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing queued on {stopped}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Onto the follower's worker, whose heartbeats reach the owner only
+    // through the follower: the steps must come back that way, and the
+    // reports go to the owner the same way.
+    let target = format!("[{{ host = \"h{follower}\" }}]");
+    h.apply(&rule("pin", "subtask", "f/", "f0", &target, ""))
+        .await
+        .unwrap();
+    let by_follower = format!("report of node {follower}");
+    loop {
+        let ops = h
+            .client()
+            .list_operators(ListOperatorsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(o) = ops.recent.iter().find(|o| o.confirmed_by == by_follower) {
+            let took = format!("node {follower} took");
+            assert!(o.reports.iter().any(|r| r.starts_with(&took)), "{o:?}");
+            assert!(
+                o.steps[0].ends_with(&format!("to node {follower}")),
+                "{o:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no move done by node {follower}'s report: {:?}",
+            ops.recent
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.signal(stopped, "-CONT");
+    let ran = h.ran_on(id).await;
+    assert!(!ran.contains(&stopped), "{ran:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
