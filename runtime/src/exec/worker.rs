@@ -755,19 +755,7 @@ fn on_steps(shared: &Arc<Shared>, sent: &[stoker_proto::meta::OperatorStep]) {
         st.steps = sent.iter().filter_map(MoveStep::from_proto).collect();
         let live: BTreeSet<u64> = st.steps.iter().map(|s| s.operator).collect();
         st.released.retain(|op| live.contains(op));
-        let local: BTreeMap<SubtaskKey, LocalRun> = st
-            .running
-            .iter()
-            .map(|(k, e)| {
-                (
-                    *k,
-                    LocalRun {
-                        attempt: e.attempt,
-                        pausing: e.pausing,
-                    },
-                )
-            })
-            .collect();
+        let local = local_runs(st);
         let actions = steps::act(shared.id, &st.steps, &st.latest, &local);
         for &(operator, key, attempt) in &actions.drop {
             st.latest.retain(|a| {
@@ -878,6 +866,22 @@ async fn assignment_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// What this process is running, as [`decide`] and the step actions see it.
+fn local_runs(st: &State) -> BTreeMap<SubtaskKey, LocalRun> {
+    st.running
+        .iter()
+        .map(|(k, e)| {
+            (
+                *k,
+                LocalRun {
+                    attempt: e.attempt,
+                    pausing: e.pausing,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Applies [`decide`] to the latest assignments: aborts, pauses, starts.
 fn reconcile(shared: &Arc<Shared>) {
     let mut guard = shared.state.lock().expect("state lock");
@@ -899,19 +903,7 @@ fn reconcile(shared: &Arc<Shared>) {
         .chain(st.blocked.keys())
         .copied()
         .collect();
-    let local: BTreeMap<SubtaskKey, LocalRun> = st
-        .running
-        .iter()
-        .map(|(k, e)| {
-            (
-                *k,
-                LocalRun {
-                    attempt: e.attempt,
-                    pausing: e.pausing,
-                },
-            )
-        })
-        .collect();
+    let local = local_runs(st);
     let d = decide(&st.latest, &local, &skip, shared.cfg.slots as usize);
     for key in &d.stop {
         if let Some(e) = st.running.remove(key) {
