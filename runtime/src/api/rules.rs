@@ -29,11 +29,11 @@ use super::service::StokerService;
 use crate::meta::{now_ms, queries, MetaError};
 use crate::model::{SubtaskState, TaskState};
 use crate::sched::coordinator::{self, Operator, CHECKERS, SCHEDULERS, SCHEDULER_KEY_PREFIX};
+use crate::sched::rules::{self, Rule, StatusView, TaskKey};
 
 /// How long a heartbeat passed on to the owner may take before this node
 /// answers it itself (without operator steps).
 const HEARTBEAT_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
-use crate::sched::rules::{self, Rule, StatusView, TaskKey};
 
 /// A task as `rules show` needs it: key, tenant, subtasks waiting for a node.
 struct Waiting {
