@@ -17,24 +17,20 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{one, samples, scrape};
+use common::{exe, one, samples, scrape};
 use stoker::api::local_cluster::LocalCluster;
 use stoker::api::meta::{connect_lazy, connect_stoker, set_config_request};
 use stoker_proto::api::stoker_client::StokerClient;
 use stoker_proto::api::{
     control_scheduler_request, ApplyRulesRequest, ControlSchedulerRequest, GetTaskRequest,
     GetTaskResponse, ListOperatorsRequest, OperatorInfo, RuleInfo, ShowRulesRequest,
-    SubmitTaskRequest, UploadModuleRequest,
+    SubmitTaskRequest,
 };
 use tonic::transport::Channel;
 
 static CLUSTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_stoker"))
-}
 
 /// The owner notices dead workers quickly and rounds often.
 const CONFIG: &str =
@@ -87,17 +83,7 @@ impl Harness {
     }
 
     async fn upload(&self, name: &str) -> String {
-        let first = UploadModuleRequest {
-            name: name.into(),
-            tag: String::new(),
-            data: stoker_test_artifacts::read(name),
-        };
-        let r = self
-            .client()
-            .upload_module(futures::stream::iter(vec![first]))
-            .await
-            .unwrap();
-        r.into_inner().module.unwrap().hash
+        common::upload(self.client(), name).await
     }
 
     async fn submit(&self, module: &str, key: &str, input: String, concurrency: u32) -> u64 {

@@ -28,7 +28,9 @@ use super::meta::{channel, to_status, MAX_API_MESSAGE};
 use super::service::StokerService;
 use crate::meta::{now_ms, queries, MetaError};
 use crate::model::{SubtaskState, TaskState};
-use crate::sched::coordinator::{self, Operator, CHECKERS, SCHEDULERS, SCHEDULER_KEY_PREFIX};
+use crate::sched::coordinator::{
+    self, Operator, Published, CHECKERS, SCHEDULERS, SCHEDULER_KEY_PREFIX,
+};
 use crate::sched::rules::{self, Rule, StatusView, TaskKey};
 
 /// How long a heartbeat passed on to the owner may take before this node
@@ -151,12 +153,9 @@ impl StokerService {
         &self,
         request: Request<ListSchedulersRequest>,
     ) -> Result<Response<ListSchedulersResponse>, Status> {
-        self.caller(&request)
-            .await?
-            .require_admin("listing the coordinator's schedulers")?;
-        let token = self.forwarded_token(&request)?;
-        let published = self.board.lock().expect("board lock").clone();
-        let me = self.node().id();
+        let (published, me, token) = self
+            .coordinator_board(&request, "listing the coordinator's schedulers")
+            .await?;
         if published.owner {
             return Ok(Response::new(ListSchedulersResponse {
                 schedulers: published
@@ -268,12 +267,9 @@ impl StokerService {
         &self,
         request: Request<ListOperatorsRequest>,
     ) -> Result<Response<ListOperatorsResponse>, Status> {
-        self.caller(&request)
-            .await?
-            .require_admin("listing the coordinator's operators")?;
-        let token = self.forwarded_token(&request)?;
-        let published = self.board.lock().expect("board lock").clone();
-        let me = self.node().id();
+        let (published, me, token) = self
+            .coordinator_board(&request, "listing the coordinator's operators")
+            .await?;
         if published.owner {
             return Ok(Response::new(ListOperatorsResponse {
                 operators: published.operators.iter().map(operator_info).collect(),
@@ -291,6 +287,20 @@ impl StokerService {
                 "no owner is known: operators live on the owner",
             )),
         }
+    }
+
+    /// An admin's look at the coordinator, for `what`: this node's
+    /// published board, its id, and the caller's token (to forward the
+    /// request to the owner when this node is not it).
+    async fn coordinator_board<T>(
+        &self,
+        request: &Request<T>,
+        what: &str,
+    ) -> Result<(Published, u64, Option<String>), Status> {
+        self.caller(request).await?.require_admin(what)?;
+        let token = self.forwarded_token(request)?;
+        let published = self.board.lock().expect("board lock").clone();
+        Ok((published, self.node().id(), token))
     }
 
     /// The caller's token, to forward with its request to the owner (which

@@ -395,6 +395,10 @@ impl Endpoints {
 
     /// The current endpoint's index and proposal batcher.
     fn batcher(&self) -> Result<(usize, Arc<ProposeBatcher>), String> {
+        let i = self.current.load(Ordering::Relaxed) % self.addrs.len();
+        if let Some(b) = self.batchers.lock().expect("batchers lock").get(&i) {
+            return Ok((i, b.clone()));
+        }
         let (i, client) = self.meta()?;
         let mut batchers = self.batchers.lock().expect("batchers lock");
         let b = batchers

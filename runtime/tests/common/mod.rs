@@ -30,6 +30,20 @@ pub fn exe() -> &'static Path {
 pub const CONFIG: &str =
     "[owner]\nnode_timeout_ms = 3000\ntick_ms = 100\n\n[worker]\nheartbeat_interval_ms = 300\nslots = 2\n";
 
+/// Uploads test module `name` through `client`; returns its hash.
+pub async fn upload(mut client: StokerClient<Channel>, name: &str) -> String {
+    let first = UploadModuleRequest {
+        name: name.into(),
+        tag: String::new(),
+        data: stoker_test_artifacts::read(name),
+    };
+    let r = client
+        .upload_module(futures::stream::iter(vec![first]))
+        .await
+        .unwrap();
+    r.into_inner().module.unwrap().hash
+}
+
 pub struct Harness {
     pub cluster: LocalCluster,
     pub dir: tempfile::TempDir,
@@ -57,17 +71,7 @@ impl Harness {
     }
 
     pub async fn upload(&self, name: &str) -> String {
-        let first = UploadModuleRequest {
-            name: name.into(),
-            tag: String::new(),
-            data: stoker_test_artifacts::read(name),
-        };
-        let r = self
-            .client()
-            .upload_module(futures::stream::iter(vec![first]))
-            .await
-            .unwrap();
-        r.into_inner().module.unwrap().hash
+        upload(self.client(), name).await
     }
 
     pub async fn submit(&self, req: SubmitTaskRequest) -> u64 {
