@@ -219,10 +219,14 @@ async fn primes_make_room_for_a_cpu_hog_and_take_it_back() {
     drop(hogs);
 
     // Without the hog the node is overclocked again, back to a rate near
-    // the one it settled at alone.
+    // the one it settled at alone. "Near" allows for the band's width: the
+    // governor holds anywhere in 50–70 % CPU, so a rate reached from below
+    // (here) may be as low as 50/70 of one reached from above (alone), and
+    // a little for the sampling.
+    let near = 0.5 / 0.7 * 0.95;
     let regained = timeline
         .until("after", Duration::from_secs(20), |t| {
-            t.level >= 2.0 * floor && t.level >= 0.8 * settled.level
+            t.level >= 2.0 * floor && t.level >= near * settled.level
         })
         .await;
     assert!(
