@@ -283,7 +283,9 @@ impl SimCluster {
     /// Stops node `id` and deletes its data.
     pub(crate) fn wipe_node(&mut self, id: u64) {
         self.stop_node(id);
-        std::fs::remove_file(self.data_path(id)).expect("wipe");
+        let path = self.data_path(id);
+        std::fs::remove_file(RedbStorage::log_path(&path)).expect("wipe log");
+        std::fs::remove_file(path).expect("wipe");
     }
 
     pub(crate) fn node(&self, id: u64) -> &MetaNode {

@@ -1,6 +1,15 @@
-//! Durable Raft storage in redb: the log, hard state and snapshot point, plus
-//! the applied state (state machine tables, applied index, conf state), which
-//! always change together in one transaction.
+//! Durable Raft storage in redb, in two files:
+//! - the *log file* (`<name>-log.redb` beside the state file): the log, the
+//!   hard state and the snapshot point, written by the log writer in synced
+//!   transactions;
+//! - the *state file*: the applied state (state machine tables, applied
+//!   index, conf state), which always change together in one transaction.
+//!
+//! Two files, because redb has one writer per database: a sync of the log
+//! would otherwise hold up every apply (and the Raft loop with it) for its
+//! whole length. Applies are not synced; a crash loses the latest ones and
+//! they are applied again from the log, which is compacted only behind a
+//! synced state (see [`RedbStorage::compact`]).
 //!
 //! The state machine tables *are* the snapshot: a snapshot is exported from
 //! them on demand at the applied index, and the log is compacted behind it.
@@ -28,15 +37,17 @@ use stoker_proto::Message as _;
 
 use super::error::storage_err;
 use super::records;
-use super::state_machine::{self, SmTable, SM_TABLES};
+use super::state_machine::{self, SM_TABLES};
 use super::MetaError;
+use tracing::info;
 
-/// Log entries: index → 8 bytes of big-endian term, then the encoded entry.
+/// Log entries (log file): index → 8 bytes of big-endian term, then the
+/// encoded entry.
 const LOG: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("raft_log");
-/// Raft's own durable state: [`HARD_STATE`], [`SNAPSHOT_POINT`].
+/// Raft's own durable state (log file): [`HARD_STATE`], [`SNAPSHOT_POINT`].
 const RAFT_STATE: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("raft_state");
-/// The applied state: [`APPLIED`], [`CONF_STATE`]; written with the state
-/// machine tables.
+/// The applied state (state file): [`APPLIED`], [`CONF_STATE`]; written with
+/// the state machine tables.
 const APPLY_STATE: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("apply_state");
 
 const HARD_STATE: &str = "hard_state";
@@ -62,8 +73,12 @@ struct Cached {
 }
 
 struct Inner {
+    /// The state file: applied state and state machine tables.
     db: Database,
     path: PathBuf,
+    /// The log file: log, hard state, snapshot point.
+    log: Database,
+    log_path: PathBuf,
     /// The logical state: hard state and last index include what is staged.
     state: RwLock<Cached>,
     /// Staged entries not yet written, each with the number of the
@@ -97,8 +112,9 @@ impl LogWrite {
     }
 }
 
-/// Raft storage backed by one redb file. Cheap to clone; clones share the
-/// database. Only the node's Raft loop writes.
+/// Raft storage backed by two redb files (see the module docs). Cheap to
+/// clone; clones share the databases. Only the node's Raft loop and its log
+/// writer write.
 #[derive(Clone)]
 pub struct RedbStorage {
     inner: Arc<Inner>,
@@ -140,6 +156,48 @@ fn encode_entry(e: &Entry) -> Result<Vec<u8>, MetaError> {
     Ok(out)
 }
 
+/// Moves the log tables of a state file written by an older build (which
+/// kept them in that file) into the log file: copied there in a synced
+/// transaction, then deleted from `txn`, which the caller commits. Stopping
+/// in between leaves the tables in both, and the copy is made again.
+fn move_log(
+    path: &Path,
+    txn: &WriteTransaction,
+    log_path: &Path,
+    log: &Database,
+) -> Result<(), MetaError> {
+    let err = |e: redb::Error| storage_err(path, e);
+    let log_err = |e: redb::Error| storage_err(log_path, e);
+    let dst = log.begin_write().map_err(|e| log_err(e.into()))?;
+    {
+        let src = txn.open_table(LOG).map_err(|e| err(e.into()))?;
+        let mut out = dst.open_table(LOG).map_err(|e| log_err(e.into()))?;
+        out.retain(|_, _| false).map_err(|e| log_err(e.into()))?;
+        for row in src.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = row.map_err(|e| err(e.into()))?;
+            out.insert(k.value(), v.value())
+                .map_err(|e| log_err(e.into()))?;
+        }
+        let src = txn.open_table(RAFT_STATE).map_err(|e| err(e.into()))?;
+        let mut out = dst.open_table(RAFT_STATE).map_err(|e| log_err(e.into()))?;
+        out.retain(|_, _| false).map_err(|e| log_err(e.into()))?;
+        for row in src.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = row.map_err(|e| err(e.into()))?;
+            out.insert(k.value(), v.value())
+                .map_err(|e| log_err(e.into()))?;
+        }
+    }
+    dst.commit().map_err(|e| log_err(e.into()))?;
+    txn.delete_table(LOG).map_err(|e| err(e.into()))?;
+    txn.delete_table(RAFT_STATE).map_err(|e| err(e.into()))?;
+    info!(
+        from = %path.display(),
+        to = %log_path.display(),
+        "moved the raft log to its own file"
+    );
+    Ok(())
+}
+
 /// Checks that `entries` (not empty) continue or overwrite the log of `c`.
 fn check_append(entries: &[Entry], c: &Cached) -> Result<(), MetaError> {
     let first = entries[0].index;
@@ -159,104 +217,174 @@ fn check_append(entries: &[Entry], c: &Cached) -> Result<(), MetaError> {
 }
 
 impl RedbStorage {
-    /// Opens (or creates) the metadata database at `path`.
+    /// The log file kept beside the state file `path`.
+    pub fn log_path(path: &Path) -> PathBuf {
+        let stem = path
+            .file_stem()
+            .map_or_else(|| "meta".to_string(), |s| s.to_string_lossy().into_owned());
+        path.with_file_name(format!("{stem}-log.redb"))
+    }
+
+    /// Opens (or creates) the metadata databases: the state file at `path`
+    /// and the log file beside it ([`Self::log_path`]).
     ///
     /// # Errors
     /// [`MetaError::Open`] or [`MetaError::Corrupt`] naming the file when it
-    /// is not a readable redb database of this format.
+    /// is not a readable redb database of this format, or when the two files
+    /// do not belong together.
     pub fn open(path: &Path) -> Result<Self, MetaError> {
-        let open_err = |e: redb::Error| MetaError::Open {
+        let log_path = Self::log_path(path);
+        let open_err = |path: &Path, e: redb::Error| MetaError::Open {
             path: path.to_path_buf(),
             source: e,
         };
-        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
-        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        let db = Database::create(path).map_err(|e| open_err(path, e.into()))?;
+        let log = Database::create(&log_path).map_err(|e| open_err(&log_path, e.into()))?;
+        {
+            let txn = log
+                .begin_write()
+                .map_err(|e| open_err(&log_path, e.into()))?;
+            txn.open_table(LOG)
+                .map_err(|e| open_err(&log_path, e.into()))?;
+            txn.open_table(RAFT_STATE)
+                .map_err(|e| open_err(&log_path, e.into()))?;
+            txn.commit().map_err(|e| open_err(&log_path, e.into()))?;
+        }
+        let txn = db.begin_write().map_err(|e| open_err(path, e.into()))?;
+        let names: Vec<String> = txn
+            .list_tables()
+            .map_err(|e| open_err(path, e.into()))?
+            .map(|t| t.name().to_string())
+            .collect();
+        let has = |name: &str| names.iter().any(|n| n == name);
         // A database written by a build that did not keep the tenants'
         // usage counts gets them counted once, here.
-        let recount = {
-            let names: Vec<String> = txn
-                .list_tables()
-                .map_err(|e| open_err(e.into()))?
-                .map(|t| t.name().to_string())
-                .collect();
-            let has = |def: &SmTable| names.iter().any(|n| n == def.name());
-            has(&records::TASKS_TABLE) && !has(&records::TENANT_USAGE_TABLE)
-        };
+        let recount = has(records::TASKS_TABLE.name()) && !has(records::TENANT_USAGE_TABLE.name());
+        // A database written by a build that kept the log in the same file
+        // has it moved to the log file, synced there before it goes here.
+        if has(LOG.name()) || has(RAFT_STATE.name()) {
+            move_log(path, &txn, &log_path, &log)?;
+        }
         {
-            txn.open_table(LOG).map_err(|e| open_err(e.into()))?;
-            txn.open_table(RAFT_STATE).map_err(|e| open_err(e.into()))?;
             txn.open_table(APPLY_STATE)
-                .map_err(|e| open_err(e.into()))?;
+                .map_err(|e| open_err(path, e.into()))?;
             for def in SM_TABLES {
-                txn.open_table(*def).map_err(|e| open_err(e.into()))?;
+                txn.open_table(*def).map_err(|e| open_err(path, e.into()))?;
             }
         }
         if recount {
             state_machine::rebuild_usage(path, &txn)?;
         }
-        txn.commit().map_err(|e| open_err(e.into()))?;
-        let state = Self::load(&db, path)?;
-        Ok(RedbStorage {
+        txn.commit().map_err(|e| open_err(path, e.into()))?;
+        let storage = RedbStorage {
             inner: Arc::new(Inner {
                 db,
                 path: path.to_path_buf(),
-                state: RwLock::new(state),
+                log,
+                log_path,
+                state: RwLock::new(Cached::default()),
                 staged: Mutex::new(VecDeque::new()),
             }),
-        })
+        };
+        let state = storage.load()?;
+        storage.set_cached(state);
+        Ok(storage)
     }
 
-    fn load(db: &Database, path: &Path) -> Result<Cached, MetaError> {
+    fn load(&self) -> Result<Cached, MetaError> {
+        let (path, log_path) = (&self.inner.path, &self.inner.log_path);
         let err = |e: redb::Error| storage_err(path, e);
-        let corrupt = |what: &str| MetaError::Corrupt {
+        let log_err = |e: redb::Error| storage_err(log_path, e);
+        let corrupt = |path: &Path, what: &str| MetaError::Corrupt {
             path: path.to_path_buf(),
             what: what.to_string(),
         };
-        let txn = db.begin_read().map_err(|e| err(e.into()))?;
-        let raft_state = txn.open_table(RAFT_STATE).map_err(|e| err(e.into()))?;
+        let txn = self.inner.db.begin_read().map_err(|e| err(e.into()))?;
         let apply_state = txn.open_table(APPLY_STATE).map_err(|e| err(e.into()))?;
-        let log = txn.open_table(LOG).map_err(|e| err(e.into()))?;
+        let log_txn = self.inner.log.begin_read().map_err(|e| log_err(e.into()))?;
+        let raft_state = log_txn
+            .open_table(RAFT_STATE)
+            .map_err(|e| log_err(e.into()))?;
+        let log = log_txn.open_table(LOG).map_err(|e| log_err(e.into()))?;
         let mut c = Cached::default();
-        if let Some(v) = raft_state.get(HARD_STATE).map_err(|e| err(e.into()))? {
-            c.hard_state =
-                HardState::parse_from_bytes(v.value()).map_err(|_| corrupt("bad hard state"))?;
+        let mut has_hard_state = false;
+        if let Some(v) = raft_state.get(HARD_STATE).map_err(|e| log_err(e.into()))? {
+            c.hard_state = HardState::parse_from_bytes(v.value())
+                .map_err(|_| corrupt(log_path, "bad hard state"))?;
+            has_hard_state = true;
         }
-        if let Some(v) = raft_state.get(SNAPSHOT_POINT).map_err(|e| err(e.into()))? {
-            (c.snap_index, c.snap_term) = unpair(path, "snapshot point", v.value())?;
+        if let Some(v) = raft_state
+            .get(SNAPSHOT_POINT)
+            .map_err(|e| log_err(e.into()))?
+        {
+            (c.snap_index, c.snap_term) = unpair(log_path, "snapshot point", v.value())?;
         }
         if let Some(v) = apply_state.get(APPLIED).map_err(|e| err(e.into()))? {
             (c.applied_index, c.applied_term) = unpair(path, "applied index", v.value())?;
         }
         if let Some(v) = apply_state.get(CONF_STATE).map_err(|e| err(e.into()))? {
-            c.conf_state =
-                ConfState::parse_from_bytes(v.value()).map_err(|_| corrupt("bad conf state"))?;
+            c.conf_state = ConfState::parse_from_bytes(v.value())
+                .map_err(|_| corrupt(path, "bad conf state"))?;
         }
         // Check every entry now: raft-rs treats a storage error on the log
         // as fatal, so a bad record must stop the node here, with its name.
         c.last_index = c.snap_index;
-        for row in log.iter().map_err(|e| err(e.into()))? {
-            let (k, v) = row.map_err(|e| err(e.into()))?;
+        let mut applied_term_in_log = (c.applied_index == c.snap_index).then_some(c.snap_term);
+        for row in log.iter().map_err(|e| log_err(e.into()))? {
+            let (k, v) = row.map_err(|e| log_err(e.into()))?;
             let index = k.value();
             if index != c.last_index + 1 {
-                return Err(corrupt(&format!(
-                    "log entry {} follows {} (the log starts after {})",
-                    index, c.last_index, c.snap_index
-                )));
+                return Err(corrupt(
+                    log_path,
+                    &format!(
+                        "log entry {} follows {} (the log starts after {})",
+                        index, c.last_index, c.snap_index
+                    ),
+                ));
             }
             let bytes = v.value();
             let ok = bytes.len() >= 8
                 && Entry::parse_from_bytes(&bytes[8..])
                     .is_ok_and(|e| e.index == index && e.term.to_be_bytes() == bytes[..8]);
             if !ok {
-                return Err(corrupt(&format!("bad log entry {index}")));
+                return Err(corrupt(log_path, &format!("bad log entry {index}")));
+            }
+            if index == c.applied_index {
+                let term: [u8; 8] = bytes[..8].try_into().expect("8 bytes");
+                applied_term_in_log = Some(u64::from_be_bytes(term));
             }
             c.last_index = index;
         }
-        if c.applied_index < c.snap_index || c.applied_index > c.last_index {
-            return Err(corrupt(&format!(
-                "applied index {} outside the log [{}, {}]",
-                c.applied_index, c.snap_index, c.last_index
-            )));
+        drop((log, raft_state, log_txn, apply_state, txn));
+        if c.applied_index > 0 && !has_hard_state {
+            return Err(corrupt(
+                log_path,
+                &format!(
+                    "no Raft state, but {} is applied up to {}: the log file is missing or \
+                     belongs elsewhere",
+                    path.display(),
+                    c.applied_index
+                ),
+            ));
+        }
+        if c.applied_index < c.snap_index {
+            return Err(corrupt(
+                path,
+                &format!(
+                    "applied index {} is behind the log, which starts after {}",
+                    c.applied_index, c.snap_index
+                ),
+            ));
+        }
+        if applied_term_in_log != Some(c.applied_term) {
+            // A snapshot was installed in the state file and the node
+            // stopped before the log file was reset to it: finish that.
+            info!(
+                path = %log_path.display(),
+                index = c.applied_index,
+                "finishing an interrupted snapshot install"
+            );
+            self.reset_log(&mut c)?;
         }
         // Entries are applied only once committed, and the commit index is
         // written without a sync; what was applied was committed.
@@ -266,13 +394,51 @@ impl RedbStorage {
         Ok(c)
     }
 
+    /// Empties the log and puts its snapshot point at the applied index (of
+    /// `c`, which is updated), in one synced transaction of the log file.
+    fn reset_log(&self, c: &mut Cached) -> Result<(), MetaError> {
+        let txn = self.inner.log.begin_write().map_err(|e| self.log_err(e))?;
+        txn.open_table(LOG)
+            .map_err(|e| self.log_err(e))?
+            .retain(|_, _| false)
+            .map_err(|e| self.log_err(e))?;
+        txn.open_table(RAFT_STATE)
+            .map_err(|e| self.log_err(e))?
+            .insert(
+                SNAPSHOT_POINT,
+                pair(c.applied_index, c.applied_term).as_slice(),
+            )
+            .map_err(|e| self.log_err(e))?;
+        c.snap_index = c.applied_index;
+        c.snap_term = c.applied_term;
+        c.last_index = c.applied_index;
+        if c.hard_state.commit < c.applied_index {
+            c.hard_state.commit = c.applied_index;
+        }
+        if c.hard_state.term < c.applied_term {
+            c.hard_state.term = c.applied_term;
+        }
+        self.write_hard_state(&txn, &c.hard_state)?;
+        txn.commit().map_err(|e| self.log_err(e))?;
+        Ok(())
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
 
+    /// The log file.
+    pub fn log_file(&self) -> &Path {
+        &self.inner.log_path
+    }
+
     fn err(&self, e: impl Into<redb::Error>) -> MetaError {
         storage_err(&self.inner.path, e)
+    }
+
+    fn log_err(&self, e: impl Into<redb::Error>) -> MetaError {
+        storage_err(&self.inner.log_path, e)
     }
 
     fn cached(&self) -> Cached {
@@ -313,22 +479,26 @@ impl RedbStorage {
         next.applied_term = INIT_TERM;
         next.hard_state.term = INIT_TERM;
         next.hard_state.commit = INIT_INDEX;
+        // The state file first: a log file with Raft state but no applied
+        // state is refused at open, not mistaken for a fresh one.
         let txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
         for (id, addr) in voters {
             state_machine::put_member(&txn, *id, addr).map_err(|e| self.err(e))?;
         }
         self.write_conf_state(&txn, &next.conf_state)?;
-        self.write_hard_state(&txn, &next.hard_state)?;
         let point = pair(INIT_INDEX, INIT_TERM);
-        txn.open_table(RAFT_STATE)
-            .map_err(|e| self.err(e))?
-            .insert(SNAPSHOT_POINT, point.as_slice())
-            .map_err(|e| self.err(e))?;
         txn.open_table(APPLY_STATE)
             .map_err(|e| self.err(e))?
             .insert(APPLIED, point.as_slice())
             .map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))?;
+        let txn = self.inner.log.begin_write().map_err(|e| self.log_err(e))?;
+        self.write_hard_state(&txn, &next.hard_state)?;
+        txn.open_table(RAFT_STATE)
+            .map_err(|e| self.log_err(e))?
+            .insert(SNAPSHOT_POINT, point.as_slice())
+            .map_err(|e| self.log_err(e))?;
+        txn.commit().map_err(|e| self.log_err(e))?;
         self.set_cached(next);
         Ok(())
     }
@@ -342,12 +512,13 @@ impl RedbStorage {
         Ok(())
     }
 
+    /// Writes the hard state in a transaction of the log file.
     fn write_hard_state(&self, txn: &WriteTransaction, hs: &HardState) -> Result<(), MetaError> {
         let bytes = hs.write_to_bytes().map_err(raft::Error::from)?;
         txn.open_table(RAFT_STATE)
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.log_err(e))?
             .insert(HARD_STATE, bytes.as_slice())
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.log_err(e))?;
         Ok(())
     }
 
@@ -383,18 +554,27 @@ impl RedbStorage {
             return self.write(std::slice::from_ref(&write));
         };
         let mut next = self.cached();
+        // The state file first, synced: should the node stop before the log
+        // file follows, opening it finishes the install (see `load`).
         let txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
         self.install_snapshot(&txn, snap, &mut next)?;
-        if !entries.is_empty() {
-            check_append(entries, &next)?;
-            self.append(&txn, entries)?;
-            next.last_index = entries[entries.len() - 1].index;
-        }
-        if let Some(hs) = hard_state {
-            next.hard_state = hs.clone();
-        }
-        self.write_hard_state(&txn, &next.hard_state)?;
         txn.commit().map_err(|e| self.err(e))?;
+        self.reset_log(&mut next)?;
+        if !entries.is_empty() || hard_state.is_some() {
+            let txn = self.inner.log.begin_write().map_err(|e| self.log_err(e))?;
+            if !entries.is_empty() {
+                check_append(entries, &next)?;
+                self.append(&txn, entries)?;
+                next.last_index = entries[entries.len() - 1].index;
+            }
+            if let Some(hs) = hard_state {
+                next.hard_state = hs.clone();
+                // The snapshot's point may be ahead of what the Ready says.
+                next.hard_state.commit = next.hard_state.commit.max(next.applied_index);
+            }
+            self.write_hard_state(&txn, &next.hard_state)?;
+            txn.commit().map_err(|e| self.log_err(e))?;
+        }
         self.set_cached(next);
         Ok(())
     }
@@ -440,10 +620,10 @@ impl RedbStorage {
             return Ok(());
         };
         if batch.iter().any(|w| !w.is_empty()) {
-            let mut txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+            let mut txn = self.inner.log.begin_write().map_err(|e| self.log_err(e))?;
             if !batch.iter().any(|w| w.sync) {
                 txn.set_durability(Durability::None)
-                    .map_err(|e| self.err(redb::Error::from(e)))?;
+                    .map_err(|e| self.log_err(redb::Error::from(e)))?;
             }
             for w in batch.iter().filter(|w| !w.entries.is_empty()) {
                 self.append(&txn, &w.entries)?;
@@ -451,7 +631,7 @@ impl RedbStorage {
             if let Some(hs) = batch.iter().rev().find_map(|w| w.hard_state.as_ref()) {
                 self.write_hard_state(&txn, hs)?;
             }
-            txn.commit().map_err(|e| self.err(e))?;
+            txn.commit().map_err(|e| self.log_err(e))?;
         }
         // Entries staged by later updates (numbers above the batch's) stay:
         // they are not written yet, or replaced what was just written.
@@ -462,19 +642,21 @@ impl RedbStorage {
         Ok(())
     }
 
-    /// Writes `entries` to the log table, replacing the log from their first
-    /// index on.
+    /// Writes `entries` to the log table (in a transaction of the log file),
+    /// replacing the log from their first index on.
     fn append(&self, txn: &WriteTransaction, entries: &[Entry]) -> Result<(), MetaError> {
-        let mut log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+        let mut log = txn.open_table(LOG).map_err(|e| self.log_err(e))?;
         log.retain_in(entries[0].index.., |_, _| false)
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.log_err(e))?;
         for e in entries {
             log.insert(e.index, encode_entry(e)?.as_slice())
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.log_err(e))?;
         }
         Ok(())
     }
 
+    /// Imports a snapshot into the state file (in `txn`) and sets `next`'s
+    /// applied state to its point; the log is reset after.
     fn install_snapshot(
         &self,
         txn: &WriteTransaction,
@@ -487,14 +669,6 @@ impl RedbStorage {
             reason: e.to_string(),
         })?;
         state_machine::import(&self.inner.path, txn, &data)?;
-        txn.open_table(LOG)
-            .map_err(|e| self.err(e))?
-            .retain(|_, _| false)
-            .map_err(|e| self.err(e))?;
-        txn.open_table(RAFT_STATE)
-            .map_err(|e| self.err(e))?
-            .insert(SNAPSHOT_POINT, pair(meta.index, meta.term).as_slice())
-            .map_err(|e| self.err(e))?;
         txn.open_table(APPLY_STATE)
             .map_err(|e| self.err(e))?
             .insert(APPLIED, pair(meta.index, meta.term).as_slice())
@@ -506,12 +680,6 @@ impl RedbStorage {
         next.applied_index = meta.index;
         next.applied_term = meta.term;
         next.conf_state = meta.get_conf_state().clone();
-        if next.hard_state.commit < meta.index {
-            next.hard_state.commit = meta.index;
-        }
-        if next.hard_state.term < meta.term {
-            next.hard_state.term = meta.term;
-        }
         Ok(())
     }
 
@@ -526,11 +694,11 @@ impl RedbStorage {
             return Ok(());
         }
         next.hard_state.commit = commit;
-        let mut txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        let mut txn = self.inner.log.begin_write().map_err(|e| self.log_err(e))?;
         txn.set_durability(Durability::None)
-            .map_err(|e| self.err(redb::Error::from(e)))?;
+            .map_err(|e| self.log_err(redb::Error::from(e)))?;
         self.write_hard_state(&txn, &next.hard_state)?;
-        txn.commit().map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.log_err(e))?;
         self.set_cached(next);
         Ok(())
     }
@@ -553,8 +721,8 @@ impl RedbStorage {
     }
 
     /// Discards the log up to and including `upto`, which must be applied.
-    /// Synced, so every earlier (unsynced) apply is durable before the log
-    /// that could replay it disappears.
+    /// The state file is synced first, so every earlier (unsynced) apply is
+    /// durable before the log that could replay it disappears.
     ///
     /// # Errors
     /// [`MetaError::Invalid`] if `upto` is not applied; storage failures.
@@ -570,20 +738,33 @@ impl RedbStorage {
             )));
         }
         let term = raft::Storage::term(self, upto)?;
-        let txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        self.sync_applied()?;
+        let txn = self.inner.log.begin_write().map_err(|e| self.log_err(e))?;
         txn.open_table(LOG)
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.log_err(e))?
             .retain_in(..=upto, |_, _| false)
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.log_err(e))?;
         txn.open_table(RAFT_STATE)
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.log_err(e))?
             .insert(SNAPSHOT_POINT, pair(upto, term).as_slice())
-            .map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))?;
+            .map_err(|e| self.log_err(e))?;
+        txn.commit().map_err(|e| self.log_err(e))?;
         next.snap_index = upto;
         next.snap_term = term;
-        self.set_cached(next);
+        let mut cur = self.inner.state.write().expect("storage lock");
+        cur.snap_index = next.snap_index;
+        cur.snap_term = next.snap_term;
         Ok(())
+    }
+
+    /// Makes every applied change durable: one synced (empty) transaction of
+    /// the state file, which persists the unsynced ones before it.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn sync_applied(&self) -> Result<(), MetaError> {
+        let txn = self.inner.db.begin_write().map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
     }
 
     /// The applied index and its term.
@@ -608,6 +789,10 @@ impl RedbStorage {
     /// Storage failures.
     pub fn read(&self) -> Result<redb::ReadTransaction, MetaError> {
         self.inner.db.begin_read().map_err(|e| self.err(e))
+    }
+
+    fn read_log(&self) -> Result<redb::ReadTransaction, MetaError> {
+        self.inner.log.begin_read().map_err(|e| self.log_err(e))
     }
 
     /// SHA-256 of the state machine tables.
@@ -648,20 +833,20 @@ impl RedbStorage {
         };
         if low < staged_first {
             let hole = || MetaError::Corrupt {
-                path: self.inner.path.clone(),
+                path: self.inner.log_path.clone(),
                 what: format!("log has a hole in [{low}, {staged_first})"),
             };
-            let txn = self.read()?;
-            let log = txn.open_table(LOG).map_err(|e| self.err(e))?;
-            for row in log.range(low..staged_first).map_err(|e| self.err(e))? {
-                let (k, v) = row.map_err(|e| self.err(e))?;
+            let txn = self.read_log()?;
+            let log = txn.open_table(LOG).map_err(|e| self.log_err(e))?;
+            for row in log.range(low..staged_first).map_err(|e| self.log_err(e))? {
+                let (k, v) = row.map_err(|e| self.log_err(e))?;
                 let bytes = v.value();
                 let entry = bytes
                     .get(8..)
                     .and_then(|b| Entry::parse_from_bytes(b).ok())
                     .filter(|e| e.index == k.value())
                     .ok_or_else(|| MetaError::Corrupt {
-                        path: self.inner.path.clone(),
+                        path: self.inner.log_path.clone(),
                         what: format!("bad log entry {}", k.value()),
                     })?;
                 if entry.index != low + out.len() as u64 {
@@ -689,7 +874,7 @@ impl RedbStorage {
         }
         if out.len() as u64 != high - low {
             return Err(MetaError::Corrupt {
-                path: self.inner.path.clone(),
+                path: self.inner.log_path.clone(),
                 what: format!("log has a hole in [{low}, {high})"),
             });
         }
@@ -815,15 +1000,15 @@ impl raft::Storage for RedbStorage {
             return Ok(term);
         }
         let read = || -> Result<u64, MetaError> {
-            let txn = self.read()?;
-            let log = txn.open_table(LOG).map_err(|e| self.err(e))?;
-            let v = log.get(idx).map_err(|e| self.err(e))?;
+            let txn = self.read_log()?;
+            let log = txn.open_table(LOG).map_err(|e| self.log_err(e))?;
+            let v = log.get(idx).map_err(|e| self.log_err(e))?;
             v.and_then(|v| {
                 let term: [u8; 8] = v.value().get(..8)?.try_into().ok()?;
                 Some(u64::from_be_bytes(term))
             })
             .ok_or_else(|| MetaError::Corrupt {
-                path: self.inner.path.clone(),
+                path: self.inner.log_path.clone(),
                 what: format!("missing log entry {idx}"),
             })
         };

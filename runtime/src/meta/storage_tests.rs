@@ -308,32 +308,44 @@ fn garbage_file_is_a_clear_error_naming_it() {
 
 #[test]
 fn truncated_file_is_a_clear_error_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("meta.redb");
-    {
-        let s = RedbStorage::open(&path).unwrap();
-        let ents: Vec<Entry> = (1..=200).map(|i| entry(i, 1)).collect();
-        s.persist(None, &ents, None).unwrap();
+    for log_file in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        {
+            let s = RedbStorage::open(&path).unwrap();
+            let ents: Vec<Entry> = (1..=200).map(|i| entry(i, 1)).collect();
+            s.persist(None, &ents, None).unwrap();
+        }
+        let victim = if log_file {
+            RedbStorage::log_path(&path)
+        } else {
+            path.clone()
+        };
+        let len = std::fs::metadata(&victim).unwrap().len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .unwrap();
+        f.set_len(len / 3).unwrap();
+        drop(f);
+        let err = RedbStorage::open(&path).unwrap_err();
+        assert!(err.to_string().contains(victim.to_str().unwrap()), "{err}");
     }
-    let len = std::fs::metadata(&path).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.set_len(len / 3).unwrap();
-    drop(f);
-    let err = RedbStorage::open(&path).unwrap_err();
-    assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
 }
 
 #[test]
 fn corrupt_log_entry_is_a_clear_error_at_startup() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta.redb");
+    let log_path = RedbStorage::log_path(&path);
     {
         let s = RedbStorage::open(&path).unwrap();
+        assert_eq!(s.log_file(), log_path);
         let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
         s.persist(None, &ents, None).unwrap();
     }
     {
-        let db = redb::Database::open(&path).unwrap();
+        let db = redb::Database::open(&log_path).unwrap();
         let txn = db.begin_write().unwrap();
         txn.open_table(LOG)
             .unwrap()
@@ -343,17 +355,141 @@ fn corrupt_log_entry_is_a_clear_error_at_startup() {
     }
     let err = RedbStorage::open(&path).unwrap_err().to_string();
     assert!(
-        err.contains(path.to_str().unwrap()) && err.contains("log entry 3"),
+        err.contains(log_path.to_str().unwrap()) && err.contains("log entry 3"),
         "{err}"
     );
     {
-        let db = redb::Database::open(&path).unwrap();
+        let db = redb::Database::open(&log_path).unwrap();
         let txn = db.begin_write().unwrap();
         txn.open_table(LOG).unwrap().remove(3u64).unwrap();
         txn.commit().unwrap();
     }
     let err = RedbStorage::open(&path).unwrap_err().to_string();
     assert!(err.contains("log entry 4 follows 2"), "{err}");
+}
+
+#[test]
+fn a_lost_log_file_is_refused_not_taken_for_a_fresh_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    {
+        let s = RedbStorage::open(&path).unwrap();
+        s.initialize(&[(1, "127.0.0.1:1".into())]).unwrap();
+    }
+    std::fs::remove_file(RedbStorage::log_path(&path)).unwrap();
+    let err = RedbStorage::open(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("no Raft state") && err.contains("log file is missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_log_kept_in_the_state_file_by_an_older_build_is_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    let log_path = RedbStorage::log_path(&path);
+    let hs = HardState {
+        term: 3,
+        vote: 2,
+        commit: 4,
+        ..Default::default()
+    };
+    {
+        let s = RedbStorage::open(&path).unwrap();
+        let ents: Vec<Entry> = (1..=6).map(|i| entry(i, 3)).collect();
+        s.persist(None, &ents, Some(&hs)).unwrap();
+        mark_applied(&s, 4, 3);
+    }
+    // Rewrite the pair as the old single file: log tables beside the state.
+    {
+        let old = redb::Database::open(&log_path).unwrap();
+        let db = redb::Database::open(&path).unwrap();
+        let (r, w) = (old.begin_read().unwrap(), db.begin_write().unwrap());
+        {
+            let mut log = w.open_table(LOG).unwrap();
+            for row in r.open_table(LOG).unwrap().iter().unwrap() {
+                let (k, v) = row.unwrap();
+                log.insert(k.value(), v.value()).unwrap();
+            }
+            let mut state = w.open_table(RAFT_STATE).unwrap();
+            for row in r.open_table(RAFT_STATE).unwrap().iter().unwrap() {
+                let (k, v) = row.unwrap();
+                state.insert(k.value(), v.value()).unwrap();
+            }
+        }
+        w.commit().unwrap();
+    }
+    std::fs::remove_file(&log_path).unwrap();
+    let s = RedbStorage::open(&path).unwrap();
+    assert_eq!(s.last_index().unwrap(), 6);
+    assert_eq!(s.hard_state(), hs);
+    assert_eq!(s.applied(), (4, 3));
+    assert_eq!(terms(&s, 1, 7), (1..=6).map(|i| (i, 3)).collect::<Vec<_>>());
+    drop(s);
+    let db = redb::Database::open(&path).unwrap();
+    let names: Vec<String> = db
+        .begin_read()
+        .unwrap()
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(!names.iter().any(|n| n == "raft_log" || n == "raft_state"));
+}
+
+#[test]
+fn a_snapshot_install_cut_short_before_the_log_file_is_finished_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_path, b_path) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+    let snap = {
+        let a = RedbStorage::open(&a_path).unwrap();
+        let ents: Vec<Entry> = (1..=8).map(|i| entry(i, 2)).collect();
+        let hs = HardState {
+            term: 2,
+            commit: 8,
+            ..Default::default()
+        };
+        a.persist(None, &ents, Some(&hs)).unwrap();
+        let set = command::Kind::SetConfig(SetConfig {
+            key: "k".into(),
+            value: "v".into(),
+        });
+        apply_all(&a, &[Command { kind: Some(set) }]);
+        mark_applied(&a, 8, 2);
+        a.snapshot(8, 0).unwrap()
+    };
+    {
+        let b = RedbStorage::open(&b_path).unwrap();
+        let hs = HardState {
+            term: 1,
+            commit: 2,
+            ..Default::default()
+        };
+        let ents: Vec<Entry> = (1..=3).map(|i| entry(i, 1)).collect();
+        b.persist(None, &ents, Some(&hs)).unwrap();
+    }
+    // Only the state file half of the install reaches the disk.
+    {
+        let db = redb::Database::open(&b_path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let data = SnapshotData::decode(snap.get_data()).unwrap();
+        state_machine::import(&b_path, &txn, &data).unwrap();
+        let point = [8u64.to_be_bytes(), 2u64.to_be_bytes()].concat();
+        txn.open_table(APPLY_STATE)
+            .unwrap()
+            .insert(APPLIED, point.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let b = RedbStorage::open(&b_path).unwrap();
+    assert_eq!(b.first_index().unwrap(), 9);
+    assert_eq!(b.last_index().unwrap(), 8);
+    assert_eq!(b.term(8).unwrap(), 2);
+    assert_eq!(b.applied(), (8, 2));
+    assert!(b.hard_state().commit >= 8 && b.hard_state().term >= 2);
+    let a = RedbStorage::open(&a_path).unwrap();
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
 }
 
 fn apply_all(s: &RedbStorage, cmds: &[Command]) -> Vec<stoker_proto::meta::CommandResult> {
