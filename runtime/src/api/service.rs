@@ -412,12 +412,13 @@ impl Stoker for StokerService {
                 let mut subtasks = Vec::new();
                 if task.started {
                     for step in 0..=task.step {
-                        let (list, counts) = queries::step_subtasks(p, t, id, step)?;
+                        let counts = queries::step_counts(p, t, id, step)?;
                         steps.push(StepInfo {
                             step,
                             counts: state_counts(&counts),
                         });
                         if req.with_subtasks {
+                            let (list, _) = queries::step_subtasks(p, t, id, step)?;
                             subtasks.extend(list.into_iter().map(|mut s| {
                                 s.payload.clear();
                                 s.output.clear();

@@ -31,7 +31,7 @@ fn snapshot(node: &MetaNode, caller: &Caller, id: u64) -> Result<Option<TaskEven
         let mut steps = Vec::new();
         if task.started {
             for step in 0..=task.step {
-                let (_, counts) = queries::step_subtasks(p, t, id, step)?;
+                let counts = queries::step_counts(p, t, id, step)?;
                 steps.push(StepInfo {
                     step,
                     counts: state_counts(&counts),

@@ -8,14 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use stoker_proto::meta::{
     command_result, AddSubtasks, ChangeSubtasks, CommandResult, FinishTask, GcHistory,
     MarkNodeDown, ModifyTask, ModuleRecord, NewSubtask, NodeHeartbeat, PutModuleChunk,
-    RegisterNode, RequeueSubtask, SubtaskRecord, TaskModification, TaskRecord, TenantUsage,
+    RegisterNode, RequeueSubtask, StepCountsRecord, SubtaskRecord, TaskModification, TaskRecord,
+    TenantUsage,
 };
 use stoker_proto::Message;
 
 use super::model_tests::*;
 use super::queries::{self, TaskFilter};
 use super::records::{self, by_node_key, rank_key, rank_of};
-use super::state_machine;
+use super::{state_machine, subtasks};
 use crate::model::{SubtaskState, TaskState};
 
 /// A scripted workload with accepted and rejected commands.
@@ -118,6 +119,61 @@ fn a_snapshot_carries_the_task_framework_tables() {
     let tasks = b.read(|p, t| queries::list_tasks(p, t, &TaskFilter::default()));
     assert_eq!(tasks.len(), 5);
     assert_eq!(b.step(1, 0).1.get(SubtaskState::Succeed), 1);
+}
+
+#[test]
+fn step_counts_and_waiting_subtasks_come_back_from_older_snapshots_and_databases() {
+    let mut a = Sm::new();
+    for c in workload() {
+        a.apply(c);
+    }
+    // A new task gets two subtasks that wait for a node.
+    a.ok(C::SubmitTask(submit_spec(&hash_of(&[1u8; 100]), 0, 99)));
+    let all = a.read(|p, t| queries::list_tasks(p, t, &TaskFilter::default()));
+    let id = all.iter().map(|t| t.id).max().unwrap();
+    a.ok(C::AddSubtasks(AddSubtasks {
+        task_id: id,
+        step: 0,
+        subtasks: vec![
+            NewSubtask::default(),
+            NewSubtask {
+                ordinal: 1,
+                ..Default::default()
+            },
+        ],
+        last: true,
+        start: true,
+    }));
+    check_indexes(&a);
+    let derived = ["sm_step_counts", "sm_subtasks_waiting"];
+    let t = tables(&a);
+    assert_eq!(t["sm_subtasks_waiting"].len(), 2);
+    assert!(!t["sm_step_counts"].is_empty());
+    let data = state_machine::export(&a.s.read().unwrap()).unwrap();
+
+    // A snapshot without them (an older build's) gets them counted.
+    let mut old = data.clone();
+    old.tables.retain(|t| !derived.contains(&t.name.as_str()));
+    let b = Sm::new();
+    let tx = b.s.begin_apply().unwrap();
+    state_machine::import(tx.path(), tx.txn(), &old).unwrap();
+    tx.commit().unwrap();
+    check_indexes(&b);
+    assert_eq!(a.s.digest().unwrap(), b.s.digest().unwrap());
+
+    // A database without them gets them at open (applied index back to 0:
+    // these commands were applied without a Raft log).
+    let mut tx = a.s.begin_apply().unwrap();
+    assert!(tx.txn().delete_table(records::STEP_COUNTS_TABLE).unwrap());
+    assert!(tx
+        .txn()
+        .delete_table(records::SUBTASKS_WAITING_TABLE)
+        .unwrap());
+    tx.set_applied(0, 0);
+    tx.commit().unwrap();
+    let a = a.reopen();
+    check_indexes(&a);
+    assert_eq!(a.s.digest().unwrap(), b.s.digest().unwrap());
 }
 
 /// A xorshift generator: random but the same on every run.
@@ -338,6 +394,24 @@ fn check_indexes(sm: &Sm) {
         }
     }
     assert_eq!(keys("sm_subtasks_by_node"), by_node);
+    let mut waiting = BTreeSet::new();
+    let mut counts: BTreeMap<Vec<u8>, StepCountsRecord> = BTreeMap::new();
+    for (k, v) in &t["sm_subtasks"] {
+        let s = SubtaskRecord::decode(v.as_slice()).unwrap();
+        if s.node == 0 && records::subtask_state(&s).unwrap() == SubtaskState::Pending {
+            waiting.insert(k.clone());
+        }
+        let c = counts
+            .entry(records::step_key(s.task_id, s.step).to_vec())
+            .or_default();
+        *subtasks::count_of(c, records::subtask_state(&s).unwrap()) += 1;
+    }
+    assert_eq!(keys("sm_subtasks_waiting"), waiting);
+    let kept: BTreeMap<Vec<u8>, StepCountsRecord> = t["sm_step_counts"]
+        .iter()
+        .map(|(k, v)| (k.clone(), StepCountsRecord::decode(v.as_slice()).unwrap()))
+        .collect();
+    assert_eq!(kept, counts, "the step counts are the records'");
 }
 
 #[test]

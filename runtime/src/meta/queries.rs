@@ -11,16 +11,18 @@ use std::path::Path;
 
 use redb::{ReadTransaction, ReadableTable};
 use stoker_proto::meta::{
-    ModuleRecord, NodeRecord, SubtaskRecord, TaskRecord, TenantRecord, TokenRecord,
+    ModuleRecord, NodeRecord, StepCountsRecord, SubtaskRecord, TaskRecord, TenantRecord,
+    TokenRecord,
 };
 use stoker_proto::Message;
 
 use super::error::storage_err;
 use super::records::{
-    by_node_key, chunk_key, history_key, id_of_rank_key, module_key, node_key, rank_of,
+    by_node_key, chunk_key, history_key, id_of_rank_key, module_key, node_key, rank_of, step_key,
     subtask_range, task_key, task_state, tenant_modules_range, HISTORY_TABLE, MODULES_TABLE,
-    MODULE_CHUNKS_TABLE, MODULE_STAGING_TIMES_TABLE, NODES_TABLE, SUBTASKS_BY_NODE_TABLE,
-    SUBTASKS_TABLE, TASKS_TABLE, TASK_INPUTS_TABLE, TENANTS_TABLE, TOKENS_TABLE, UNFINISHED_TABLE,
+    MODULE_CHUNKS_TABLE, MODULE_STAGING_TIMES_TABLE, NODES_TABLE, STEP_COUNTS_TABLE,
+    SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, SUBTASKS_WAITING_TABLE, TASKS_TABLE, TASK_INPUTS_TABLE,
+    TENANTS_TABLE, TOKENS_TABLE, UNFINISHED_TABLE,
 };
 use super::state_machine::SmTable;
 use super::MetaError;
@@ -256,6 +258,146 @@ pub fn step_subtasks(
     Ok((subtasks, StepCounts::of(states)))
 }
 
+/// One subtask's record, if it exists.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn subtask(
+    path: &Path,
+    txn: &ReadTransaction,
+    task: TaskId,
+    step: u32,
+    ordinal: u32,
+) -> Result<Option<SubtaskRecord>, MetaError> {
+    get(
+        path,
+        txn,
+        SUBTASKS_TABLE,
+        &super::records::subtask_key(task, step, ordinal),
+    )
+}
+
+/// How many subtasks of one step are in each state, from the counts kept
+/// with the rows (no scan).
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn step_counts(
+    path: &Path,
+    txn: &ReadTransaction,
+    task: TaskId,
+    step: u32,
+) -> Result<StepCounts, MetaError> {
+    let rec: StepCountsRecord =
+        get(path, txn, STEP_COUNTS_TABLE, &step_key(task, step))?.unwrap_or_default();
+    let pairs = [
+        (SubtaskState::Pending, rec.pending),
+        (SubtaskState::Running, rec.running),
+        (SubtaskState::Succeed, rec.succeed),
+        (SubtaskState::Failed, rec.failed),
+        (SubtaskState::Canceled, rec.canceled),
+        (SubtaskState::Paused, rec.paused),
+    ];
+    Ok(StepCounts(
+        pairs.into_iter().filter(|(_, n)| *n > 0).collect(),
+    ))
+}
+
+/// The records of the subtask keys listed in an index table (`key_at`
+/// finds the subtask key within an index key), in index order, while
+/// `keep` accepts them: up to `limit` accepted ones.
+fn indexed_subtasks(
+    path: &Path,
+    txn: &ReadTransaction,
+    index: SmTable,
+    range: (&[u8], &[u8]),
+    key_at: usize,
+    limit: usize,
+    keep: impl Fn(&SubtaskRecord) -> bool,
+) -> Result<Vec<SubtaskRecord>, MetaError> {
+    let err = |e: redb::StorageError| storage_err(path, e);
+    let index = txn.open_table(index).map_err(|e| storage_err(path, e))?;
+    let subtasks = txn
+        .open_table(SUBTASKS_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    let mut out = Vec::new();
+    for row in index.range(range.0..=range.1).map_err(err)? {
+        if out.len() >= limit {
+            break;
+        }
+        let key = row.map_err(err)?.0;
+        let subtask_key = key.value().get(key_at..).unwrap_or_default();
+        let missing = || {
+            corrupt(
+                path,
+                format!("indexed subtask {} is missing", hex::encode(subtask_key)),
+            )
+        };
+        let v = subtasks
+            .get(subtask_key)
+            .map_err(err)?
+            .ok_or_else(missing)?;
+        let s = SubtaskRecord::decode(v.value()).map_err(|_| {
+            corrupt(
+                path,
+                format!("bad record {} in sm_subtasks", hex::encode(subtask_key)),
+            )
+        })?;
+        if keep(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// Every subtask assigned to a node and not ended (pending or running),
+/// by node, task, step and ordinal: at most the cluster's slots plus the
+/// queued moves, whatever the size of the tasks.
+///
+/// # Errors
+/// Storage failures, an undecodable record, an index entry without subtask.
+pub fn assigned_subtasks(
+    path: &Path,
+    txn: &ReadTransaction,
+) -> Result<Vec<SubtaskRecord>, MetaError> {
+    let (start, end) = ([0u8; 24], [0xFFu8; 24]);
+    indexed_subtasks(
+        path,
+        txn,
+        SUBTASKS_BY_NODE_TABLE,
+        (&start, &end),
+        8,
+        usize::MAX,
+        |_| true,
+    )
+}
+
+/// The first `limit` subtasks of a step that wait for a node (pending, not
+/// assigned) and whose retry backoff has passed at `now_ms`, in ordinal
+/// order.
+///
+/// # Errors
+/// Storage failures, an undecodable record, an index entry without subtask.
+pub fn waiting_subtasks(
+    path: &Path,
+    txn: &ReadTransaction,
+    task: TaskId,
+    step: u32,
+    now_ms: u64,
+    limit: usize,
+) -> Result<Vec<SubtaskRecord>, MetaError> {
+    let (start, end) = subtask_range(task, Some(step));
+    indexed_subtasks(
+        path,
+        txn,
+        SUBTASKS_WAITING_TABLE,
+        (&start, &end),
+        0,
+        limit,
+        |s| s.retry_after_ms <= now_ms,
+    )
+}
+
 /// The subtasks assigned to `node` that have not ended (pending or
 /// running), by task, step and ordinal: what its heartbeat is answered with.
 ///
@@ -266,30 +408,19 @@ pub fn node_subtasks(
     txn: &ReadTransaction,
     node: u64,
 ) -> Result<Vec<SubtaskRecord>, MetaError> {
-    let err = |e: redb::StorageError| storage_err(path, e);
-    let index = txn
-        .open_table(SUBTASKS_BY_NODE_TABLE)
-        .map_err(|e| storage_err(path, e))?;
     let (start, end) = (
         by_node_key(node, 0, 0, 0),
         by_node_key(node, u64::MAX, u32::MAX, u32::MAX),
     );
-    let mut out = Vec::new();
-    for row in index
-        .range(start.as_slice()..=end.as_slice())
-        .map_err(err)?
-    {
-        let key = row.map_err(err)?.0;
-        let subtask_key = &key.value()[8..];
-        let s: SubtaskRecord = get(path, txn, SUBTASKS_TABLE, subtask_key)?.ok_or_else(|| {
-            corrupt(
-                path,
-                format!("indexed subtask {} is missing", hex::encode(subtask_key)),
-            )
-        })?;
-        out.push(s);
-    }
-    Ok(out)
+    indexed_subtasks(
+        path,
+        txn,
+        SUBTASKS_BY_NODE_TABLE,
+        (&start, &end),
+        8,
+        usize::MAX,
+        |_| true,
+    )
 }
 
 /// Every node's record, by id.

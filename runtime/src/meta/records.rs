@@ -50,6 +50,14 @@ pub const SUBTASKS_TABLE: SmTable = redb::TableDefinition::new("sm_subtasks");
 /// Subtasks assigned to a node and unfinished (pending or running):
 /// [`by_node_key`] → nothing. What a worker's heartbeat is answered from.
 pub const SUBTASKS_BY_NODE_TABLE: SmTable = redb::TableDefinition::new("sm_subtasks_by_node");
+/// Subtasks waiting for a node (pending, not assigned): [`subtask_key`] →
+/// nothing. The owner reads the first few of each step from here instead
+/// of every subtask.
+pub const SUBTASKS_WAITING_TABLE: SmTable = redb::TableDefinition::new("sm_subtasks_waiting");
+/// Subtask counts by state of each step: [`step_key`] →
+/// [`StepCountsRecord`](stoker_proto::meta::StepCountsRecord), maintained
+/// with the subtask rows; a step without subtasks has no row.
+pub const STEP_COUNTS_TABLE: SmTable = redb::TableDefinition::new("sm_step_counts");
 /// Counters (the next task id): UTF-8 name → big-endian u64.
 pub const COUNTERS_TABLE: SmTable = redb::TableDefinition::new("sm_counters");
 /// What each tenant uses of its count quotas: UTF-8 tenant id →
@@ -152,6 +160,14 @@ pub fn subtask_key(task: TaskId, step: u32, ordinal: u32) -> [u8; 16] {
     k[..8].copy_from_slice(&task.to_be_bytes());
     k[8..12].copy_from_slice(&step.to_be_bytes());
     k[12..].copy_from_slice(&ordinal.to_be_bytes());
+    k
+}
+
+/// task ‖ step, big-endian.
+pub fn step_key(task: TaskId, step: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&task.to_be_bytes());
+    k[8..].copy_from_slice(&step.to_be_bytes());
     k
 }
 

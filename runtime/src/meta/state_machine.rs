@@ -67,6 +67,8 @@ pub const SM_TABLES: &[SmTable] = &[
     records::HISTORY_TABLE,
     records::SUBTASKS_TABLE,
     records::SUBTASKS_BY_NODE_TABLE,
+    records::SUBTASKS_WAITING_TABLE,
+    records::STEP_COUNTS_TABLE,
     records::COUNTERS_TABLE,
     records::TENANT_USAGE_TABLE,
     rules::RULES_TABLE,
@@ -389,10 +391,16 @@ pub fn import(path: &Path, txn: &WriteTransaction, data: &SnapshotData) -> Resul
             }
         }
     }
-    let usage = redb::TableHandle::name(&records::TENANT_USAGE_TABLE);
-    if !data.tables.iter().any(|d| d.name == usage) {
-        // A snapshot of a build that did not keep the usage counts.
+    let has = |def: &SmTable| {
+        let name = redb::TableHandle::name(def);
+        data.tables.iter().any(|d| d.name == name)
+    };
+    // A snapshot of a build that did not keep these derived tables.
+    if !has(&records::TENANT_USAGE_TABLE) {
         rebuild_usage(path, txn)?;
+    }
+    if !has(&records::STEP_COUNTS_TABLE) {
+        rebuild_subtask_tables(path, txn)?;
     }
     Ok(())
 }
@@ -403,7 +411,20 @@ pub fn import(path: &Path, txn: &WriteTransaction, data: &SnapshotData) -> Resul
 /// # Errors
 /// Storage failures, an undecodable record.
 pub fn rebuild_usage(path: &Path, txn: &WriteTransaction) -> Result<(), MetaError> {
-    match tenants::rebuild_usage(txn) {
+    rebuilt(path, tenants::rebuild_usage(txn))
+}
+
+/// Rewrites the waiting subtasks and the step counts from the subtask rows
+/// (see [`subtasks::rebuild_subtask_tables`]).
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn rebuild_subtask_tables(path: &Path, txn: &WriteTransaction) -> Result<(), MetaError> {
+    rebuilt(path, subtasks::rebuild_subtask_tables(txn))
+}
+
+fn rebuilt(path: &Path, result: Result<(), ApplyError>) -> Result<(), MetaError> {
+    match result {
         Ok(()) => Ok(()),
         Err(ApplyError::Storage(e)) => Err(storage_err(path, e)),
         Err(ApplyError::Rejected(why)) => Err(MetaError::Corrupt {

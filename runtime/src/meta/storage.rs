@@ -260,6 +260,8 @@ impl RedbStorage {
         // A database written by a build that did not keep the tenants'
         // usage counts gets them counted once, here.
         let recount = has(records::TASKS_TABLE.name()) && !has(records::TENANT_USAGE_TABLE.name());
+        let recount_steps =
+            has(records::SUBTASKS_TABLE.name()) && !has(records::STEP_COUNTS_TABLE.name());
         // A database written by a build that kept the log in the same file
         // has it moved to the log file, synced there before it goes here.
         if has(LOG.name()) || has(RAFT_STATE.name()) {
@@ -274,6 +276,9 @@ impl RedbStorage {
         }
         if recount {
             state_machine::rebuild_usage(path, &txn)?;
+        }
+        if recount_steps {
+            state_machine::rebuild_subtask_tables(path, &txn)?;
         }
         txn.commit().map_err(|e| open_err(path, e.into()))?;
         let storage = RedbStorage {

@@ -8,17 +8,21 @@
 //! subtask no longer in the state the command expects, is a stale report:
 //! rejected, nothing changes.
 
+use std::collections::BTreeMap;
+
 use redb::{ReadableTable, WriteTransaction};
 use stoker_proto::meta::{
     change_subtasks, AddSubtasks, AssignSubtask, ChangeSubtasks, ClaimSubtask, CountResult,
-    ReportSubtask, RequeueSubtask, SubtaskRecord, SubtaskRef, SubtaskStateResult, TaskRecord,
+    ReportSubtask, RequeueSubtask, StepCountsRecord, SubtaskRecord, SubtaskRef, SubtaskStateResult,
+    TaskRecord,
 };
 use stoker_proto::Message;
 
 use super::records::{
-    self, by_node_key, get, get_node, get_task, invalid, put, subtask_key, subtask_name,
+    self, by_node_key, get, get_node, get_task, invalid, put, step_key, subtask_key, subtask_name,
     subtask_range, subtask_state, task_key, task_state, Applied, Rejection, MAX_INLINE_BYTES,
-    MAX_SUBTASK_BATCH, SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE, TASKS_TABLE,
+    MAX_SUBTASK_BATCH, STEP_COUNTS_TABLE, SUBTASKS_BY_NODE_TABLE, SUBTASKS_TABLE,
+    SUBTASKS_WAITING_TABLE, TASKS_TABLE,
 };
 use crate::model::{check_subtask_transition, SubtaskChange, SubtaskState, TaskState};
 
@@ -42,8 +46,10 @@ fn get_subtask(txn: &WriteTransaction, r: &SubtaskRef) -> Applied<SubtaskRecord>
     })
 }
 
-/// Writes a subtask and keeps [`SUBTASKS_BY_NODE_TABLE`] in step: a subtask
-/// is listed under its node while it is assigned there and unfinished.
+/// Writes a subtask and keeps the tables derived from the subtask rows in
+/// step: [`SUBTASKS_BY_NODE_TABLE`] (a subtask is listed under its node
+/// while it is assigned there and unfinished), [`SUBTASKS_WAITING_TABLE`]
+/// (pending, not assigned) and [`STEP_COUNTS_TABLE`].
 fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
     let key = subtask_key(s.task_id, s.step, s.ordinal);
     let before: Option<SubtaskRecord> = get(txn, SUBTASKS_TABLE, &key)?;
@@ -57,6 +63,27 @@ fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
             index.insert(k.as_slice(), [].as_slice())?;
         }
     }
+    let (was, is) = (before.as_ref().is_some_and(is_waiting), is_waiting(s));
+    if was != is {
+        let mut index = txn.open_table(SUBTASKS_WAITING_TABLE)?;
+        if is {
+            index.insert(key.as_slice(), [].as_slice())?;
+        } else {
+            index.remove(key.as_slice())?;
+        }
+    }
+    let old_state = before.as_ref().map(subtask_state).transpose()?;
+    let new_state = subtask_state(s)?;
+    if old_state != Some(new_state) {
+        let ck = step_key(s.task_id, s.step);
+        let mut counts: StepCountsRecord = get(txn, STEP_COUNTS_TABLE, &ck)?.unwrap_or_default();
+        if let Some(o) = old_state {
+            let n = count_of(&mut counts, o);
+            *n = n.saturating_sub(1);
+        }
+        *count_of(&mut counts, new_state) += 1;
+        put(txn, STEP_COUNTS_TABLE, &ck, &counts)?;
+    }
     put(txn, SUBTASKS_TABLE, &key, s)
 }
 
@@ -65,6 +92,69 @@ fn node_index_key(s: &SubtaskRecord) -> Option<[u8; 24]> {
     let active =
         s.state == SubtaskState::Pending.as_str() || s.state == SubtaskState::Running.as_str();
     (s.node != 0 && active).then(|| by_node_key(s.node, s.task_id, s.step, s.ordinal))
+}
+
+/// Whether the subtask waits for a node: pending and not assigned.
+pub(crate) fn is_waiting(s: &SubtaskRecord) -> bool {
+    s.node == 0 && s.state == SubtaskState::Pending.as_str()
+}
+
+/// The counter of `state` in a step's counts.
+pub(crate) fn count_of(c: &mut StepCountsRecord, state: SubtaskState) -> &mut u32 {
+    match state {
+        SubtaskState::Pending => &mut c.pending,
+        SubtaskState::Running => &mut c.running,
+        SubtaskState::Succeed => &mut c.succeed,
+        SubtaskState::Failed => &mut c.failed,
+        SubtaskState::Canceled => &mut c.canceled,
+        SubtaskState::Paused => &mut c.paused,
+    }
+}
+
+/// What [`SUBTASKS_WAITING_TABLE`] and [`STEP_COUNTS_TABLE`] must hold.
+struct SubtaskTables {
+    waiting: Vec<[u8; 16]>,
+    counts: BTreeMap<[u8; 12], StepCountsRecord>,
+}
+
+/// The tables derived from the subtask rows, as the rows say: waiting keys
+/// and step counts (the by-node index is kept in snapshots since it was
+/// introduced with the rows).
+fn counted_subtask_tables(txn: &WriteTransaction) -> Applied<SubtaskTables> {
+    let table = txn.open_table(SUBTASKS_TABLE)?;
+    let mut waiting = Vec::new();
+    let mut counts: BTreeMap<[u8; 12], StepCountsRecord> = BTreeMap::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let s = SubtaskRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
+            table: "sm_subtasks".into(),
+            key: hex::encode(k.value()),
+        })?;
+        if is_waiting(&s) {
+            waiting.push(subtask_key(s.task_id, s.step, s.ordinal));
+        }
+        let c = counts.entry(step_key(s.task_id, s.step)).or_default();
+        *count_of(c, subtask_state(&s)?) += 1;
+    }
+    Ok(SubtaskTables { waiting, counts })
+}
+
+/// Rewrites [`SUBTASKS_WAITING_TABLE`] and [`STEP_COUNTS_TABLE`] from the
+/// subtask rows: for a snapshot or a database from a build that did not
+/// keep them.
+pub(crate) fn rebuild_subtask_tables(txn: &WriteTransaction) -> Applied<()> {
+    let SubtaskTables { waiting, counts } = counted_subtask_tables(txn)?;
+    let mut table = txn.open_table(SUBTASKS_WAITING_TABLE)?;
+    table.retain(|_, _| false)?;
+    for k in &waiting {
+        table.insert(k.as_slice(), [].as_slice())?;
+    }
+    drop(table);
+    txn.open_table(STEP_COUNTS_TABLE)?.retain(|_, _| false)?;
+    for (k, c) in &counts {
+        put(txn, STEP_COUNTS_TABLE, k, c)?;
+    }
+    Ok(())
 }
 
 fn subtask_ref(c: Option<&SubtaskRef>) -> Applied<&SubtaskRef> {
@@ -92,16 +182,23 @@ pub(crate) fn subtasks_of(
     Ok(out)
 }
 
-/// Deletes every subtask of a task (garbage collection of history).
+/// Deletes every subtask of a task (garbage collection of history), with
+/// its rows in the derived tables.
 pub(crate) fn delete_subtasks_of(txn: &WriteTransaction, task: u64) -> Applied<()> {
     let all = subtasks_of(txn, task, None)?;
     let mut index = txn.open_table(SUBTASKS_BY_NODE_TABLE)?;
     for k in all.iter().filter_map(node_index_key) {
         index.remove(k.as_slice())?;
     }
+    drop(index);
     let (start, end) = subtask_range(task, None);
     txn.open_table(SUBTASKS_TABLE)?
         .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)?;
+    txn.open_table(SUBTASKS_WAITING_TABLE)?
+        .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)?;
+    let (first, last) = (step_key(task, 0), step_key(task, u32::MAX));
+    txn.open_table(STEP_COUNTS_TABLE)?
+        .retain_in(first.as_slice()..=last.as_slice(), |_, _| false)?;
     Ok(())
 }
 

@@ -318,6 +318,19 @@ impl Operators {
         self.in_flight.values()
     }
 
+    /// The subtasks that in-flight moves wait on: what [`Self::reconcile`]
+    /// will ask about.
+    pub fn watched_subtasks(&self) -> Vec<(TaskId, u32, u32)> {
+        self.in_flight
+            .values()
+            .flat_map(|o| &o.steps)
+            .filter_map(|s| match s {
+                Step::MoveSubtask { subtask, .. } => Some(subtask.id()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn recent(&self) -> impl Iterator<Item = &Operator> {
         self.recent.iter()
     }

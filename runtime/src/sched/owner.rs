@@ -208,6 +208,10 @@ async fn own(ctx: Arc<Ctx>) {
 struct TaskView {
     task: TaskRecord,
     state: TaskState,
+    /// The step's active subtasks: every one assigned to a node (pending or
+    /// running there), then the first ones waiting for a node whose backoff
+    /// has passed, as many as the cluster has slots (more could not be
+    /// assigned in one round).
     subtasks: Vec<SubtaskRecord>,
     counts: StepCounts,
 }
@@ -215,10 +219,16 @@ struct TaskView {
 /// Everything a round reads, in one read transaction. Only the current
 /// step of an unfinished task can have pending or running subtasks (a step
 /// advances once all of its subtasks succeeded, a task finishes once none
-/// is left unfinished), so the task views hold every active subtask.
+/// is left unfinished), so the task views hold every subtask that holds a
+/// slot. What a round reads is bounded by the cluster's slots, not by the
+/// size of the tasks: counts come from the per-step counts and the
+/// subtasks from the by-node and waiting indexes.
 struct ClusterView {
     nodes: Vec<NodeRecord>,
     tasks: Vec<TaskView>,
+    /// Where the subtasks of in-flight operators are now (finished ones
+    /// included, which the task views leave out).
+    watched: HashMap<(TaskId, u32, u32), Seen>,
     /// Weight and slot quota of every tenant with a record.
     tenants: BTreeMap<String, TenantShare>,
     /// Placement rules in force (whatever their window).
@@ -250,7 +260,13 @@ impl ClusterView {
     }
 }
 
-fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
+/// Reads a round's view; `watched` names subtasks whose whereabouts the
+/// coordinator's in-flight operators wait on.
+fn read_view(
+    node: &MetaNode,
+    watched: &[(TaskId, u32, u32)],
+    now: u64,
+) -> Result<ClusterView, MetaError> {
     node.read_local(|p, t| {
         let nodes = queries::node_records(p, t)?;
         let tenants = queries::tenants(p, t)?
@@ -263,6 +279,12 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
                 (r.id, share)
             })
             .collect();
+        // The most one round can assign: every slot of every node.
+        let room = nodes.iter().map(|n| n.slots as usize).sum::<usize>().max(1);
+        let mut assigned: HashMap<TaskId, Vec<SubtaskRecord>> = HashMap::new();
+        for s in queries::assigned_subtasks(p, t)? {
+            assigned.entry(s.task_id).or_default().push(s);
+        }
         let mut tasks = Vec::new();
         for task in queries::list_tasks(p, t, &TaskFilter::default())? {
             let state = task
@@ -273,7 +295,13 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
                     what: e,
                 })?;
             let (subtasks, counts) = if task.started {
-                queries::step_subtasks(p, t, task.id, task.step)?
+                let mut subtasks = assigned.remove(&task.id).unwrap_or_default();
+                subtasks.retain(|s| s.step == task.step);
+                subtasks.extend(queries::waiting_subtasks(
+                    p, t, task.id, task.step, now, room,
+                )?);
+                subtasks.sort_by_key(|s| s.ordinal);
+                (subtasks, queries::step_counts(p, t, task.id, task.step)?)
             } else {
                 (Vec::new(), StepCounts::default())
             };
@@ -283,6 +311,17 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
                 subtasks,
                 counts,
             });
+        }
+        let mut seen = HashMap::new();
+        for &(task, step, ordinal) in watched {
+            if let Some(s) = queries::subtask(p, t, task, step, ordinal)? {
+                let at = Seen {
+                    node: s.node,
+                    attempt: s.attempt,
+                    state: parse_sub(&s),
+                };
+                seen.insert((task, step, ordinal), at);
+            }
         }
         let set = crate::meta::rules::rule_set(p, t)?;
         let rules = rules::from_records(&set.rules).map_err(|e| MetaError::Corrupt {
@@ -302,6 +341,7 @@ fn read_view(node: &MetaNode) -> Result<ClusterView, MetaError> {
         Ok(ClusterView {
             nodes,
             tasks,
+            watched: seen,
             tenants,
             rules,
             config,
@@ -342,8 +382,9 @@ impl Owner {
     }
 
     async fn round(&mut self) -> Result<(), MetaError> {
-        let view = read_view(&self.ctx.node)?;
         let now = now_ms();
+        let watched = self.coordinator.operators.watched_subtasks();
+        let view = read_view(&self.ctx.node, &watched, now)?;
         for t in &view.tasks {
             if self.busy.contains_key(&t.task.id) {
                 continue;
@@ -354,10 +395,10 @@ impl Owner {
                 continue;
             }
             debug!(task_id = t.task.id, state = %t.state, ?action, "task action");
-            let (ctx, task, subtasks) = (self.ctx.clone(), t.task.clone(), t.subtasks.clone());
+            let (ctx, task) = (self.ctx.clone(), t.task.clone());
             let handle = self
                 .actions
-                .spawn(async move { carry_out(&ctx, task, subtasks, action).await });
+                .spawn(async move { carry_out(&ctx, task, action).await });
             self.busy.insert(t.task.id, handle.id());
         }
         self.place(&view, now).await;
@@ -572,17 +613,8 @@ impl Owner {
                 .collect(),
             active: view.active(),
         };
-        let seen = |task: TaskId, step: u32, ordinal: u32| -> Option<Seen> {
-            let t = view.tasks.iter().find(|t| t.task.id == task)?;
-            let s = t
-                .subtasks
-                .iter()
-                .find(|s| s.step == step && s.ordinal == ordinal)?;
-            Some(Seen {
-                node: s.node,
-                attempt: s.attempt,
-                state: parse_sub(s),
-            })
+        let seen = |task: TaskId, step: u32, ordinal: u32| {
+            view.watched.get(&(task, step, ordinal)).copied()
         };
         // What workers reported in their heartbeats since the last round.
         let reports = std::mem::take(&mut self.ctx.board.lock().expect("board lock").reports);
@@ -836,19 +868,23 @@ fn change(id: TaskId, kind: change_subtasks::Kind, include_running: bool) -> C {
 }
 
 /// Carries out one task scheduler action.
-async fn carry_out(ctx: &Ctx, task: TaskRecord, subtasks: Vec<SubtaskRecord>, action: Action) {
+async fn carry_out(ctx: &Ctx, task: TaskRecord, action: Action) {
     let id = task.id;
     let node = &ctx.node;
     match action {
         Action::Wait => {}
         Action::PlanNextStep => {
-            if let Err(e) = plan_next(ctx, &task, &subtasks).await {
+            if let Err(e) = plan_next(ctx, &task).await {
                 warn!(task_id = id, error = %e, "planning failed");
             }
         }
         Action::Fail { manual_recovery } => {
-            let failed = subtasks
-                .iter()
+            // The round's view holds only active subtasks: read the step.
+            let step = node.read_local(|p, t| queries::step_subtasks(p, t, id, task.step));
+            let failed = step
+                .map(|((subtasks, _), _)| subtasks)
+                .unwrap_or_default()
+                .into_iter()
                 .find(|s| is_state(s, SubtaskState::Failed))
                 .map(|s| {
                     format!(
@@ -1014,13 +1050,7 @@ async fn fail_task(ctx: &Ctx, task: &TaskRecord, error: String) {
 }
 
 /// Plans the next step (or re-plans a partly written one), or finishes.
-/// `current` are the subtasks of the task's current step as the round saw
-/// them.
-async fn plan_next(
-    ctx: &Ctx,
-    task: &TaskRecord,
-    current: &[SubtaskRecord],
-) -> Result<(), StepError> {
+async fn plan_next(ctx: &Ctx, task: &TaskRecord) -> Result<(), StepError> {
     let id = task.id;
     let pending = task.state == TaskState::Pending.as_str();
     if pending && task.started && task.step_planned {
@@ -1093,7 +1123,11 @@ async fn plan_next(
             );
             // Re-planning the current step: skip what an earlier owner wrote.
             let written: BTreeSet<u32> = if task.started && step == task.step {
-                current.iter().map(|s| s.ordinal).collect()
+                let (subtasks, _) = ctx
+                    .node
+                    .read_local(|p, t| queries::step_subtasks(p, t, id, step))?
+                    .0;
+                subtasks.iter().map(|s| s.ordinal).collect()
             } else {
                 BTreeSet::new()
             };

@@ -98,7 +98,7 @@ fn progress(
     if !task.started {
         return Ok((0, 0));
     }
-    let (_, counts) = queries::step_subtasks(p, t, task.id, task.step)?;
+    let counts = queries::step_counts(p, t, task.id, task.step)?;
     Ok((counts.get(SubtaskState::Succeed), counts.total()))
 }
 
