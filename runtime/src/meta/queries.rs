@@ -360,13 +360,26 @@ pub fn assigned_subtasks(
     path: &Path,
     txn: &ReadTransaction,
 ) -> Result<Vec<SubtaskRecord>, MetaError> {
-    let (start, end) = ([0u8; 24], [0xFFu8; 24]);
+    by_node(path, txn, 0..=u64::MAX)
+}
+
+/// The subtasks of the by-node index for the nodes in `nodes`.
+fn by_node(
+    path: &Path,
+    txn: &ReadTransaction,
+    nodes: std::ops::RangeInclusive<u64>,
+) -> Result<Vec<SubtaskRecord>, MetaError> {
+    let (start, end) = (
+        by_node_key(*nodes.start(), 0, 0, 0),
+        by_node_key(*nodes.end(), u64::MAX, u32::MAX, u32::MAX),
+    );
+    let subtask_key_at = 8;
     indexed_subtasks(
         path,
         txn,
         SUBTASKS_BY_NODE_TABLE,
         (&start, &end),
-        8,
+        subtask_key_at,
         usize::MAX,
         |_| true,
     )
@@ -408,19 +421,7 @@ pub fn node_subtasks(
     txn: &ReadTransaction,
     node: u64,
 ) -> Result<Vec<SubtaskRecord>, MetaError> {
-    let (start, end) = (
-        by_node_key(node, 0, 0, 0),
-        by_node_key(node, u64::MAX, u32::MAX, u32::MAX),
-    );
-    indexed_subtasks(
-        path,
-        txn,
-        SUBTASKS_BY_NODE_TABLE,
-        (&start, &end),
-        8,
-        usize::MAX,
-        |_| true,
-    )
+    by_node(path, txn, node..=node)
 }
 
 /// Every node's record, by id.
