@@ -52,7 +52,12 @@ fn get_subtask(txn: &WriteTransaction, r: &SubtaskRef) -> Applied<SubtaskRecord>
 /// (pending, not assigned) and [`STEP_COUNTS_TABLE`].
 fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
     let key = subtask_key(s.task_id, s.step, s.ordinal);
-    let before: Option<SubtaskRecord> = get(txn, SUBTASKS_TABLE, &key)?;
+    // Each table is opened once: opening is a good part of a write's cost.
+    let mut rows = txn.open_table(SUBTASKS_TABLE)?;
+    let before = match rows.get(key.as_slice())? {
+        Some(v) => Some(decode_subtask(&key, v.value())?),
+        None => None,
+    };
     let (old, new) = (before.as_ref().and_then(node_index_key), node_index_key(s));
     if old != new {
         let mut index = txn.open_table(SUBTASKS_BY_NODE_TABLE)?;
@@ -76,15 +81,33 @@ fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
     let new_state = subtask_state(s)?;
     if old_state != Some(new_state) {
         let ck = step_key(s.task_id, s.step);
-        let mut counts: StepCountsRecord = get(txn, STEP_COUNTS_TABLE, &ck)?.unwrap_or_default();
+        let mut table = txn.open_table(STEP_COUNTS_TABLE)?;
+        let mut counts = match table.get(ck.as_slice())? {
+            Some(v) => StepCountsRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
+                table: "sm_step_counts".into(),
+                key: hex::encode(ck),
+            })?,
+            None => StepCountsRecord::default(),
+        };
         if let Some(o) = old_state {
             let n = count_of(&mut counts, o);
             *n = n.saturating_sub(1);
         }
         *count_of(&mut counts, new_state) += 1;
-        put(txn, STEP_COUNTS_TABLE, &ck, &counts)?;
+        table.insert(ck.as_slice(), counts.encode_to_vec().as_slice())?;
     }
-    put(txn, SUBTASKS_TABLE, &key, s)
+    rows.insert(key.as_slice(), s.encode_to_vec().as_slice())?;
+    Ok(())
+}
+
+fn decode_subtask(key: &[u8], bytes: &[u8]) -> Applied<SubtaskRecord> {
+    SubtaskRecord::decode(bytes).map_err(|_| {
+        Rejection::Corrupt {
+            table: "sm_subtasks".into(),
+            key: hex::encode(key),
+        }
+        .into()
+    })
 }
 
 /// The subtask's key in the by-node index, if it belongs there.
@@ -126,10 +149,7 @@ fn counted_subtask_tables(txn: &WriteTransaction) -> Applied<SubtaskTables> {
     let mut counts: BTreeMap<[u8; 12], StepCountsRecord> = BTreeMap::new();
     for row in table.iter()? {
         let (k, v) = row?;
-        let s = SubtaskRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
-            table: "sm_subtasks".into(),
-            key: hex::encode(k.value()),
-        })?;
+        let s = decode_subtask(k.value(), v.value())?;
         if is_waiting(&s) {
             waiting.push(subtask_key(s.task_id, s.step, s.ordinal));
         }
@@ -172,12 +192,7 @@ pub(crate) fn subtasks_of(
     let mut out = Vec::new();
     for row in table.range(start.as_slice()..=end.as_slice())? {
         let (k, v) = row?;
-        out.push(
-            SubtaskRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
-                table: "sm_subtasks".into(),
-                key: hex::encode(k.value()),
-            })?,
-        );
+        out.push(decode_subtask(k.value(), v.value())?);
     }
     Ok(out)
 }
