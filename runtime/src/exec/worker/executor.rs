@@ -1,0 +1,361 @@
+//! The executor of one subtask: fetch its module, claim it (fenced by node
+//! and attempt), run it in the sandbox, report the outcome (fenced too).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use stoker_proto::api::Assignment;
+use stoker_proto::guest::RunRequest;
+use stoker_proto::meta::command::Kind;
+use stoker_proto::meta::{ClaimSubtask, ReportSubtask, SubtaskRecord, SubtaskRef};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::assignments::reconcile;
+use super::modules::{ModuleError, MODULE_TRIES};
+use super::{key_of, subtask_log_key, Shared};
+use crate::meta::now_ms;
+use crate::meta::records::MAX_INLINE_BYTES;
+use crate::model::{Rank, SubtaskState};
+use crate::resource::{FuelGate, TaskInfo};
+use crate::sandbox::{CallEnv, CallLimits, SandboxError, TaskModule};
+
+/// How long a refused claim is not retried.
+const CLAIM_BLOCK: Duration = Duration::from_millis(500);
+
+/// How a run ended, for the bookkeeping after it.
+enum Ended {
+    /// Reported, or dropped as stale: do not start it again.
+    Done,
+    /// The claim was refused: maybe try again after a moment.
+    ClaimRefused,
+}
+
+/// One subtask on its own tokio task.
+pub(super) struct Executor {
+    pub(super) shared: Arc<Shared>,
+    pub(super) assignment: Assignment,
+    pub(super) adopt: bool,
+    pub(super) run: u64,
+    pub(super) pause: watch::Receiver<bool>,
+    pub(super) concurrency: u32,
+    /// When this process's claim was accepted (not set for adopted runs).
+    pub(super) claimed: std::sync::OnceLock<Instant>,
+}
+
+/// What a report says.
+#[derive(Default)]
+struct Outcome {
+    state: &'static str,
+    output: Vec<u8>,
+    output_blob: String,
+    error: String,
+    retryable: bool,
+    fuel_used: u64,
+    checkpoint: Vec<u8>,
+}
+
+impl Executor {
+    fn subtask(&self) -> &SubtaskRecord {
+        self.assignment
+            .subtask
+            .as_ref()
+            .expect("assignments without a subtask are never started")
+    }
+
+    fn subtask_ref(&self) -> SubtaskRef {
+        let s = self.subtask();
+        SubtaskRef {
+            task_id: s.task_id,
+            step: s.step,
+            ordinal: s.ordinal,
+        }
+    }
+
+    pub(super) async fn run(self) {
+        let ended = self.execute().await;
+        let key = key_of(self.subtask());
+        let attempt = self.subtask().attempt;
+        {
+            let mut st = self.shared.state.lock().expect("state lock");
+            if st.running.get(&key).is_some_and(|e| e.run == self.run) {
+                st.running.remove(&key);
+            }
+            match ended {
+                Ended::Done => {
+                    st.finished.insert((key, attempt));
+                }
+                Ended::ClaimRefused => {
+                    st.blocked
+                        .insert((key, attempt), Instant::now() + CLAIM_BLOCK);
+                }
+            }
+        }
+        // A slot is free: start the next subtask.
+        reconcile(&self.shared);
+    }
+
+    async fn execute(&self) -> Ended {
+        let mut tries = 0;
+        let module = loop {
+            tries += 1;
+            match self.shared.module(&self.assignment.module_hash).await {
+                Ok(m) => break Ok(m),
+                Err(ModuleError::Bad(e)) => break Err(e),
+                // A server behind the one that assigned the subtask may not
+                // have the module yet; give up only after asking around.
+                Err(ModuleError::NotFound(e)) if tries >= MODULE_TRIES => {
+                    break Err(SandboxError::invalid_module(e))
+                }
+                Err(ModuleError::NotFound(e) | ModuleError::Unreachable(e)) => {
+                    warn!(error = %e, "cannot fetch the module; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        if !self.adopt {
+            if let Err(e) = self.claim().await {
+                debug!(error = %e, "claim refused: dropped");
+                return Ended::ClaimRefused;
+            }
+            debug!("claimed");
+            let _ = self.claimed.set(Instant::now());
+            let s = self.subtask();
+            if s.step == 0 && s.attempt == 1 {
+                let delay_ms = now_ms().saturating_sub(self.assignment.task_create_time_ms);
+                self.shared
+                    .stats
+                    .start_delay_seconds
+                    .observe(delay_ms as f64 / 1000.0);
+            }
+        }
+        // Claimed now, or already running here at this attempt (adopted).
+        let s = self.subtask();
+        self.shared.took(key_of(s), s.attempt);
+        let checkpoint = self.subtask().checkpoint.clone();
+        if *self.pause.borrow() {
+            return self.paused(checkpoint).await;
+        }
+        if self.adopt && !self.subtask().idempotent {
+            warn!("a non-idempotent subtask was running when this worker restarted: failing it");
+            return self
+                .report(Outcome {
+                    state: SubtaskState::Failed.as_str(),
+                    error:
+                        "the worker restarted while the subtask ran, and its step is not idempotent"
+                            .into(),
+                    ..Outcome::default()
+                })
+                .await;
+        }
+        let module = match module {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "module unusable: subtask failed");
+                return self
+                    .report(Outcome {
+                        state: SubtaskState::Failed.as_str(),
+                        error: e.to_string(),
+                        retryable: e.retryable,
+                        checkpoint,
+                        ..Outcome::default()
+                    })
+                    .await;
+            }
+        };
+        info!(adopted = self.adopt, "subtask running");
+        let outcome = {
+            // Boxed so that a pause drops the call (and its instance and
+            // governor lease) before reporting.
+            let mut sandbox_run = Box::pin(self.call(&module, checkpoint.clone()));
+            let mut pause = self.pause.clone();
+            let paused = async move {
+                if pause.wait_for(|p| *p).await.is_err() {
+                    // The worker forgot this run: it is being aborted.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                outcome = &mut sandbox_run => outcome,
+                () = paused => {
+                    drop(sandbox_run);
+                    return self.paused(checkpoint).await;
+                }
+            }
+        };
+        self.report(outcome).await
+    }
+
+    /// Runs the subtask in the sandbox; the report to make.
+    async fn call(&self, module: &TaskModule, checkpoint: Vec<u8>) -> Outcome {
+        let a = &self.assignment;
+        let s = self.subtask();
+        let cfg = &self.shared.cfg;
+        let pick = |task: u64, default: u64| if task == 0 { default } else { task };
+        let limits = CallLimits {
+            fuel: pick(a.fuel_limit, cfg.fuel_limit),
+            memory_bytes: pick(a.memory_limit, cfg.memory_limit)
+                .min(self.shared.sandbox.config().max_memory_bytes),
+            deadline: Duration::from_millis(cfg.deadline_ms),
+            ..CallLimits::default()
+        };
+        let blobs = match self.shared.blobs.tenant(&a.tenant) {
+            Ok(b) => b,
+            Err(e) => {
+                return Outcome {
+                    state: SubtaskState::Failed.as_str(),
+                    error: format!("blob store: {e}"),
+                    checkpoint,
+                    ..Outcome::default()
+                }
+            }
+        };
+        let task_id = s.task_id.to_string();
+        let gate = self.shared.resource.as_ref().map(|r| {
+            let g = r.governor();
+            g.set_tenant_rate(&a.tenant, Some(a.tenant_fuel_per_second));
+            let info = TaskInfo {
+                tenant: a.tenant.clone(),
+                rank: Rank {
+                    priority: a.priority,
+                    create_time_ms: a.task_create_time_ms,
+                    id: s.task_id,
+                },
+                concurrency: self.concurrency,
+            };
+            g.lease(&task_id, &info) as Arc<dyn FuelGate>
+        });
+        let env = CallEnv {
+            limits,
+            blobs: Some(blobs.clone()),
+            gate,
+        };
+        let request = RunRequest {
+            step: s.step,
+            ordinal: s.ordinal,
+            payload: s.payload.clone(),
+            checkpoint: checkpoint.clone(),
+            attempt: s.attempt,
+            task_id: task_id.clone(),
+        };
+        let report = self.shared.sandbox.run(module, &env, &request).await;
+        if !report.log.is_empty() {
+            // Kept in the tenant's blobs for `GetSubtaskLog`; losing it
+            // does not fail the subtask.
+            let key = subtask_log_key(s.task_id, s.step, s.ordinal, s.attempt);
+            if let Err(e) = blobs.put(&key, Bytes::from(report.log.clone())).await {
+                warn!(error = %e, blob = %key, "cannot store the subtask's log");
+            }
+        }
+        let checkpoint = report.checkpoint.unwrap_or(checkpoint);
+        let fuel_used = report.fuel_used;
+        match report.result {
+            Ok(output) if output.len() <= MAX_INLINE_BYTES => {
+                info!(fuel_used, bytes = output.len(), "subtask succeeded");
+                Outcome {
+                    state: SubtaskState::Succeed.as_str(),
+                    output,
+                    fuel_used,
+                    checkpoint,
+                    ..Outcome::default()
+                }
+            }
+            Ok(output) => {
+                let key = format!("tasks/{task_id}/out/{}-{}-{}", s.step, s.ordinal, s.attempt);
+                let size = output.len();
+                match blobs.put(&key, Bytes::from(output)).await {
+                    Ok(()) => {
+                        info!(fuel_used, bytes = size, blob = %key, "subtask succeeded");
+                        Outcome {
+                            state: SubtaskState::Succeed.as_str(),
+                            output_blob: key,
+                            fuel_used,
+                            checkpoint,
+                            ..Outcome::default()
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot store the output");
+                        Outcome {
+                            state: SubtaskState::Failed.as_str(),
+                            error: format!("cannot store the output in {key}: {e}"),
+                            retryable: true,
+                            fuel_used,
+                            checkpoint,
+                            ..Outcome::default()
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                info!(fuel_used, error = %e, retryable = e.retryable, "subtask failed");
+                Outcome {
+                    state: SubtaskState::Failed.as_str(),
+                    error: e.to_string(),
+                    retryable: e.retryable,
+                    fuel_used,
+                    checkpoint,
+                    ..Outcome::default()
+                }
+            }
+        }
+    }
+
+    /// Reports the run `paused` (its task is pausing). The guest's
+    /// checkpoints of the aborted call are lost with it; the subtask's last
+    /// committed checkpoint is kept.
+    async fn paused(&self, checkpoint: Vec<u8>) -> Ended {
+        info!("task pausing: subtask stopped");
+        self.report(Outcome {
+            state: SubtaskState::Paused.as_str(),
+            checkpoint,
+            ..Outcome::default()
+        })
+        .await
+    }
+
+    async fn claim(&self) -> Result<(), String> {
+        let cmd = Kind::ClaimSubtask(ClaimSubtask {
+            subtask: Some(self.subtask_ref()),
+            node: self.shared.id,
+            attempt: self.subtask().attempt,
+            time_ms: now_ms(),
+        });
+        let result = self.shared.propose(cmd).await?;
+        if result.error.is_empty() {
+            Ok(())
+        } else {
+            Err(result.error)
+        }
+    }
+
+    async fn report(&self, o: Outcome) -> Ended {
+        let state = o.state;
+        if let Some(claimed) = self.claimed.get() {
+            self.shared
+                .stats
+                .observe_run(state, claimed.elapsed().as_secs_f64());
+        }
+        let cmd = Kind::ReportSubtask(ReportSubtask {
+            subtask: Some(self.subtask_ref()),
+            node: self.shared.id,
+            attempt: self.subtask().attempt,
+            state: o.state.to_string(),
+            output: o.output,
+            output_blob: o.output_blob,
+            error: o.error,
+            retryable: o.retryable,
+            fuel_used: o.fuel_used,
+            checkpoint: o.checkpoint,
+            time_ms: now_ms(),
+        });
+        match self.shared.propose(cmd).await {
+            Ok(r) if r.error.is_empty() => debug!(state, "reported"),
+            Ok(r) => debug!(state, error = %r.error, "stale report dropped"),
+            Err(e) => warn!(state, error = %e, "report refused"),
+        }
+        Ended::Done
+    }
+}
