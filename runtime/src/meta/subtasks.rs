@@ -58,6 +58,29 @@ fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
         Some(v) => Some(decode_subtask(&key, v.value())?),
         None => None,
     };
+    // Everything that can be refused is read and checked before the first
+    // write.
+    let old_state = before.as_ref().map(subtask_state).transpose()?;
+    let new_state = subtask_state(s)?;
+    let counts = if old_state == Some(new_state) {
+        None
+    } else {
+        let ck = step_key(s.task_id, s.step);
+        let table = txn.open_table(STEP_COUNTS_TABLE)?;
+        let mut counts = match table.get(ck.as_slice())? {
+            Some(v) => StepCountsRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
+                table: "sm_step_counts".into(),
+                key: hex::encode(ck),
+            })?,
+            None => StepCountsRecord::default(),
+        };
+        if let Some(o) = old_state {
+            let n = count_of(&mut counts, o);
+            *n = n.saturating_sub(1);
+        }
+        *count_of(&mut counts, new_state) += 1;
+        Some((table, ck, counts))
+    };
     let (old, new) = (before.as_ref().and_then(node_index_key), node_index_key(s));
     if old != new {
         let mut index = txn.open_table(SUBTASKS_BY_NODE_TABLE)?;
@@ -77,23 +100,7 @@ fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
             index.remove(key.as_slice())?;
         }
     }
-    let old_state = before.as_ref().map(subtask_state).transpose()?;
-    let new_state = subtask_state(s)?;
-    if old_state != Some(new_state) {
-        let ck = step_key(s.task_id, s.step);
-        let mut table = txn.open_table(STEP_COUNTS_TABLE)?;
-        let mut counts = match table.get(ck.as_slice())? {
-            Some(v) => StepCountsRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
-                table: "sm_step_counts".into(),
-                key: hex::encode(ck),
-            })?,
-            None => StepCountsRecord::default(),
-        };
-        if let Some(o) = old_state {
-            let n = count_of(&mut counts, o);
-            *n = n.saturating_sub(1);
-        }
-        *count_of(&mut counts, new_state) += 1;
+    if let Some((mut table, ck, counts)) = counts {
         table.insert(ck.as_slice(), counts.encode_to_vec().as_slice())?;
     }
     rows.insert(key.as_slice(), s.encode_to_vec().as_slice())?;
