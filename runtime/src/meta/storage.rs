@@ -527,9 +527,11 @@ impl RedbStorage {
         Ok(())
     }
 
-    /// Persists one Ready's snapshot, entries and hard state in a single
-    /// synced transaction, at once (nothing may be staged). When only the
-    /// commit index changed, the write is not synced (see [`LogWrite::sync`]).
+    /// Persists one Ready's snapshot, entries and hard state at once
+    /// (nothing may be staged): without a snapshot in one synced transaction
+    /// of the log file; with one, the state file first, then the log file
+    /// (see the module docs). When only the commit index changed, the write
+    /// is not synced (see [`LogWrite::sync`]).
     ///
     /// # Errors
     /// [`MetaError::Invalid`] for entries that would leave a hole or rewrite
