@@ -575,7 +575,7 @@ impl Driver {
     }
 
     /// A Ready with a snapshot: once every earlier write is done, installs it
-    /// with the Ready's entries and hard state in one synced transaction,
+    /// with the Ready's entries and hard state, synced (`RedbStorage::persist`),
     /// then completes the Ready the synchronous way.
     async fn on_snapshot_ready(
         &mut self,
