@@ -61,11 +61,8 @@ pub async fn subtask_log(
         let Some(task) = queries::task(p, t, at.task)?.filter(|t| sees(&t.tenant)) else {
             return Ok(None);
         };
-        let (subtasks, _) = queries::step_subtasks(p, t, at.task, at.step)?;
-        Ok(subtasks
-            .into_iter()
-            .find(|s| s.ordinal == at.ordinal)
-            .map(|s| (task.tenant, s.attempt)))
+        let subtask = queries::subtask(p, t, at.task, at.step, at.ordinal)?;
+        Ok(subtask.map(|s| (task.tenant, s.attempt)))
     })?;
     let (tenant, latest) = found.ok_or_else(|| LogError::NotFound(format!("{name} not found")))?;
     let attempt = if at.attempt == 0 { latest } else { at.attempt };

@@ -27,7 +27,7 @@ use super::auth::{AuthChannel, Bearer};
 use super::meta::{channel, to_status, MAX_API_MESSAGE};
 use super::service::StokerService;
 use crate::meta::{now_ms, queries, MetaError};
-use crate::model::{SubtaskState, TaskState};
+use crate::model::TaskState;
 use crate::sched::coordinator::{
     self, Operator, Published, CHECKERS, SCHEDULERS, SCHEDULER_KEY_PREFIX,
 };
@@ -97,11 +97,7 @@ impl StokerService {
                     if !accepts || !task.started {
                         continue;
                     }
-                    let (subtasks, _) = queries::step_subtasks(p, t, task.id, task.step)?;
-                    let waiting = subtasks
-                        .iter()
-                        .filter(|s| s.node == 0 && s.state == SubtaskState::Pending.as_str())
-                        .count() as u32;
+                    let waiting = queries::waiting_count(p, t, task.id, task.step)? as u32;
                     tasks.push(Waiting {
                         key: task.key,
                         tenant: task.tenant,

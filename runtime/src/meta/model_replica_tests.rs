@@ -148,6 +148,8 @@ fn step_counts_and_waiting_subtasks_come_back_from_older_snapshots_and_databases
     let derived = ["sm_step_counts", "sm_subtasks_waiting"];
     let t = tables(&a);
     assert_eq!(t["sm_subtasks_waiting"].len(), 2);
+    assert_eq!(a.read(|p, t| queries::waiting_count(p, t, id, 0)), 2);
+    assert_eq!(a.read(|p, t| queries::waiting_count(p, t, id, 1)), 0);
     assert!(!t["sm_step_counts"].is_empty());
     let data = state_machine::export(&a.s.read().unwrap()).unwrap();
 

@@ -75,8 +75,7 @@ pub(crate) fn sweep_module_staging(
     let mut stale = Vec::new();
     for row in txn.open_table(MODULE_STAGING_TIMES_TABLE)?.iter()? {
         let (hash, time) = row?;
-        let time = <[u8; 8]>::try_from(time.value()).map_or(0, u64::from_be_bytes);
-        if time < c.before_ms {
+        if super::records::staging_time(time.value()) < c.before_ms {
             stale.push(String::from_utf8_lossy(hash.value()).into_owned());
         }
     }

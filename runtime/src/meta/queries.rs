@@ -137,7 +137,7 @@ pub fn abandoned_uploads(
     let mut n = 0;
     for row in times.iter().map_err(err)? {
         let (_, time) = row.map_err(err)?;
-        if <[u8; 8]>::try_from(time.value()).map_or(0, u64::from_be_bytes) < before_ms {
+        if super::records::staging_time(time.value()) < before_ms {
             n += 1;
         }
     }
@@ -409,6 +409,33 @@ pub fn waiting_subtasks(
         limit,
         |s| s.retry_after_ms <= now_ms,
     )
+}
+
+/// How many subtasks of a step wait for a node (pending, not assigned),
+/// counted from the waiting index without reading them.
+///
+/// # Errors
+/// Storage failures.
+pub fn waiting_count(
+    path: &Path,
+    txn: &ReadTransaction,
+    task: TaskId,
+    step: u32,
+) -> Result<usize, MetaError> {
+    let err = |e: redb::StorageError| storage_err(path, e);
+    let (start, end) = subtask_range(task, Some(step));
+    let index = txn
+        .open_table(SUBTASKS_WAITING_TABLE)
+        .map_err(|e| storage_err(path, e))?;
+    let mut n = 0;
+    for row in index
+        .range(start.as_slice()..=end.as_slice())
+        .map_err(err)?
+    {
+        row.map_err(err)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// The subtasks assigned to `node` that have not ended (pending or

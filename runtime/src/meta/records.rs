@@ -163,6 +163,12 @@ pub fn subtask_key(task: TaskId, step: u32, ordinal: u32) -> [u8; 16] {
     k
 }
 
+/// A staged upload's time from [`MODULE_STAGING_TIMES_TABLE`]; an
+/// unreadable one is 0, the oldest, so that a sweep drops it.
+pub fn staging_time(bytes: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(bytes).map_or(0, u64::from_be_bytes)
+}
+
 /// task ‖ step, big-endian.
 pub fn step_key(task: TaskId, step: u32) -> [u8; 12] {
     let mut k = [0u8; 12];

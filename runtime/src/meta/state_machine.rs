@@ -391,36 +391,29 @@ pub fn import(path: &Path, txn: &WriteTransaction, data: &SnapshotData) -> Resul
             }
         }
     }
-    let has = |def: &SmTable| {
-        let name = redb::TableHandle::name(def);
-        data.tables.iter().any(|d| d.name == name)
-    };
-    // A snapshot of a build that did not keep these derived tables.
+    // A snapshot of a build that did not keep some derived tables.
+    rebuild_missing(path, txn, |name| data.tables.iter().any(|d| d.name == name))
+}
+
+/// Recounts the derived tables (tenant usage; waiting subtasks and step
+/// counts) that `present` says a database or snapshot of an older build
+/// lacks, from the rows they count.
+///
+/// # Errors
+/// Storage failures, an undecodable record.
+pub fn rebuild_missing(
+    path: &Path,
+    txn: &WriteTransaction,
+    present: impl Fn(&str) -> bool,
+) -> Result<(), MetaError> {
+    let has = |def: &SmTable| present(redb::TableHandle::name(def));
     if !has(&records::TENANT_USAGE_TABLE) {
-        rebuild_usage(path, txn)?;
+        rebuilt(path, tenants::rebuild_usage(txn))?;
     }
-    if !has(&records::STEP_COUNTS_TABLE) {
-        rebuild_subtask_tables(path, txn)?;
+    if !has(&records::STEP_COUNTS_TABLE) || !has(&records::SUBTASKS_WAITING_TABLE) {
+        rebuilt(path, subtasks::rebuild_subtask_tables(txn))?;
     }
     Ok(())
-}
-
-/// Recounts every tenant's usage from the rows it counts (see
-/// [`tenants::rebuild_usage`]).
-///
-/// # Errors
-/// Storage failures, an undecodable record.
-pub fn rebuild_usage(path: &Path, txn: &WriteTransaction) -> Result<(), MetaError> {
-    rebuilt(path, tenants::rebuild_usage(txn))
-}
-
-/// Rewrites the waiting subtasks and the step counts from the subtask rows
-/// (see [`subtasks::rebuild_subtask_tables`]).
-///
-/// # Errors
-/// Storage failures, an undecodable record.
-pub fn rebuild_subtask_tables(path: &Path, txn: &WriteTransaction) -> Result<(), MetaError> {
-    rebuilt(path, subtasks::rebuild_subtask_tables(txn))
 }
 
 fn rebuilt(path: &Path, result: Result<(), ApplyError>) -> Result<(), MetaError> {

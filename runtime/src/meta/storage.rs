@@ -36,7 +36,6 @@ use stoker_proto::meta::SnapshotData;
 use stoker_proto::Message as _;
 
 use super::error::storage_err;
-use super::records;
 use super::state_machine::{self, SM_TABLES};
 use super::MetaError;
 use tracing::info;
@@ -257,11 +256,6 @@ impl RedbStorage {
             .map(|t| t.name().to_string())
             .collect();
         let has = |name: &str| names.iter().any(|n| n == name);
-        // A database written by a build that did not keep the tenants'
-        // usage counts gets them counted once, here.
-        let recount = has(records::TASKS_TABLE.name()) && !has(records::TENANT_USAGE_TABLE.name());
-        let recount_steps =
-            has(records::SUBTASKS_TABLE.name()) && !has(records::STEP_COUNTS_TABLE.name());
         // A database written by a build that kept the log in the same file
         // has it moved to the log file, synced there before it goes here.
         if has(LOG.name()) || has(RAFT_STATE.name()) {
@@ -274,12 +268,9 @@ impl RedbStorage {
                 txn.open_table(*def).map_err(|e| open_err(path, e.into()))?;
             }
         }
-        if recount {
-            state_machine::rebuild_usage(path, &txn)?;
-        }
-        if recount_steps {
-            state_machine::rebuild_subtask_tables(path, &txn)?;
-        }
+        // A database written by a build that did not keep some derived
+        // tables gets them counted once, here (a new one: nothing to count).
+        state_machine::rebuild_missing(path, &txn, has)?;
         txn.commit().map_err(|e| open_err(path, e.into()))?;
         let storage = RedbStorage {
             inner: Arc::new(Inner {

@@ -112,6 +112,9 @@ pub(super) fn read_view(
                     p, t, task.id, task.step, now, room,
                 )?);
                 subtasks.sort_by_key(|s| s.ordinal);
+                for s in &subtasks {
+                    checked_state(p, s)?;
+                }
                 (subtasks, queries::step_counts(p, t, task.id, task.step)?)
             } else {
                 (Vec::new(), StepCounts::default())
@@ -129,7 +132,7 @@ pub(super) fn read_view(
                 let at = Seen {
                     node: s.node,
                     attempt: s.attempt,
-                    state: parse_sub(&s),
+                    state: checked_state(p, &s)?,
                 };
                 seen.insert((task, step, ordinal), at);
             }
@@ -170,8 +173,16 @@ pub(super) fn accepts_work(t: &TaskView) -> bool {
     t.state.accepts_work(t.task.modifying_from.parse().ok())
 }
 
+/// A subtask's state, refusing an unknown one as a corrupt record.
+fn checked_state(path: &std::path::Path, s: &SubtaskRecord) -> Result<SubtaskState, MetaError> {
+    crate::meta::records::subtask_state(s).map_err(|e| MetaError::Corrupt {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })
+}
+
 /// A subtask's state; every state was checked when the view was read
-/// (`step_subtasks` refuses an unknown one).
+/// ([`checked_state`]).
 pub(super) fn parse_sub(s: &SubtaskRecord) -> SubtaskState {
     s.state.parse().unwrap_or(SubtaskState::Failed)
 }
