@@ -10,7 +10,7 @@
 //!   unless it owns the cluster).
 //! - Every worker: slots in use, the resource manager's command, allowed
 //!   and active concurrency, fuel rate, level and node CPU, fuel granted
-//!   per tenant, subtask run latency (claim to report) and start delay
+//!   per tenant, subtask run latency (start to report) and start delay
 //!   (submission to the first step's start).
 //!
 //! Counts of the replicated state are computed once per applied index
@@ -391,7 +391,7 @@ fn worker_metrics(reg: &mut Registry, w: &WorkerView) {
     let stats = w.stats();
     reg.register(
         "worker_subtask_run_seconds",
-        "Subtask runs on this worker from claim to report, by reported state",
+        "Subtask runs on this worker from start (claim) to report, by reported state",
         stats.run_seconds.clone(),
     );
     reg.register(

@@ -565,7 +565,7 @@ impl Report {
             t.submit_to_created_ms, t.created_to_first_start_ms, t.run_span_ms, t.last_end_to_finish_ms
         );
         println!(
-            "  subtask run (start->end, claim to report time) p50 {:.0} ms p99 {:.0} ms; raft log entries per subtask {:.2}",
+            "  subtask run (start->end, recorded start to end time) p50 {:.0} ms p99 {:.0} ms; raft log entries per subtask {:.2}",
             t.run_p50_ms, t.run_p99_ms, t.entries_per_subtask
         );
         let nodes: Vec<String> = t

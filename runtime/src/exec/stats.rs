@@ -1,5 +1,5 @@
 //! What a worker measures about the subtasks it runs, for `/metrics`:
-//! run latency (claim to report) by outcome, and the delay from a task's
+//! run latency (start to report) by outcome, and the delay from a task's
 //! submission to the start of its first step's subtasks.
 
 use prometheus_client::metrics::family::Family;
@@ -36,7 +36,8 @@ impl Default for WorkerStats {
 }
 
 impl WorkerStats {
-    /// Records one run from claim to report.
+    /// Records one run from its start (its claim, or the start of a quick
+    /// run that claims with its report) to its report.
     pub fn observe_run(&self, state: &str, seconds: f64) {
         self.run_seconds
             .get_or_create(&vec![("state".to_string(), state.to_string())])

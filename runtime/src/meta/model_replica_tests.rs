@@ -263,6 +263,8 @@ fn random_command(rng: &mut Rng, hash: &str, time: u64) -> C {
         11 => claim(task, step, ordinal, node, attempt),
         12 | 13 => C::ReportSubtask(stoker_proto::meta::ReportSubtask {
             retryable: rng.below(2) == 0,
+            // Half of them claim as they report (a quick unclaimed run).
+            start_time_ms: rng.below(2) * time,
             ..report(task, step, ordinal, node, attempt, subtask_state, b"o")
         }),
         14 => C::RequeueSubtask(RequeueSubtask {
@@ -310,6 +312,13 @@ fn plausible_command(sm: &Sm, rng: &mut Rng, time: u64) -> Option<C> {
             let r = (s.task_id, s.step, s.ordinal);
             match (s.state.as_str(), s.node) {
                 ("pending", 0) => assign(r.0, r.1, r.2, node),
+                // A quick run of an idempotent step reports unclaimed.
+                ("pending", n) if s.idempotent && rng.below(2) == 0 => {
+                    C::ReportSubtask(stoker_proto::meta::ReportSubtask {
+                        start_time_ms: time,
+                        ..report(r.0, r.1, r.2, n, s.attempt, SubtaskState::Succeed, b"q")
+                    })
+                }
                 ("pending", n) => claim(r.0, r.1, r.2, n, s.attempt),
                 ("running", n) => C::ReportSubtask(stoker_proto::meta::ReportSubtask {
                     retryable: rng.below(2) == 0,

@@ -740,6 +740,82 @@ fn reports_are_fenced_by_node_and_attempt_and_commit_once() {
 }
 
 #[test]
+fn a_report_with_a_start_time_claims_and_ends_an_idempotent_subtask_at_once() {
+    let unclaimed = |task, ordinal, node, attempt, state| {
+        C::ReportSubtask(ReportSubtask {
+            start_time_ms: 2500,
+            ..report(task, 0, ordinal, node, attempt, state, b"quick")
+        })
+    };
+    let (mut sm, _, task) = setup();
+    add(&mut sm, task, 0, 0..3, true, true);
+    sm.ok(set_state(task, TaskState::Running));
+    for ordinal in 0..3 {
+        sm.ok(assign(task, 0, ordinal, 1));
+    }
+    // Only the node and attempt it is assigned to may report it.
+    let e = sm.rejected(unclaimed(task, 0, 2, 1, SubtaskState::Succeed));
+    assert!(e.starts_with("stale report"), "{e}");
+    let e = sm.rejected(unclaimed(task, 0, 1, 2, SubtaskState::Succeed));
+    assert!(e.starts_with("stale report"), "{e}");
+    sm.ok(unclaimed(task, 0, 1, 1, SubtaskState::Succeed));
+    // Once: the same report again finds it succeeded.
+    let e = sm.rejected(unclaimed(task, 0, 1, 1, SubtaskState::Succeed));
+    assert!(e.contains("it is succeed, not pending"), "{e}");
+    // A claimed subtask is reported as such, not claimed twice.
+    sm.ok(claim(task, 0, 1, 1, 1));
+    let e = sm.rejected(unclaimed(task, 1, 1, 1, SubtaskState::Succeed));
+    assert!(e.contains("it is running, not pending"), "{e}");
+    // A retryable failure goes back to the pool, as after a claim.
+    sm.ok(C::ReportSubtask(ReportSubtask {
+        retryable: true,
+        ..match unclaimed(task, 2, 1, 1, SubtaskState::Failed) {
+            C::ReportSubtask(r) => r,
+            _ => unreachable!(),
+        }
+    }));
+    let (subs, counts) = sm.step(task, 0);
+    assert_eq!(
+        (
+            subs[0].state.as_str(),
+            subs[0].start_time_ms,
+            subs[0].end_time_ms
+        ),
+        ("succeed", 2500, 3000)
+    );
+    assert_eq!(subs[0].output, b"quick");
+    assert_eq!(
+        (subs[2].state.as_str(), subs[2].node, subs[2].retries),
+        ("pending", 0, 1)
+    );
+    assert_eq!(
+        (
+            counts.get(SubtaskState::Succeed),
+            counts.get(SubtaskState::Running),
+            counts.get(SubtaskState::Pending)
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(sm.task(task).fuel_used, 20);
+
+    // A step that is not idempotent is claimed before it runs.
+    let (mut sm, _, task) = setup();
+    add(&mut sm, task, 0, 0..1, false, true);
+    sm.ok(set_state(task, TaskState::Running));
+    sm.ok(assign(task, 0, 0, 1));
+    let e = sm.rejected(unclaimed(task, 0, 1, 1, SubtaskState::Succeed));
+    assert!(e.contains("must be claimed before it runs"), "{e}");
+    // Nor does a pausing task's subtask start by report.
+    let (mut sm, _, task) = setup();
+    add(&mut sm, task, 0, 0..1, true, true);
+    sm.ok(set_state(task, TaskState::Running));
+    sm.ok(assign(task, 0, 0, 1));
+    sm.ok(set_state(task, TaskState::Pausing));
+    let e = sm.rejected(unclaimed(task, 0, 1, 1, SubtaskState::Succeed));
+    assert!(e.contains("its subtasks do not start"), "{e}");
+}
+
+#[test]
 fn resource_config_is_checked_when_applied() {
     use stoker_proto::meta::SetConfig;
     let set = |key: &str, value: &str| {

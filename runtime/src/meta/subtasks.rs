@@ -399,9 +399,24 @@ pub(crate) fn claim_subtask(
 ) -> Applied<SubtaskStateResult> {
     let r = subtask_ref(c.subtask.as_ref())?;
     let mut s = get_subtask(txn, r)?;
-    fence(&s, c.node, c.attempt, SubtaskState::Pending)?;
     let task = get_task(txn, r.task_id)?;
-    if !records::accepts_work(&task)? {
+    claim(&mut s, &task, c.node, c.attempt, c.time_ms)?;
+    put_subtask(txn, &s)?;
+    Ok(state_result(&s))
+}
+
+/// A claim's checks and change, in memory: `s` must be pending on `node`
+/// at `attempt`, and its task accept work; it becomes running since
+/// `time_ms`.
+fn claim(
+    s: &mut SubtaskRecord,
+    task: &TaskRecord,
+    node: u64,
+    attempt: u32,
+    time_ms: u64,
+) -> Applied<()> {
+    fence(s, node, attempt, SubtaskState::Pending)?;
+    if !records::accepts_work(task)? {
         return invalid(format!(
             "task {} is {}: its subtasks do not start",
             task.id, task.state
@@ -414,10 +429,9 @@ pub(crate) fn claim_subtask(
         s.idempotent,
     )?;
     s.state = SubtaskState::Running.to_string();
-    s.start_time_ms = c.time_ms;
+    s.start_time_ms = time_ms;
     s.error.clear();
-    put_subtask(txn, &s)?;
-    Ok(state_result(&s))
+    Ok(())
 }
 
 pub(crate) fn report_subtask(
@@ -426,7 +440,10 @@ pub(crate) fn report_subtask(
 ) -> Applied<SubtaskStateResult> {
     let r = subtask_ref(c.subtask.as_ref())?;
     let mut s = get_subtask(txn, r)?;
-    fence(&s, c.node, c.attempt, SubtaskState::Running)?;
+    let unclaimed = c.start_time_ms != 0;
+    if !unclaimed {
+        fence(&s, c.node, c.attempt, SubtaskState::Running)?;
+    }
     let reported = c
         .state
         .parse::<SubtaskState>()
@@ -437,6 +454,15 @@ pub(crate) fn report_subtask(
         ));
     }
     let mut task = get_task(txn, r.task_id)?;
+    if unclaimed {
+        if !s.idempotent {
+            return invalid(format!(
+                "{} is of a step that is not idempotent: it must be claimed before it runs",
+                subtask_name(r.task_id, r.step, r.ordinal)
+            ));
+        }
+        claim(&mut s, &task, c.node, c.attempt, c.start_time_ms)?;
+    }
     let retry = reported == SubtaskState::Failed
         && c.retryable
         && s.retries.saturating_add(1) < task.max_attempts;

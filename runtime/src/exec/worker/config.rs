@@ -42,6 +42,12 @@ pub struct WorkerConfig {
     /// Wall-clock time one subtask run may take (not counting time the fuel
     /// governor holds it), in milliseconds. Default 60,000.
     pub deadline_ms: u64,
+    /// A subtask of an idempotent step starts without waiting for its
+    /// claim, and is claimed only if it still runs after this many
+    /// milliseconds; a quicker run claims with its report, one replicated
+    /// command instead of two. 0: claim before every run. At most 60,000.
+    /// Default 50.
+    pub claim_delay_ms: u64,
     /// The cluster token the worker's calls carry: the server config's
     /// `admin_token`, copied here when the node starts (not read from the
     /// `[worker]` table).
@@ -64,6 +70,7 @@ impl Default for WorkerConfig {
             fuel_limit: limits.fuel,
             memory_limit: limits.memory_bytes,
             deadline_ms: limits.deadline.as_millis() as u64,
+            claim_delay_ms: 50,
             token: None,
         }
     }
@@ -111,11 +118,18 @@ impl WorkerConfig {
         if self.deadline_ms == 0 {
             return Err("worker.deadline_ms must be at least 1".into());
         }
+        if self.claim_delay_ms > 60_000 {
+            return Err("worker.claim_delay_ms must be at most 60000".into());
+        }
         Ok(())
     }
 
     pub(super) fn wait(&self) -> Duration {
         Duration::from_millis(u64::from(self.assignment_wait_ms))
+    }
+
+    pub(super) fn claim_delay(&self) -> Duration {
+        Duration::from_millis(self.claim_delay_ms)
     }
 }
 
@@ -138,6 +152,7 @@ mod tests {
         assert!(cfg.enabled && cfg.slots >= 1);
         assert_eq!(cfg.heartbeat_interval_ms, 1000);
         assert_eq!(cfg.assignment_wait_ms, 5000);
+        assert_eq!(cfg.claim_delay_ms, 50);
         assert_eq!(cfg.fuel_limit, CallLimits::default().fuel);
         assert_eq!(cfg.memory_limit, CallLimits::default().memory_bytes);
         assert_eq!(
@@ -153,6 +168,10 @@ mod tests {
         for bad in [
             WorkerConfig {
                 slots: 0,
+                ..WorkerConfig::default()
+            },
+            WorkerConfig {
+                claim_delay_ms: 60_001,
                 ..WorkerConfig::default()
             },
             WorkerConfig {

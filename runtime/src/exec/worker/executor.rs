@@ -1,5 +1,8 @@
 //! The executor of one subtask: fetch its module, claim it (fenced by node
 //! and attempt), run it in the sandbox, report the outcome (fenced too).
+//! A subtask of an idempotent step runs before its claim: a run that ends
+//! within the claim delay claims with its report, a longer one is claimed
+//! while it runs and stopped if the claim is refused.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +58,8 @@ struct Outcome {
     retryable: bool,
     fuel_used: u64,
     checkpoint: Vec<u8>,
+    /// When an unclaimed run started; 0: the run was claimed.
+    start_time_ms: u64,
 }
 
 impl Executor {
@@ -115,28 +120,33 @@ impl Executor {
                 }
             }
         };
-        if !self.adopt {
+        // A subtask of an idempotent step runs at once and is claimed only
+        // if it is still running after the claim delay: running it twice is
+        // harmless, and the fenced report commits one run's output.
+        let lazy = !self.adopt
+            && self.subtask().idempotent
+            && module.is_ok()
+            && !self.shared.cfg.claim_delay().is_zero();
+        if !self.adopt && !lazy {
             if let Err(e) = self.claim().await {
                 debug!(error = %e, "claim refused: dropped");
                 return Ended::ClaimRefused;
             }
             debug!("claimed");
-            let _ = self.claimed.set(Instant::now());
-            let s = self.subtask();
-            if s.step == 0 && s.attempt == 1 {
-                let delay_ms = now_ms().saturating_sub(self.assignment.task_create_time_ms);
-                self.shared
-                    .stats
-                    .start_delay_seconds
-                    .observe(delay_ms as f64 / 1000.0);
-            }
+            self.started(Instant::now());
         }
-        // Claimed now, or already running here at this attempt (adopted).
-        let s = self.subtask();
-        self.shared.took(key_of(s), s.attempt);
         let checkpoint = self.subtask().checkpoint.clone();
         if *self.pause.borrow() {
+            if lazy {
+                // Pending still: the pause takes it from the pool.
+                return Ended::ClaimRefused;
+            }
+            self.took();
             return self.paused(checkpoint).await;
+        }
+        if !lazy {
+            // Claimed now, or already running here at this attempt (adopted).
+            self.took();
         }
         if self.adopt && !self.subtask().idempotent {
             warn!("a non-idempotent subtask was running when this worker restarted: failing it");
@@ -165,27 +175,84 @@ impl Executor {
                     .await;
             }
         };
-        info!(adopted = self.adopt, "subtask running");
-        let outcome = {
-            // Boxed so that a pause drops the call (and its instance and
-            // governor lease) before reporting.
-            let mut sandbox_run = Box::pin(self.call(&module, checkpoint.clone()));
-            let mut pause = self.pause.clone();
-            let paused = async move {
-                if pause.wait_for(|p| *p).await.is_err() {
-                    // The worker forgot this run: it is being aborted.
-                    std::future::pending::<()>().await;
+        info!(adopted = self.adopt, claimed = !lazy, "subtask running");
+        let start_time_ms = now_ms();
+        if lazy {
+            self.started(Instant::now());
+        }
+        // Boxed so that a pause or a refused claim drops the call (and its
+        // instance and governor lease) at once.
+        let mut sandbox_run = Box::pin(self.call(&module, checkpoint.clone()));
+        let mut pause = self.pause.clone();
+        let paused = async move {
+            if pause.wait_for(|p| *p).await.is_err() {
+                // The worker forgot this run: it is being aborted.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(paused);
+        let mut ended = None;
+        if lazy {
+            tokio::select! {
+                outcome = &mut sandbox_run => {
+                    // Done before the claim was due: the report claims.
+                    let o = Outcome { start_time_ms, ..outcome };
+                    return self.report(o).await;
+                }
+                () = tokio::time::sleep(self.shared.cfg.claim_delay()) => {}
+                // Pending still: the pause takes it from the pool.
+                () = &mut paused => return Ended::ClaimRefused,
+            }
+            // Still running: claim it while it goes on. A pause waits for
+            // the claim's answer, so that no claim lands after the run is
+            // gone.
+            let claim = self.claim();
+            tokio::pin!(claim);
+            let claimed = loop {
+                tokio::select! {
+                    r = &mut claim => break r,
+                    outcome = &mut sandbox_run, if ended.is_none() => ended = Some(outcome),
                 }
             };
-            tokio::select! {
+            if let Err(e) = claimed {
+                debug!(error = %e, "claim refused: run stopped");
+                return Ended::ClaimRefused;
+            }
+            debug!("claimed");
+            self.took();
+        }
+        let outcome = match ended {
+            Some(outcome) => outcome,
+            None => tokio::select! {
                 outcome = &mut sandbox_run => outcome,
-                () = paused => {
+                () = &mut paused => {
                     drop(sandbox_run);
                     return self.paused(checkpoint).await;
                 }
-            }
+            },
         };
         self.report(outcome).await
+    }
+
+    /// The run starts (claimed, or unclaimed for a quick idempotent run):
+    /// its clock for the run-time metric, and the start delay of a first
+    /// step's first attempt.
+    fn started(&self, at: Instant) {
+        let _ = self.claimed.set(at);
+        let s = self.subtask();
+        if s.step == 0 && s.attempt == 1 {
+            let delay_ms = now_ms().saturating_sub(self.assignment.task_create_time_ms);
+            self.shared
+                .stats
+                .start_delay_seconds
+                .observe(delay_ms as f64 / 1000.0);
+        }
+    }
+
+    /// This process holds the subtask at its attempt (claimed or adopted).
+    fn took(&self) {
+        let s = self.subtask();
+        self.shared.took(key_of(s), s.attempt);
     }
 
     /// Runs the subtask in the sandbox; the report to make.
@@ -333,6 +400,7 @@ impl Executor {
 
     async fn report(&self, o: Outcome) -> Ended {
         let state = o.state;
+        let unclaimed = o.start_time_ms != 0;
         if let Some(claimed) = self.claimed.get() {
             self.shared
                 .stats
@@ -350,9 +418,26 @@ impl Executor {
             fuel_used: o.fuel_used,
             checkpoint: o.checkpoint,
             time_ms: now_ms(),
+            start_time_ms: o.start_time_ms,
         });
         match self.shared.propose(cmd).await {
-            Ok(r) if r.error.is_empty() => debug!(state, "reported"),
+            Ok(r) if r.error.is_empty() => {
+                debug!(state, unclaimed, "reported");
+                if unclaimed {
+                    self.took();
+                }
+            }
+            // Its claim was refused, or the report was lost: as after a
+            // claim of its own, the subtask is tried again if it is still
+            // assigned here (pending) after a moment.
+            Ok(r) if unclaimed => {
+                debug!(state, error = %r.error, "unclaimed run's report refused");
+                return Ended::ClaimRefused;
+            }
+            Err(e) if unclaimed => {
+                warn!(state, error = %e, "unclaimed run's report refused");
+                return Ended::ClaimRefused;
+            }
             Ok(r) => debug!(state, error = %r.error, "stale report dropped"),
             Err(e) => warn!(state, error = %e, "report refused"),
         }

@@ -16,7 +16,8 @@
 //!   the next heartbeats report both back;
 //! - an **executor** per subtask fetches and loads the module (once per
 //!   hash), claims the subtask (`ClaimSubtask`, fenced by node and attempt),
-//!   runs it in the sandbox, and reports the result (`ReportSubtask`).
+//!   runs it in the sandbox, and reports the result (`ReportSubtask`); a
+//!   quick run of an idempotent step claims with its report instead.
 //!   Claims and reports are retried under one request id on transport
 //!   errors, so a retry is never applied twice; a rejection means the view
 //!   was stale, and the work is dropped.
