@@ -675,31 +675,40 @@ impl Driver {
         let mut tx = storage.begin_apply()?;
         let mut replies = Vec::new();
         let mut peers_changed = false;
-        for entry in &entries {
-            match entry.get_entry_type() {
-                EntryType::EntryNormal => {
-                    self.apply_normal(&tx, entry, &mut replies)?;
+        let mut rest = entries.as_slice();
+        while let Some(entry) = rest.first() {
+            if entry.get_entry_type() == EntryType::EntryNormal {
+                // A run of normal entries: the request tables are opened
+                // once for all of them.
+                let n = rest
+                    .iter()
+                    .position(|e| e.get_entry_type() != EntryType::EntryNormal)
+                    .unwrap_or(rest.len());
+                let (run, after) = rest.split_at(n);
+                let mut requests = state_machine::Requests::open(tx.path(), tx.txn())?;
+                for entry in run {
+                    self.apply_normal(&mut requests, entry, &mut replies)?;
                     if let Some(r) = self.conf_changes.remove(&entry.index) {
-                        // raft-rs turned the conf change into an empty entry:
-                        // another one was still pending.
+                        // raft-rs turned the conf change into an empty
+                        // entry: another one was still pending.
                         let _ = r.send(Err(MetaError::ProposalDropped));
                     }
                 }
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    self.apply_conf_change(&mut tx, entry)?;
-                    peers_changed = true;
-                    if let Some(r) = self.conf_changes.remove(&entry.index) {
-                        let _ = r.send(Ok(()));
-                    }
+                requests.forget_old(state_machine::MAX_REMEMBERED_REQUESTS)?;
+                drop(requests);
+                let last = run.last().expect("a run has an entry");
+                tx.set_applied(last.index, last.term);
+                rest = after;
+            } else {
+                self.apply_conf_change(&mut tx, entry)?;
+                peers_changed = true;
+                if let Some(r) = self.conf_changes.remove(&entry.index) {
+                    let _ = r.send(Ok(()));
                 }
+                tx.set_applied(entry.index, entry.term);
+                rest = &rest[1..];
             }
-            tx.set_applied(entry.index, entry.term);
         }
-        state_machine::forget_old_requests(
-            tx.path(),
-            tx.txn(),
-            state_machine::MAX_REMEMBERED_REQUESTS,
-        )?;
         tx.commit()?;
         for (reply, result) in replies {
             let _ = reply.send(Ok(result));
@@ -713,7 +722,7 @@ impl Driver {
 
     fn apply_normal(
         &mut self,
-        tx: &ApplyTxn<'_>,
+        requests: &mut state_machine::Requests<'_>,
         entry: &Entry,
         replies: &mut Vec<(Reply<CommandResult>, CommandResult)>,
     ) -> Result<(), MetaError> {
@@ -732,7 +741,7 @@ impl Driver {
             });
         }
         for p in &batch.proposals {
-            let result = state_machine::apply_proposal(tx.path(), tx.txn(), entry.index, p)?;
+            let result = requests.apply(entry.index, p)?;
             if batch.proposer == self.id {
                 if let Some(reply) = self.pending.remove(&p.id) {
                     replies.push((reply, result));

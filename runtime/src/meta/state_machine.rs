@@ -137,87 +137,91 @@ pub fn apply_command(
     }
 }
 
-/// Applies a proposal at log `index`: its command, unless its request id
-/// was applied before, in which case the first result is returned again.
-///
-/// # Errors
-/// Storage failures, an undecodable remembered result.
-pub fn apply_proposal(
-    path: &Path,
-    txn: &WriteTransaction,
-    index: u64,
-    p: &Proposal,
-) -> Result<CommandResult, MetaError> {
-    let none = Command::default();
-    let cmd = p.command.as_ref().unwrap_or(&none);
-    if p.request_id.is_empty() {
-        return apply_command(path, txn, cmd);
-    }
-    let err = |e: redb::Error| storage_err(path, e);
-    let id = p.request_id.as_slice();
-    let remembered: Option<Vec<u8>> = txn
-        .open_table(REQUESTS_TABLE)
-        .map_err(|e| err(e.into()))?
-        .get(id)
-        .map_err(|e| err(e.into()))?
-        .map(|v| v.value().to_vec());
-    if let Some(v) = remembered {
-        return v
-            .get(8..)
-            .and_then(|b| CommandResult::decode(b).ok())
-            .ok_or_else(|| MetaError::Corrupt {
-                path: path.to_path_buf(),
-                what: "bad remembered request".into(),
-            });
-    }
-    let result = apply_command(path, txn, cmd)?;
-    let mut record = index.to_be_bytes().to_vec();
-    result.encode(&mut record).expect("vec grows");
-    let mut order_key = index.to_be_bytes().to_vec();
-    order_key.extend_from_slice(id);
-    txn.open_table(REQUESTS_TABLE)
-        .map_err(|e| err(e.into()))?
-        .insert(id, record.as_slice())
-        .map_err(|e| err(e.into()))?;
-    txn.open_table(REQUEST_ORDER_TABLE)
-        .map_err(|e| err(e.into()))?
-        .insert(order_key.as_slice(), [].as_slice())
-        .map_err(|e| err(e.into()))?;
-    Ok(result)
+/// The request ids a run of proposals is checked against and recorded in:
+/// both tables opened once for every proposal applied in one transaction
+/// (opening a table is a good part of a small command's cost).
+pub struct Requests<'txn> {
+    path: &'txn Path,
+    txn: &'txn WriteTransaction,
+    /// Request id → applied index ‖ encoded result.
+    results: redb::Table<'txn, &'static [u8], &'static [u8]>,
+    /// Applied index ‖ request id, in application order.
+    order: redb::Table<'txn, &'static [u8], &'static [u8]>,
 }
 
-/// Forgets the oldest request ids beyond `keep` (deterministic: by
-/// application order); the node keeps [`MAX_REMEMBERED_REQUESTS`].
-///
-/// # Errors
-/// Storage failures.
-pub fn forget_old_requests(
-    path: &Path,
-    txn: &WriteTransaction,
-    keep: u64,
-) -> Result<(), MetaError> {
-    let err = |e: redb::Error| storage_err(path, e);
-    let mut order = txn
-        .open_table(REQUEST_ORDER_TABLE)
-        .map_err(|e| err(e.into()))?;
-    let len = redb::ReadableTableMetadata::len(&order).map_err(|e| err(e.into()))?;
-    if len <= keep {
-        return Ok(());
+impl<'txn> Requests<'txn> {
+    /// Opens the tables in `txn` of the database at `path`.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn open(path: &'txn Path, txn: &'txn WriteTransaction) -> Result<Self, MetaError> {
+        let err = |e: redb::TableError| storage_err(path, e);
+        Ok(Requests {
+            path,
+            txn,
+            results: txn.open_table(REQUESTS_TABLE).map_err(err)?,
+            order: txn.open_table(REQUEST_ORDER_TABLE).map_err(err)?,
+        })
     }
-    let mut oldest = Vec::new();
-    for row in order
-        .iter()
-        .map_err(|e| err(e.into()))?
-        .take((len - keep) as usize)
-    {
-        oldest.push(row.map_err(|e| err(e.into()))?.0.value().to_vec());
+
+    /// Applies a proposal at log `index`: its command, unless its request
+    /// id was applied before, in which case the first result is returned
+    /// again.
+    ///
+    /// # Errors
+    /// Storage failures, an undecodable remembered result.
+    pub fn apply(&mut self, index: u64, p: &Proposal) -> Result<CommandResult, MetaError> {
+        let path = self.path;
+        let none = Command::default();
+        let cmd = p.command.as_ref().unwrap_or(&none);
+        if p.request_id.is_empty() {
+            return apply_command(path, self.txn, cmd);
+        }
+        let err = |e: redb::StorageError| storage_err(path, e);
+        let id = p.request_id.as_slice();
+        if let Some(v) = self.results.get(id).map_err(err)? {
+            return v
+                .value()
+                .get(8..)
+                .and_then(|b| CommandResult::decode(b).ok())
+                .ok_or_else(|| MetaError::Corrupt {
+                    path: path.to_path_buf(),
+                    what: "bad remembered request".into(),
+                });
+        }
+        let result = apply_command(path, self.txn, cmd)?;
+        let mut record = index.to_be_bytes().to_vec();
+        result.encode(&mut record).expect("vec grows");
+        let mut order_key = index.to_be_bytes().to_vec();
+        order_key.extend_from_slice(id);
+        self.results.insert(id, record.as_slice()).map_err(err)?;
+        self.order
+            .insert(order_key.as_slice(), [].as_slice())
+            .map_err(err)?;
+        Ok(result)
     }
-    let mut requests = txn.open_table(REQUESTS_TABLE).map_err(|e| err(e.into()))?;
-    for key in oldest {
-        order.remove(key.as_slice()).map_err(|e| err(e.into()))?;
-        requests.remove(&key[8..]).map_err(|e| err(e.into()))?;
+
+    /// Forgets the oldest request ids beyond `keep` (deterministic: by
+    /// application order); a node keeps [`MAX_REMEMBERED_REQUESTS`].
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn forget_old(&mut self, keep: u64) -> Result<(), MetaError> {
+        let err = |e: redb::StorageError| storage_err(self.path, e);
+        let len = redb::ReadableTableMetadata::len(&self.order).map_err(err)?;
+        if len <= keep {
+            return Ok(());
+        }
+        let mut oldest = Vec::new();
+        for row in self.order.iter().map_err(err)?.take((len - keep) as usize) {
+            oldest.push(row.map_err(err)?.0.value().to_vec());
+        }
+        for key in oldest {
+            self.order.remove(key.as_slice()).map_err(err)?;
+            self.results.remove(&key[8..]).map_err(err)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 type Applied<T> = Result<Result<T, String>, redb::Error>;

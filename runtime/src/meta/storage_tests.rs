@@ -567,27 +567,36 @@ fn a_request_id_is_applied_once_and_old_ids_are_forgotten() {
         request_id: vec![id; 16],
     };
     let tx = s.begin_apply().unwrap();
-    let first = state_machine::apply_proposal(tx.path(), tx.txn(), 1, &proposal(1, "a")).unwrap();
-    let again = state_machine::apply_proposal(tx.path(), tx.txn(), 2, &proposal(1, "b")).unwrap();
+    let mut requests = state_machine::Requests::open(tx.path(), tx.txn()).unwrap();
+    let first = requests.apply(1, &proposal(1, "a")).unwrap();
+    let again = requests.apply(2, &proposal(1, "b")).unwrap();
     assert_eq!(first, again);
-    let other = state_machine::apply_proposal(tx.path(), tx.txn(), 3, &proposal(2, "c")).unwrap();
+    let other = requests.apply(3, &proposal(2, "c")).unwrap();
     match other.kind {
         Some(command_result::Kind::SetConfig(r)) => assert_eq!(r.previous.as_deref(), Some("a")),
         k => panic!("unexpected {k:?}"),
     }
     for id in 3..10 {
-        state_machine::apply_proposal(tx.path(), tx.txn(), u64::from(id) + 1, &proposal(id, "d"))
+        requests
+            .apply(u64::from(id) + 1, &proposal(id, "d"))
             .unwrap();
     }
-    state_machine::forget_old_requests(tx.path(), tx.txn(), 3).unwrap();
+    requests.forget_old(3).unwrap();
     // Id 1 is forgotten: applying it now changes the state again.
-    let late = state_machine::apply_proposal(tx.path(), tx.txn(), 20, &proposal(1, "e")).unwrap();
+    let late = requests.apply(20, &proposal(1, "e")).unwrap();
     assert_ne!(late, first);
     // Id 9 is remembered.
-    let kept = state_machine::apply_proposal(tx.path(), tx.txn(), 21, &proposal(9, "f")).unwrap();
-    match kept.kind {
+    let kept = requests.apply(21, &proposal(9, "f")).unwrap();
+    match &kept.kind {
         Some(command_result::Kind::SetConfig(r)) => assert_eq!(r.previous.as_deref(), Some("d")),
         k => panic!("unexpected {k:?}"),
     }
+    drop(requests);
+    // Remembered across transactions too.
+    tx.commit().unwrap();
+    let tx = s.begin_apply().unwrap();
+    let mut requests = state_machine::Requests::open(tx.path(), tx.txn()).unwrap();
+    assert_eq!(requests.apply(22, &proposal(9, "g")).unwrap(), kept);
+    drop(requests);
     tx.commit().unwrap();
 }
