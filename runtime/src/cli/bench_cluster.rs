@@ -190,6 +190,9 @@ struct Throughput {
     run_p99_ms: f64,
     /// Subtasks each node ran.
     per_node: Vec<(u64, u64)>,
+    /// CPU time of the three server processes per subtask, in
+    /// microseconds (submit to the last task done); `None` without `/proc`.
+    cpu_us_per_subtask: Option<f64>,
 }
 
 /// The latency part's figures (milliseconds).
@@ -407,6 +410,7 @@ async fn throughput(
 ) -> anyhow::Result<Throughput> {
     let input = noop_input(args.subtasks);
     let index_before = commit_index(cluster.addr(leader)).await;
+    let cpu_before = cluster.cpu_seconds();
     let first_submit = wall_ms();
     let started = Instant::now();
     let mut ids = Vec::new();
@@ -415,6 +419,7 @@ async fn throughput(
     }
     let tasks = wait_all(watcher, &ids, deadline, "throughput").await?;
     let observed_s = started.elapsed().as_secs_f64();
+    let cpu_after = cluster.cpu_seconds();
     let index_after = commit_index(cluster.addr(leader)).await;
     let last_finish = tasks.iter().map(|t| t.finish_time_ms).max().unwrap_or(0);
     let last_created = tasks.iter().map(|t| t.create_time_ms).max().unwrap_or(0);
@@ -452,6 +457,9 @@ async fn throughput(
         run_p50_ms,
         run_p99_ms,
         per_node: per_node.into_iter().collect(),
+        cpu_us_per_subtask: cpu_before
+            .zip(cpu_after)
+            .map(|(b, a)| (a - b) / subtasks as f64 * 1e6),
     })
 }
 
@@ -565,8 +573,12 @@ impl Report {
             t.submit_to_created_ms, t.created_to_first_start_ms, t.run_span_ms, t.last_end_to_finish_ms
         );
         println!(
-            "  subtask run (start->end, recorded start to end time) p50 {:.0} ms p99 {:.0} ms; raft log entries per subtask {:.2}",
-            t.run_p50_ms, t.run_p99_ms, t.entries_per_subtask
+            "  subtask run (start->end, recorded start to end time) p50 {:.0} ms p99 {:.0} ms; raft log entries per subtask {:.2}; server CPU per subtask {}",
+            t.run_p50_ms,
+            t.run_p99_ms,
+            t.entries_per_subtask,
+            t.cpu_us_per_subtask
+                .map_or_else(|| "-".to_string(), |us| format!("{us:.0} us")),
         );
         let nodes: Vec<String> = t
             .per_node
@@ -624,6 +636,7 @@ impl Report {
                 "aim_subtasks_per_s": AIM_RATE,
                 "aim_met": t.rate >= AIM_RATE,
                 "raft_entries_per_subtask": t.entries_per_subtask,
+                "server_cpu_us_per_subtask": t.cpu_us_per_subtask,
                 "phases_ms": {
                     "submit_to_last_created": t.submit_to_created_ms,
                     "created_to_first_start": t.created_to_first_start_ms,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use stoker::api::local_cluster::LocalCluster;
+use stoker::api::local_cluster::{process_cpu_seconds, LocalCluster};
 use stoker::api::meta::{connect_lazy, set_config_request};
 use stoker_proto::meta::meta_client::MetaClient;
 use tonic::transport::Channel;
@@ -77,14 +77,29 @@ async fn run_bench(
             .iter()
             .map(|a| connect_lazy(a, timeout))
             .collect::<Result<_, _>>()?;
+        let cpu_before = (
+            cluster.cpu_seconds(),
+            process_cpu_seconds("/proc/self/stat"),
+        );
         let (count, errors, mut lat, elapsed) =
             load(&clients, n, Duration::from_secs(args.secs)).await;
+        let cpu_after = (
+            cluster.cpu_seconds(),
+            process_cpu_seconds("/proc/self/stat"),
+        );
         lat.sort_unstable();
+        // CPU per command: steadier than the rate on a shared machine.
+        let per_cmd = |before: Option<f64>, after: Option<f64>| match (before, after) {
+            (Some(b), Some(a)) if count > 0 => format!("{:.0}", (a - b) / count as f64 * 1e6),
+            _ => "-".to_string(),
+        };
         println!(
-            "clients={n:<3} committed={count:<8} errors={errors:<4} cmds/s={:<9.0} p50={:.2}ms p99={:.2}ms",
+            "clients={n:<3} committed={count:<8} errors={errors:<4} cmds/s={:<9.0} p50={:.2}ms p99={:.2}ms cpu/cmd: servers {} us, client {} us",
             count as f64 / elapsed.as_secs_f64(),
             percentile(&lat, 0.50).as_secs_f64() * 1e3,
             percentile(&lat, 0.99).as_secs_f64() * 1e3,
+            per_cmd(cpu_before.0, cpu_after.0),
+            per_cmd(cpu_before.1, cpu_after.1),
         );
     }
     let leader = cluster
