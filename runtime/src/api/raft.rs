@@ -1,6 +1,9 @@
 //! Raft transport over gRPC: a `RaftTransport` service receiving batches and
 //! streamed snapshots, and a client side with one bounded queue and one
-//! sender task per peer.
+//! sender task per peer. A sender keeps one `Stream` call open to its peer
+//! and writes every batch into it; it reopens the call when it ends (the
+//! peer went away) and falls back to one `Send` call per batch for a peer
+//! that does not know `Stream`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -12,9 +15,10 @@ use stoker_proto::meta::raft_transport_client::RaftTransportClient;
 use stoker_proto::meta::raft_transport_server::RaftTransport;
 use stoker_proto::meta::{RaftAck, RaftBatch, SnapshotChunk};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::auth::{AuthChannel, Bearer};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use serde::{Deserialize, Serialize};
@@ -180,7 +184,7 @@ impl Transport for GrpcTransport {
             return;
         };
         let endpoint = match super::tls::endpoint(addr) {
-            Ok(e) => e.timeout(self.config.send_timeout()),
+            Ok(e) => e,
             Err(e) => {
                 warn!(peer = id, addr, error = %e, "bad peer address");
                 return;
@@ -188,14 +192,26 @@ impl Transport for GrpcTransport {
         };
         let (tx, rx) = mpsc::channel(self.config.queue_capacity);
         let _guard = self.runtime.enter();
-        let channel = endpoint.connect_lazy();
+        let client = |endpoint: tonic::transport::Endpoint| {
+            RaftTransportClient::with_interceptor(endpoint.connect_lazy(), self.bearer.clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX)
+        };
+        // The stream's call lasts as long as the peer is there: no call
+        // timeout; HTTP/2 pings find a peer that stopped answering.
+        let stream_endpoint = endpoint
+            .clone()
+            .http2_keep_alive_interval(self.config.send_timeout())
+            .keep_alive_timeout(self.config.send_timeout())
+            .keep_alive_while_idle(true);
         let sender = PeerSender {
             me: self.me,
             advertise: self.advertise.clone(),
             to: id,
-            client: RaftTransportClient::with_interceptor(channel, self.bearer.clone())
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
+            client: client(endpoint.timeout(self.config.send_timeout())),
+            stream_client: client(stream_endpoint),
+            stream: None,
+            unary_only: false,
             reporter,
             config: self.config.clone(),
         };
@@ -219,15 +235,56 @@ struct PeerSender {
     me: u64,
     advertise: String,
     to: u64,
+    /// For `Send` and snapshots: each call bounded by the send timeout.
     client: RaftTransportClient<AuthChannel>,
+    /// For `Stream`: no call timeout.
+    stream_client: RaftTransportClient<AuthChannel>,
+    /// The open `Stream` call, if any.
+    stream: Option<OpenStream>,
+    /// The peer answered `Stream` with `Unimplemented`: one call a batch.
+    unary_only: bool,
     reporter: Reporter,
     config: TransportConfig,
+}
+
+/// Batches in flight on one `Stream` call before the sender waits (HTTP/2
+/// flow control bounds what is on the wire).
+const STREAM_DEPTH: usize = 64;
+
+/// An open `Stream` call: batches go in through `batches`; `call` ends
+/// when the peer closes it or the connection breaks.
+struct OpenStream {
+    batches: mpsc::Sender<RaftBatch>,
+    call: JoinHandle<Result<Response<RaftAck>, Status>>,
 }
 
 impl PeerSender {
     async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         let mut batch = Vec::with_capacity(self.config.max_batch);
-        while let Some(first) = rx.recv().await {
+        loop {
+            // An open stream that breaks while the queue is empty is
+            // reported at once, not at the next message.
+            let next = {
+                let ended = async {
+                    match &mut self.stream {
+                        Some(s) => (&mut s.call).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    m = rx.recv() => Ok(m),
+                    r = ended => Err(r),
+                }
+            };
+            let first = match next {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(result) => {
+                    self.stream = None;
+                    self.stream_ended(result);
+                    continue;
+                }
+            };
             batch.push(first);
             while batch.len() < self.config.max_batch {
                 match rx.try_recv() {
@@ -261,10 +318,70 @@ impl PeerSender {
             messages: encoded,
             from_addr: self.advertise.clone(),
         };
-        if let Err(status) = self.client.send(req).await {
-            debug!(to = self.to, error = %status.message(), "raft send failed");
-            self.reporter.unreachable(self.to);
+        if self.unary_only {
+            if let Err(status) = self.client.send(req).await {
+                debug!(to = self.to, error = %status.message(), "raft send failed");
+                self.reporter.unreachable(self.to);
+            }
+            return;
         }
+        if self.stream.as_ref().is_some_and(|s| s.call.is_finished()) {
+            self.close_stream().await;
+        }
+        let open = match self.stream.take() {
+            Some(s) => s,
+            None => self.open_stream(),
+        };
+        match open.batches.send(req).await {
+            Ok(()) => self.stream = Some(open),
+            Err(_) => {
+                self.stream = Some(open);
+                self.close_stream().await;
+            }
+        }
+    }
+
+    fn open_stream(&self) -> OpenStream {
+        let (batches, rx) = mpsc::channel::<RaftBatch>(STREAM_DEPTH);
+        let outgoing =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        let mut client = self.stream_client.clone();
+        let call = tokio::spawn(async move { client.stream(Request::new(outgoing)).await });
+        OpenStream { batches, call }
+    }
+
+    /// Ends the open stream (it broke, or its call ended) and says why.
+    async fn close_stream(&mut self) {
+        let Some(open) = self.stream.take() else {
+            return;
+        };
+        drop(open.batches);
+        let result = open.call.await;
+        self.stream_ended(result);
+    }
+
+    /// A `Stream` call ended: what was written into it since it broke is
+    /// lost, so the peer is reported unreachable (Raft probes it and sends
+    /// again).
+    fn stream_ended(
+        &mut self,
+        result: Result<Result<Response<RaftAck>, Status>, tokio::task::JoinError>,
+    ) {
+        let status = match result {
+            Ok(Ok(_)) => Status::unavailable("the peer ended the stream"),
+            Ok(Err(status)) => status,
+            Err(e) => Status::internal(format!("stream task: {e}")),
+        };
+        if status.code() == Code::Unimplemented {
+            warn!(
+                to = self.to,
+                "peer does not know the Stream call: one Send call per batch"
+            );
+            self.unary_only = true;
+        } else {
+            debug!(to = self.to, error = %status.message(), "raft stream ended");
+        }
+        self.reporter.unreachable(self.to);
     }
 
     async fn send_snapshot(&mut self, msg: Message) {
@@ -307,17 +424,38 @@ pub struct RaftService {
     node: MetaNode,
     transport: Arc<GrpcTransport>,
     max_snapshot_bytes: usize,
+    /// True when the node stops: open streams end (a graceful stop waits
+    /// for every call, and a peer never ends its stream on its own).
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftService {
     /// Serves messages for `node`, teaching `transport` the addresses of
-    /// senders it does not know yet.
-    pub fn new(node: MetaNode, transport: Arc<GrpcTransport>, config: &TransportConfig) -> Self {
+    /// senders it does not know yet, until `stopping` turns true.
+    pub fn new(
+        node: MetaNode,
+        transport: Arc<GrpcTransport>,
+        config: &TransportConfig,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         RaftService {
             node,
             transport,
             max_snapshot_bytes: config.max_snapshot_bytes,
+            stopping,
         }
+    }
+
+    /// Hands a batch's messages to the Raft loop.
+    fn receive(&self, batch: RaftBatch) -> Result<(), Status> {
+        self.check_to(batch.to)?;
+        self.transport.learn_peer(batch.from, &batch.from_addr);
+        for bytes in batch.messages {
+            let msg = Message::parse_from_bytes(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+            self.node.step(msg);
+        }
+        Ok(())
     }
 
     fn check_to(&self, to: u64) -> Result<(), Status> {
@@ -334,13 +472,31 @@ impl RaftService {
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        let batch = request.into_inner();
-        self.check_to(batch.to)?;
-        self.transport.learn_peer(batch.from, &batch.from_addr);
-        for bytes in batch.messages {
-            let msg = Message::parse_from_bytes(&bytes)
-                .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
-            self.node.step(msg);
+        self.receive(request.into_inner())?;
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut batches = request.into_inner();
+        let mut stopping = self.stopping.clone();
+        let stop = async move {
+            if stopping.wait_for(|s| *s).await.is_err() {
+                // The server was dropped without a stop: serve on.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                batch = batches.message() => match batch? {
+                    Some(batch) => self.receive(batch)?,
+                    None => break,
+                },
+                () = &mut stop => break,
+            }
         }
         Ok(Response::new(RaftAck {}))
     }

@@ -194,6 +194,9 @@ pub struct RunningServer {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     owner_stop: Option<tokio::sync::watch::Sender<bool>>,
+    /// Ends the peers' Raft streams, which would otherwise hold the
+    /// server's graceful stop open.
+    raft_stop: Option<tokio::sync::watch::Sender<bool>>,
     owner: Option<JoinHandle<()>>,
     worker: Option<WorkerHandle>,
 }
@@ -219,6 +222,9 @@ impl RunningServer {
         }
         if let Some(owner) = self.owner.take() {
             let _ = owner.await;
+        }
+        if let Some(stop) = self.raft_stop.take() {
+            let _ = stop.send(true);
         }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -396,6 +402,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             stop: Some(stop_tx),
             task: Some(task),
             owner_stop: None,
+            raft_stop: None,
             owner: None,
             worker: Some(worker),
         });
@@ -436,9 +443,15 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
     let timeout = cfg.meta.request_timeout();
     node.set_forwarder(Arc::new(GrpcForwarder::new(&node, timeout, bearer)));
     let guard = ClusterGuard(auth.clone());
+    let (raft_stop, raft_stop_rx) = tokio::sync::watch::channel(false);
     let raft_svc = tonic::service::interceptor::InterceptedService::new(
-        RaftTransportServer::new(RaftService::new(node.clone(), transport, &tcfg))
-            .max_decoding_message_size(usize::MAX),
+        RaftTransportServer::new(RaftService::new(
+            node.clone(),
+            transport,
+            &tcfg,
+            raft_stop_rx,
+        ))
+        .max_decoding_message_size(usize::MAX),
         guard.clone(),
     );
     let meta_svc = MetaServer::with_interceptor(MetaService::new(node.clone(), timeout), guard);
@@ -506,6 +519,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
         stop: Some(stop_tx),
         task: Some(task),
         owner_stop: Some(owner_stop),
+        raft_stop: Some(raft_stop),
         owner: Some(owner),
         worker,
     })
