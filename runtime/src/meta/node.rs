@@ -685,7 +685,11 @@ impl Driver {
                     .position(|e| e.get_entry_type() != EntryType::EntryNormal)
                     .unwrap_or(rest.len());
                 let (run, after) = rest.split_at(n);
-                let mut requests = state_machine::Requests::open(tx.path(), tx.txn())?;
+                let mut requests = state_machine::Requests::open(
+                    tx.path(),
+                    tx.txn(),
+                    state_machine::MAX_REMEMBERED_REQUESTS,
+                )?;
                 for entry in run {
                     self.apply_normal(&mut requests, entry, &mut replies)?;
                     if let Some(r) = self.conf_changes.remove(&entry.index) {
@@ -694,7 +698,6 @@ impl Driver {
                         let _ = r.send(Err(MetaError::ProposalDropped));
                     }
                 }
-                requests.forget_old(state_machine::MAX_REMEMBERED_REQUESTS)?;
                 drop(requests);
                 let last = run.last().expect("a run has an entry");
                 tx.set_applied(last.index, last.term);

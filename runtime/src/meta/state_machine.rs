@@ -143,6 +143,8 @@ pub fn apply_command(
 pub struct Requests<'txn> {
     path: &'txn Path,
     txn: &'txn WriteTransaction,
+    /// Ids remembered: each new one forgets the oldest beyond this.
+    keep: u64,
     /// Request id → applied index ‖ encoded result.
     results: redb::Table<'txn, &'static [u8], &'static [u8]>,
     /// Applied index ‖ request id, in application order.
@@ -150,15 +152,21 @@ pub struct Requests<'txn> {
 }
 
 impl<'txn> Requests<'txn> {
-    /// Opens the tables in `txn` of the database at `path`.
+    /// Opens the tables in `txn` of the database at `path`, to remember
+    /// the last `keep` ids (a node keeps [`MAX_REMEMBERED_REQUESTS`]).
     ///
     /// # Errors
     /// Storage failures.
-    pub fn open(path: &'txn Path, txn: &'txn WriteTransaction) -> Result<Self, MetaError> {
+    pub fn open(
+        path: &'txn Path,
+        txn: &'txn WriteTransaction,
+        keep: u64,
+    ) -> Result<Self, MetaError> {
         let err = |e: redb::TableError| storage_err(path, e);
         Ok(Requests {
             path,
             txn,
+            keep,
             results: txn.open_table(REQUESTS_TABLE).map_err(err)?,
             order: txn.open_table(REQUEST_ORDER_TABLE).map_err(err)?,
         })
@@ -166,7 +174,9 @@ impl<'txn> Requests<'txn> {
 
     /// Applies a proposal at log `index`: its command, unless its request
     /// id was applied before, in which case the first result is returned
-    /// again.
+    /// again. A new id makes the oldest one beyond `keep` forgotten at
+    /// once, so what a replica remembers at each index never depends on
+    /// how its applies were batched.
     ///
     /// # Errors
     /// Storage failures, an undecodable remembered result.
@@ -198,22 +208,24 @@ impl<'txn> Requests<'txn> {
         self.order
             .insert(order_key.as_slice(), [].as_slice())
             .map_err(err)?;
+        self.forget_old()?;
         Ok(result)
     }
 
-    /// Forgets the oldest request ids beyond `keep` (deterministic: by
-    /// application order); a node keeps [`MAX_REMEMBERED_REQUESTS`].
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub fn forget_old(&mut self, keep: u64) -> Result<(), MetaError> {
+    /// Forgets the oldest request ids beyond `keep` (by application order).
+    fn forget_old(&mut self) -> Result<(), MetaError> {
         let err = |e: redb::StorageError| storage_err(self.path, e);
         let len = redb::ReadableTableMetadata::len(&self.order).map_err(err)?;
-        if len <= keep {
+        if len <= self.keep {
             return Ok(());
         }
         let mut oldest = Vec::new();
-        for row in self.order.iter().map_err(err)?.take((len - keep) as usize) {
+        for row in self
+            .order
+            .iter()
+            .map_err(err)?
+            .take((len - self.keep) as usize)
+        {
             oldest.push(row.map_err(err)?.0.value().to_vec());
         }
         for key in oldest {

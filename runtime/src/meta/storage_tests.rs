@@ -567,7 +567,8 @@ fn a_request_id_is_applied_once_and_old_ids_are_forgotten() {
         request_id: vec![id; 16],
     };
     let tx = s.begin_apply().unwrap();
-    let mut requests = state_machine::Requests::open(tx.path(), tx.txn()).unwrap();
+    // Three ids remembered: each new one forgets the oldest beyond them.
+    let mut requests = state_machine::Requests::open(tx.path(), tx.txn(), 3).unwrap();
     let first = requests.apply(1, &proposal(1, "a")).unwrap();
     let again = requests.apply(2, &proposal(1, "b")).unwrap();
     assert_eq!(first, again);
@@ -581,7 +582,6 @@ fn a_request_id_is_applied_once_and_old_ids_are_forgotten() {
             .apply(u64::from(id) + 1, &proposal(id, "d"))
             .unwrap();
     }
-    requests.forget_old(3).unwrap();
     // Id 1 is forgotten: applying it now changes the state again.
     let late = requests.apply(20, &proposal(1, "e")).unwrap();
     assert_ne!(late, first);
@@ -595,7 +595,7 @@ fn a_request_id_is_applied_once_and_old_ids_are_forgotten() {
     // Remembered across transactions too.
     tx.commit().unwrap();
     let tx = s.begin_apply().unwrap();
-    let mut requests = state_machine::Requests::open(tx.path(), tx.txn()).unwrap();
+    let mut requests = state_machine::Requests::open(tx.path(), tx.txn(), 3).unwrap();
     assert_eq!(requests.apply(22, &proposal(9, "g")).unwrap(), kept);
     drop(requests);
     tx.commit().unwrap();
