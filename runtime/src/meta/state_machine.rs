@@ -215,22 +215,11 @@ impl<'txn> Requests<'txn> {
     /// Forgets the oldest request ids beyond `keep` (by application order).
     fn forget_old(&mut self) -> Result<(), MetaError> {
         let err = |e: redb::StorageError| storage_err(self.path, e);
-        let len = redb::ReadableTableMetadata::len(&self.order).map_err(err)?;
-        if len <= self.keep {
-            return Ok(());
-        }
-        let mut oldest = Vec::new();
-        for row in self
-            .order
-            .iter()
-            .map_err(err)?
-            .take((len - self.keep) as usize)
-        {
-            oldest.push(row.map_err(err)?.0.value().to_vec());
-        }
-        for key in oldest {
-            self.order.remove(key.as_slice()).map_err(err)?;
-            self.results.remove(&key[8..]).map_err(err)?;
+        while redb::ReadableTableMetadata::len(&self.order).map_err(err)? > self.keep {
+            let Some((key, _)) = self.order.pop_first().map_err(err)? else {
+                break;
+            };
+            self.results.remove(&key.value()[8..]).map_err(err)?;
         }
         Ok(())
     }
