@@ -275,12 +275,14 @@ fn assignment(mut s: SubtaskRecord, t: &TaskRecord) -> Assignment {
         priority: t.priority,
         task_create_time_ms: t.create_time_ms,
         accepts_work: records::accepts_work(t).unwrap_or(false),
+        concurrency: t.concurrency,
         tenant_fuel_per_second: 0,
     }
 }
 
 /// A stable 64-bit hash (FNV-1a) of what a worker acts on: each
-/// assignment's (task, step, ordinal, attempt, state, task state), in order.
+/// assignment's (task, step, ordinal, attempt, state, task state, task
+/// concurrency), in order.
 /// The same assignments give the same value in every process and version.
 pub fn fingerprint(assignments: &[Assignment]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -302,6 +304,11 @@ pub fn fingerprint(assignments: &[Assignment]) -> u64 {
         for text in [&s.state, &a.task_state] {
             eat(&(text.len() as u64).to_be_bytes());
             eat(text.as_bytes());
+        }
+        // How many run at once changes with a modified concurrency alone
+        // (0, unknown to older servers, leaves the value as it was).
+        if a.concurrency != 0 {
+            eat(&a.concurrency.to_be_bytes());
         }
     }
     h
@@ -356,6 +363,13 @@ mod tests {
         ] {
             assert_ne!(fingerprint(&changed), f, "{changed:?}");
         }
+        // A modified concurrency alone changes it.
+        let mut modified = base.clone();
+        modified[0].concurrency = 3;
+        let f3 = fingerprint(&modified);
+        assert_ne!(f3, f);
+        modified[0].concurrency = 4;
+        assert_ne!(fingerprint(&modified), f3);
         // Payloads, checkpoints and limits are not part of it.
         let mut same = base.clone();
         same[0].subtask.as_mut().unwrap().payload = vec![9];

@@ -56,6 +56,10 @@ pub struct Args {
     /// The whole run (cluster start included) must end within this.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// A TOML server config every node reads (e.g. `[owner]
+    /// queue_per_slot`), to measure a setting.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Keep the cluster's directory (node data and logs `node-N.log`).
     #[arg(long)]
     keep: bool,
@@ -233,7 +237,14 @@ async fn bench(
 ) -> anyhow::Result<Report> {
     let began = Instant::now();
     let slots = args.slots.to_string();
-    let cluster = LocalCluster::start_with_args(exe, 3, dir, None, &|_| {
+    let config = match &args.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let cluster = LocalCluster::start_with_args(exe, 3, dir, config.as_deref(), &|_| {
         vec!["--slots".to_string(), slots.clone()]
     })
     .context("cannot start the cluster")?;

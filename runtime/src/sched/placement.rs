@@ -6,8 +6,11 @@
 //!    [`EligibleIndex`] answers it for every task of a round.
 //! 2. [`admit`]: in rank order, which tasks get their stripes (concurrency
 //!    slots on each eligible node) after higher-ranked tasks reserved theirs.
-//! 3. [`assign`]: which pending subtasks go to which node now.
-//! 4. [`preempt`]: which running subtasks give their slots back because a
+//! 3. [`Admission::with_queue`]: room for subtasks queued on a node ahead
+//!    of its free slots, so a worker starts its next subtask the moment one
+//!    ends instead of waiting for the owner's next round and a commit.
+//! 4. [`assign`]: which pending subtasks go to which node now.
+//! 5. [`preempt`]: which running subtasks give their slots back because a
 //!    higher-ranked task now holds them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -161,6 +164,25 @@ impl Admission {
             .and_then(|(_, per_node)| per_node.get(&node).copied())
             .unwrap_or(0)
     }
+
+    /// The same admission with room for `per_slot` queued subtasks per
+    /// allowed slot: assigned to the node, not started, started by its
+    /// worker as soon as one of the task's runs there ends. Only a whole
+    /// stripe (`stripe(task, node)`: the task's concurrency, at most the
+    /// node's slots) gets a queue, because a worker runs at most that many
+    /// of a task at once; a stripe that fair share trimmed gets none, so
+    /// the worker never runs more of the task than admission allowed.
+    #[must_use]
+    pub fn with_queue(mut self, per_slot: u32, stripe: impl Fn(TaskId, NodeId) -> u32) -> Self {
+        for (task, per_node) in &mut self.admitted {
+            for (node, allow) in per_node.iter_mut() {
+                if *allow == stripe(*task, *node) {
+                    *allow = allow.saturating_mul(per_slot.saturating_add(1));
+                }
+            }
+        }
+        self
+    }
 }
 
 /// Admits tasks in rank order. A task gets a stripe of `concurrency` slots
@@ -223,19 +245,27 @@ impl Usage {
 }
 
 /// Assigns pending subtasks (per task, in the order given) to nodes with
-/// room: within the task's allowance on the node and the node's slots,
-/// spreading each task evenly (fewest of its subtasks first, then the least
-/// loaded node, then the lowest id). Returns (task, subtask, node) triples.
+/// room: within the task's allowance on the node and the node's slots plus
+/// `queue_per_slot` queued subtasks per slot (see
+/// [`Admission::with_queue`]), spreading each task evenly (fewest of its
+/// subtasks first, then the least loaded node, then the lowest id).
+/// Returns (task, subtask, node) triples.
 pub fn assign<S: Copy>(
     nodes: &[NodeView],
     admission: &Admission,
     pending: &BTreeMap<TaskId, Vec<S>>,
     usage: &mut Usage,
+    queue_per_slot: u32,
 ) -> Vec<(TaskId, S, NodeId)> {
     let slots: BTreeMap<NodeId, u32> = nodes
         .iter()
         .filter(|n| n.up)
-        .map(|n| (n.id, n.slots))
+        .map(|n| {
+            (
+                n.id,
+                n.slots.saturating_mul(queue_per_slot.saturating_add(1)),
+            )
+        })
         .collect();
     let mut out = Vec::new();
     // One task's nodes at a time, read from `usage` once: (node, its
@@ -276,18 +306,29 @@ pub struct Held<S> {
     pub task: TaskId,
     pub subtask: S,
     pub node: NodeId,
-    /// When it started; the newest are preempted first (least work lost).
+    /// When it started, `u64::MAX` while it is queued (assigned, not
+    /// started); the newest are preempted first (least work lost), so
+    /// queued subtasks go before running ones.
     pub started_ms: u64,
-    /// Only idempotent subtasks can be requeued.
+    /// Only idempotent subtasks are taken back once they run.
     pub idempotent: bool,
+}
+
+impl<S> Held<S> {
+    /// Assigned but not started: taking it back loses no work, whatever
+    /// its step.
+    pub fn queued(&self) -> bool {
+        self.started_ms == u64::MAX
+    }
 }
 
 /// The subtasks to send back to pending because their task holds more slots
 /// on their node than admission now allows it (a higher-ranked task took
-/// them, or the node is no longer eligible for the task).
+/// them, or the node is no longer eligible for the task): queued ones
+/// first, then the newest running ones of idempotent steps.
 pub fn preempt<S: Copy>(admission: &Admission, held: &[Held<S>]) -> Vec<Held<S>> {
     let mut by_slot: BTreeMap<(TaskId, NodeId), Vec<Held<S>>> = BTreeMap::new();
-    for h in held.iter().filter(|h| h.idempotent) {
+    for h in held.iter().filter(|h| h.idempotent || h.queued()) {
         by_slot.entry((h.task, h.node)).or_default().push(*h);
     }
     let mut out = Vec::new();
@@ -513,10 +554,10 @@ mod tests {
         );
         let pending = BTreeMap::from([(1, (0..10).collect::<Vec<u32>>())]);
         let mut usage = Usage::default();
-        let got = assign(&nodes, &a, &pending, &mut usage);
+        let got = assign(&nodes, &a, &pending, &mut usage, 0);
         assert_eq!(got, vec![(1, 0, 1), (1, 1, 2), (1, 2, 1), (1, 3, 2)]);
         // Full: nothing more.
-        assert!(assign(&nodes, &a, &pending, &mut usage).is_empty());
+        assert!(assign(&nodes, &a, &pending, &mut usage, 0).is_empty());
     }
 
     #[test]
@@ -564,6 +605,49 @@ mod tests {
             ..held[0]
         }];
         assert!(preempt(&a, &not_idem).is_empty());
+        // Queued (not started) subtasks go first, of any step.
+        let queued = [
+            held[1],
+            Held {
+                subtask: 12,
+                started_ms: u64::MAX,
+                idempotent: false,
+                ..held[0]
+            },
+        ];
+        let out = preempt(&a, &queued);
+        assert_eq!(
+            out.iter().map(|h| h.subtask).collect::<Vec<_>>(),
+            vec![12, 11]
+        );
+    }
+
+    #[test]
+    fn whole_stripes_get_a_queue_trimmed_ones_do_not() {
+        let nodes = vec![node(1, 4, "", ""), node(2, 2, "", "")];
+        let a = admit(
+            &nodes,
+            vec![Candidate {
+                placement: task(1, 1, 3),
+                eligible: vec![1, 2],
+            }],
+        );
+        assert_eq!((a.allowance(1, 1), a.allowance(1, 2)), (3, 2));
+        // Node 2's stripe is whole at 2 (its slots); pretend fair share
+        // trimmed node 1's to 2 of 3.
+        let mut trimmed = a.clone();
+        trimmed.admitted[0].1.insert(1, 2);
+        let stripe = |_, n| if n == 1 { 3 } else { 2 };
+        let q = trimmed.with_queue(2, stripe);
+        assert_eq!((q.allowance(1, 1), q.allowance(1, 2)), (2, 6));
+        let q = a.with_queue(1, stripe);
+        assert_eq!((q.allowance(1, 1), q.allowance(1, 2)), (6, 4));
+        // Assignment fills the queues too, within slots x (1 + queue).
+        let pending = BTreeMap::from([(1, (0..20).collect::<Vec<u32>>())]);
+        let mut usage = Usage::default();
+        let got = assign(&nodes, &q, &pending, &mut usage, 1);
+        assert_eq!(got.len(), 10);
+        assert_eq!(usage.per_node, BTreeMap::from([(1, 6), (2, 4)]));
     }
 
     /// Random clusters: assignments never exceed node slots or a task's
@@ -613,15 +697,31 @@ mod tests {
                 .iter()
                 .map(|t| (t.rank.id, (0..rnd(12)).collect()))
                 .collect();
+            let queue = rnd(3) as u32;
+            let stripe = |t: TaskId, n: NodeId| {
+                let c = tasks.iter().find(|p| p.rank.id == t).unwrap().concurrency;
+                c.min(nodes.iter().find(|v| v.id == n).unwrap().slots)
+            };
+            let queued = a.clone().with_queue(queue, stripe);
             let mut usage = Usage::default();
-            let got = assign(&nodes, &a, &pending, &mut usage);
+            let got = assign(&nodes, &queued, &pending, &mut usage, queue);
             for n in &nodes {
-                assert!(usage.per_node.get(&n.id).copied().unwrap_or(0) <= n.slots);
+                let used = usage.per_node.get(&n.id).copied().unwrap_or(0);
+                assert!(used <= n.slots * (1 + queue));
             }
             for (t, _, n) in &got {
                 let c = cands.iter().find(|c| c.placement.rank.id == *t).unwrap();
                 assert!(c.eligible.contains(n), "task {t} on ineligible node {n}");
-                assert!(usage.per_task_node[&(*t, *n)] <= a.allowance(*t, *n));
+                let on = usage.per_task_node[&(*t, *n)];
+                assert!(on <= queued.allowance(*t, *n));
+                // A whole stripe queues; a trimmed one never exceeds it.
+                let allow = a.allowance(*t, *n);
+                let cap = if allow == stripe(*t, *n) {
+                    allow * (1 + queue)
+                } else {
+                    allow
+                };
+                assert!(on <= cap);
             }
         }
     }

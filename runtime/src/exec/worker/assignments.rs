@@ -125,6 +125,7 @@ pub(super) fn reconcile(shared: &Arc<Shared>) {
         .finished
         .iter()
         .chain(st.blocked.keys())
+        .chain(st.reporting.keys())
         .copied()
         .collect();
     let local = local_runs(st);

@@ -115,6 +115,12 @@ pub fn decide(
     };
     adopt.sort_by_key(rank);
     claim.sort_by_key(rank);
+    // Runs per task: a task's queued subtasks start only while fewer than
+    // its concurrency run here.
+    let mut per_task: HashMap<u64, usize> = HashMap::new();
+    for key in local.keys().filter(|k| !d.stop.contains(k)) {
+        *per_task.entry(key.0).or_default() += 1;
+    }
     for (index, adopt) in adopt
         .into_iter()
         .map(|i| (i, true))
@@ -123,6 +129,17 @@ pub fn decide(
         if free == 0 {
             break;
         }
+        let a = &assignments[index];
+        let task = a.subtask.as_ref().map_or(0, |s| s.task_id);
+        let runs = per_task.entry(task).or_default();
+        let cap = match a.concurrency {
+            0 => slots,
+            c => (c as usize).min(slots),
+        };
+        if !adopt && *runs >= cap {
+            continue;
+        }
+        *runs += 1;
         free -= 1;
         d.start.push(Start { index, adopt });
     }
@@ -202,6 +219,43 @@ mod tests {
         with7.push(a(7, 0, 1, "running", "running"));
         let d = decide(&with7, &full, &HashSet::new(), 2);
         assert!(d.start.is_empty());
+    }
+
+    #[test]
+    fn a_task_runs_at_most_its_concurrency_however_many_are_queued() {
+        let mut list: Vec<Assignment> = (0..6)
+            .map(|i| Assignment {
+                concurrency: 2,
+                ..a(1, i, 1, "pending", "running")
+            })
+            .collect();
+        list.push(Assignment {
+            concurrency: 3,
+            ..a(2, 0, 1, "pending", "running")
+        });
+        let d = decide(&list, &BTreeMap::new(), &HashSet::new(), 8);
+        assert_eq!(
+            started(&d, &list),
+            vec![((1, 0, 0), false), ((1, 0, 1), false), ((2, 0, 0), false)]
+        );
+        // One of task 1's runs is local already: one more starts.
+        let d = decide(&list, &local(&[((1, 0, 0), 1)]), &HashSet::new(), 8);
+        assert_eq!(
+            started(&d, &list),
+            vec![((1, 0, 1), false), ((2, 0, 0), false)]
+        );
+        // A concurrency above the slots is capped by them; 0 means the
+        // slots alone (a server that does not send it).
+        for c in [0, 50] {
+            let list: Vec<Assignment> = (0..6)
+                .map(|i| Assignment {
+                    concurrency: c,
+                    ..a(1, i, 1, "pending", "running")
+                })
+                .collect();
+            let d = decide(&list, &BTreeMap::new(), &HashSet::new(), 4);
+            assert_eq!(d.start.len(), 4, "concurrency {c}");
+        }
     }
 
     #[test]

@@ -88,6 +88,7 @@ impl Executor {
             if st.running.get(&key).is_some_and(|e| e.run == self.run) {
                 st.running.remove(&key);
             }
+            st.reporting.remove(&(key, attempt));
             match ended {
                 Ended::Done => {
                     st.finished.insert((key, attempt));
@@ -398,7 +399,28 @@ impl Executor {
         }
     }
 
+    /// The run is over and only its report is left: the slot goes to the
+    /// next subtask (a queued one starts at once) while the report commits;
+    /// the run is not started again meanwhile.
+    fn release(&self) {
+        let key = key_of(self.subtask());
+        {
+            let mut st = self.shared.state.lock().expect("state lock");
+            let Some(e) = st.running.remove(&key) else {
+                return;
+            };
+            if e.run != self.run {
+                // Another run of the key (a later attempt) holds it.
+                st.running.insert(key, e);
+                return;
+            }
+            st.reporting.insert((key, e.attempt), e.abort);
+        }
+        reconcile(&self.shared);
+    }
+
     async fn report(&self, o: Outcome) -> Ended {
+        self.release();
         let state = o.state;
         let unclaimed = o.start_time_ms != 0;
         if let Some(claimed) = self.claimed.get() {

@@ -97,6 +97,9 @@ struct State {
     latest: Vec<Assignment>,
     latest_index: u64,
     running: BTreeMap<SubtaskKey, Entry>,
+    /// Runs that ended and whose report is being committed: their slot is
+    /// free already, and they are not started again meanwhile.
+    reporting: HashMap<(SubtaskKey, u32), AbortHandle>,
     /// Runs this process ended (reported, dropped or stopped), until the
     /// assignments no longer list them.
     finished: HashSet<(SubtaskKey, u32)>,
@@ -191,6 +194,9 @@ impl WorkerHandle {
             st.stopped = true;
             for (_, e) in std::mem::take(&mut st.running) {
                 e.abort.abort();
+            }
+            for (_, abort) in std::mem::take(&mut st.reporting) {
+                abort.abort();
             }
         }
         for l in self.loops {

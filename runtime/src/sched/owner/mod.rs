@@ -58,6 +58,11 @@ use actions::carry_out;
 use commands::propose;
 use view::read_view;
 
+/// Default of [`OwnerConfig::queue_per_slot`].
+pub const DEFAULT_QUEUE_PER_SLOT: u32 = 4;
+/// Largest [`OwnerConfig::queue_per_slot`].
+pub const MAX_QUEUE_PER_SLOT: u32 = 64;
+
 /// The owner's settings (`[owner]` in the server config).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -75,6 +80,12 @@ pub struct OwnerConfig {
     pub upload_ttl_secs: u64,
     /// Subtasks one `AddSubtasks` command carries at most.
     pub subtask_batch: usize,
+    /// Subtasks queued on a node per slot ahead of its free slots
+    /// (assigned, not started): its worker starts the next one the moment
+    /// a run ends, without waiting for a round and a commit. Only a task's
+    /// whole stripe queues; preemption takes queued subtasks back first.
+    /// 0 assigns only to free slots.
+    pub queue_per_slot: u32,
     /// Attempts at `plan`, `finish` and `revert` calls that fail retryably.
     pub call_attempts: u32,
     /// Limits of the owner's `plan`, `finish` and `revert` calls (a task's
@@ -91,6 +102,7 @@ impl Default for OwnerConfig {
             gc_interval_secs: 60,
             upload_ttl_secs: 3600,
             subtask_batch: 1000,
+            queue_per_slot: DEFAULT_QUEUE_PER_SLOT,
             call_attempts: 3,
             limits: CallLimits::default(),
         }
@@ -110,6 +122,11 @@ impl OwnerConfig {
             return Err(format!(
                 "owner subtask_batch must be 1..={}",
                 crate::meta::records::MAX_SUBTASK_BATCH
+            ));
+        }
+        if self.queue_per_slot > MAX_QUEUE_PER_SLOT {
+            return Err(format!(
+                "owner queue_per_slot must be at most {MAX_QUEUE_PER_SLOT}"
             ));
         }
         if self.call_attempts == 0 {

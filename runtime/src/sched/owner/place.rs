@@ -57,7 +57,19 @@ impl Owner {
             .iter()
             .map(|t| (t.task.id, t.task.tenant.clone()))
             .collect();
-        let admission = admit_fair(&nodes, candidates, &tenant_of, &view.tenants);
+        let concurrency: BTreeMap<TaskId, u32> = candidates
+            .iter()
+            .map(|c| (c.placement.rank.id, c.placement.concurrency))
+            .collect();
+        let slots: BTreeMap<NodeId, u32> = nodes.iter().map(|n| (n.id, n.slots)).collect();
+        let queue = self.ctx.config.queue_per_slot;
+        let admission = admit_fair(&nodes, candidates, &tenant_of, &view.tenants).with_queue(
+            queue,
+            |task, node| {
+                let c = concurrency.get(&task).copied().unwrap_or(0);
+                c.min(slots.get(&node).copied().unwrap_or(0))
+            },
+        );
         // Every subtask holding a slot, whatever its task's state.
         let mut held = Vec::new();
         let mut usage = Usage::default();
@@ -106,11 +118,13 @@ impl Owner {
         for h in preempt(&admission, &preemptible) {
             let (step, ordinal, attempt, _) = h.subtask;
             taken_back.insert((h.task, step, ordinal));
+            // A queued subtask of a step that is not idempotent is taken
+            // back only if it has not started since this view.
             commands.push(requeue(
                 h.task,
                 (step, ordinal, attempt),
                 "preempted",
-                false,
+                !h.idempotent,
                 now,
             ));
         }
@@ -232,7 +246,8 @@ impl Owner {
                 pending.insert(t.task.id, list);
             }
         }
-        for (task, (step, ordinal), node) in assign(&nodes, &admission, &pending, &mut usage) {
+        for (task, (step, ordinal), node) in assign(&nodes, &admission, &pending, &mut usage, queue)
+        {
             commands.push(C::AssignSubtask(AssignSubtask {
                 subtask: Some(SubtaskRef {
                     task_id: task,
