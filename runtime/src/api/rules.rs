@@ -27,7 +27,7 @@ use super::auth::{AuthChannel, Bearer};
 use super::meta::{channel, to_status, MAX_API_MESSAGE};
 use super::service::StokerService;
 use crate::meta::{now_ms, queries, MetaError};
-use crate::model::TaskState;
+use crate::model::{SubtaskState, TaskState};
 use crate::sched::coordinator::{
     self, Operator, Published, CHECKERS, SCHEDULERS, SCHEDULER_KEY_PREFIX,
 };
@@ -37,7 +37,8 @@ use crate::sched::rules::{self, Rule, StatusView, TaskKey};
 /// answers it itself (without operator steps).
 const HEARTBEAT_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// A task as `rules show` needs it: key, tenant, subtasks waiting for a node.
+/// A task as `rules show` needs it: key, tenant, subtasks waiting to run
+/// (unassigned, or queued on a node).
 struct Waiting {
     key: String,
     tenant: String,
@@ -84,9 +85,14 @@ impl StokerService {
             .read_local(|p, t| {
                 let set = crate::meta::rules::rule_set(p, t)?;
                 let records = queries::node_records(p, t)?;
+                // Slots in use are running subtasks: queued ones wait for
+                // room like unassigned ones.
+                let running = SubtaskState::Running.as_str();
                 let mut used = BTreeMap::new();
                 for n in &records {
-                    used.insert(n.id, queries::node_subtasks(p, t, n.id)?.len() as u32);
+                    let on = queries::node_subtasks(p, t, n.id)?;
+                    let busy = on.iter().filter(|s| s.state == running).count();
+                    used.insert(n.id, busy as u32);
                 }
                 let mut tasks = Vec::new();
                 for task in queries::list_tasks(p, t, &queries::TaskFilter::default())? {
@@ -97,7 +103,12 @@ impl StokerService {
                     if !accepts || !task.started {
                         continue;
                     }
-                    let waiting = queries::waiting_count(p, t, task.id, task.step)? as u32;
+                    // Pending: unassigned, or queued on a node.
+                    let waiting = queries::step_counts(p, t, task.id, task.step)?
+                        .0
+                        .get(&SubtaskState::Pending)
+                        .copied()
+                        .unwrap_or(0);
                     tasks.push(Waiting {
                         key: task.key,
                         tenant: task.tenant,

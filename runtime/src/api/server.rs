@@ -369,6 +369,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             sandbox,
             blobs.clone(),
             resource,
+            None,
         );
         // HTTP only (metrics, health, the dashboard page): a worker-only
         // node serves no gRPC.
@@ -474,6 +475,8 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
     // first heartbeats wait in the listen backlog until serving starts.
     let worker = cfg.worker.enabled.then(|| {
         let mut wcfg = cfg.worker.clone();
+        // A worker of its own scheduler reaches the metadata in process.
+        let local = wcfg.endpoints.is_empty().then(|| node.clone());
         if wcfg.endpoints.is_empty() {
             wcfg.endpoints = vec![addr.to_string()];
         }
@@ -486,6 +489,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<RunningServer, MetaError> {
             sandbox.clone(),
             blobs.clone(),
             resource,
+            local,
         )
     });
     let state = HttpState::new(

@@ -464,7 +464,7 @@ pub fn matching_nodes(rule: &Rule, nodes: &[NodeView]) -> Vec<NodeId> {
 pub struct TaskKey<'a> {
     pub key: &'a str,
     pub tenant: &'a str,
-    /// Subtasks waiting for a node (pending, unassigned).
+    /// Subtasks waiting to run (pending: unassigned, or queued on a node).
     pub waiting: u32,
 }
 

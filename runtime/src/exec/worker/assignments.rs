@@ -29,6 +29,12 @@ pub(super) async fn assignment_loop(shared: Arc<Shared>, mut stop: watch::Receiv
             wait_ms: shared.cfg.assignment_wait_ms,
         };
         let poll = async {
+            if let Some(node) = &shared.local {
+                return crate::api::workers::assignments(node, req)
+                    .await
+                    .map(tonic::Response::new)
+                    .map_err(|s| format!("local metadata node: {}", s.message()));
+            }
             let (i, mut client) = shared.endpoints.stoker()?;
             client.assignments(req).await.map_err(|s| {
                 shared.endpoints.failed(i);

@@ -142,6 +142,24 @@ impl Shared {
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = async {
+                if let Some(node) = &self.local {
+                    // A scheduler's own worker: straight into its metadata
+                    // node (which forwards to the leader), no RPC.
+                    let cmd = Command {
+                        kind: Some(cmd.clone()),
+                    };
+                    return match node.propose_with_id(cmd, request_id).await {
+                        Ok(r) => Ok(Ok(r)),
+                        Err(e) => {
+                            let s = crate::api::meta::to_status(e);
+                            if permanent(s.code()) {
+                                Ok(Err(s.message().to_string()))
+                            } else {
+                                Err(format!("local metadata node: {}", s.message()))
+                            }
+                        }
+                    };
+                }
                 let (i, batcher) = self.endpoints.batcher()?;
                 let req = ProposeRequest {
                     command: Some(Command {

@@ -67,6 +67,7 @@ use super::stats::WorkerStats;
 use super::steps::MoveStep;
 use crate::api::auth::{Bearer, Secret};
 use crate::blob::BlobStore;
+use crate::meta::MetaNode;
 use crate::resource::ResourceControl;
 use crate::sandbox::{Sandbox, TaskModule};
 
@@ -134,6 +135,10 @@ struct Shared {
     resource: Option<Arc<ResourceControl>>,
     stats: WorkerStats,
     endpoints: Endpoints,
+    /// The metadata node of this process when the worker's scheduler is
+    /// its own node: claims, reports and the assignment poll go to it
+    /// directly instead of over RPC to itself.
+    local: Option<MetaNode>,
     modules: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskModule>>>>>,
     state: Mutex<State>,
     /// Wakes the assignment loop to poll again at once.
@@ -208,7 +213,11 @@ impl WorkerHandle {
 
 /// Starts the worker of node `id`, reachable at `advertise_addr`, with its
 /// heartbeat and assignment loops on the current tokio runtime. A disabled
-/// config starts nothing.
+/// config starts nothing. `local` is this process's metadata node when the
+/// worker talks to its own scheduler: proposals and the assignment poll
+/// then skip the RPC (heartbeats still go through the API, which forwards
+/// them to the owner).
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     id: u64,
     advertise_addr: String,
@@ -217,6 +226,7 @@ pub fn start(
     sandbox: Arc<Sandbox>,
     blobs: BlobStore,
     resource: Option<Arc<ResourceControl>>,
+    local: Option<MetaNode>,
 ) -> WorkerHandle {
     let addrs = if cfg.endpoints.is_empty() {
         vec![advertise_addr.clone()]
@@ -238,6 +248,7 @@ pub fn start(
         resource,
         stats: WorkerStats::default(),
         endpoints: Endpoints::new(addrs, timeout, bearer),
+        local,
         modules: Mutex::new(HashMap::new()),
         state: Mutex::new(State::default()),
         repoll: Notify::new(),
