@@ -561,8 +561,13 @@ impl Report {
         let t = &self.throughput;
         let l = &self.latency;
         println!(
-            "cluster bench: 3 stoker server processes on 127.0.0.1 (each scheduler + worker, {} slots), leader {}",
-            args.slots, self.leader
+            "cluster bench: 3 stoker server processes on 127.0.0.1 (each scheduler + worker, {} slots), leader {}{}",
+            args.slots,
+            self.leader,
+            args.config
+                .as_ref()
+                .map(|c| format!(", config {}", c.display()))
+                .unwrap_or_default()
         );
         println!(
             "startup {:.1} s, warm-up task {:.2} s, whole run {:.1} s",
@@ -632,6 +637,7 @@ impl Report {
         serde_json::json!({
             "nodes": 3,
             "slots": args.slots,
+            "config": args.config.as_ref().map(|c| c.display().to_string()),
             "leader": self.leader,
             "startup_s": self.startup_s,
             "warmup_s": self.warmup_s,

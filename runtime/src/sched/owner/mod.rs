@@ -351,3 +351,29 @@ async fn delete_task_blobs(blobs: &BlobStore, task: &TaskRecord) -> Result<(), S
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_per_slot_is_bounded() {
+        assert!(OwnerConfig::default().validate().is_ok());
+        let at_most = OwnerConfig {
+            queue_per_slot: MAX_QUEUE_PER_SLOT,
+            ..OwnerConfig::default()
+        };
+        assert!(at_most.validate().is_ok());
+        let none = OwnerConfig {
+            queue_per_slot: 0,
+            ..OwnerConfig::default()
+        };
+        assert!(none.validate().is_ok());
+        let over = OwnerConfig {
+            queue_per_slot: MAX_QUEUE_PER_SLOT + 1,
+            ..OwnerConfig::default()
+        };
+        let e = over.validate().unwrap_err();
+        assert!(e.contains("queue_per_slot"), "{e}");
+    }
+}
