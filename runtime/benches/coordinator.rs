@@ -178,7 +178,7 @@ fn round(s: &Sim, coordinator: &mut Coordinator) -> (usize, usize) {
     };
     let seen = |_: u64, _: u32, _: u32| -> Option<Seen> { None };
     let ops = coordinator.round(&view, &BTreeMap::new(), &seen);
-    let assigned = assign(&s.nodes, &admission, &s.unassigned, &mut usage, 0);
+    let assigned = assign(&s.nodes, &admission, &s.unassigned, &mut usage);
     (assigned.len(), ops.len())
 }
 

@@ -153,6 +153,9 @@ pub struct Admission {
     pub admitted: Vec<(TaskId, BTreeMap<NodeId, u32>)>,
     /// Tasks that wait for slots (or for any eligible node), in rank order.
     pub waiting: Vec<TaskId>,
+    /// Subtasks a node may hold queued per slot (set by
+    /// [`Admission::with_queue`]; 0: assignment only to free slots).
+    pub queue_per_slot: u32,
 }
 
 impl Admission {
@@ -181,6 +184,7 @@ impl Admission {
                 }
             }
         }
+        self.queue_per_slot = per_slot;
         self
     }
 }
@@ -246,26 +250,20 @@ impl Usage {
 
 /// Assigns pending subtasks (per task, in the order given) to nodes with
 /// room: within the task's allowance on the node and the node's slots plus
-/// `queue_per_slot` queued subtasks per slot (see
-/// [`Admission::with_queue`]), spreading each task evenly (fewest of its
-/// subtasks first, then the least loaded node, then the lowest id).
-/// Returns (task, subtask, node) triples.
+/// the admission's queued subtasks per slot (see [`Admission::with_queue`]),
+/// spreading each task evenly (fewest of its subtasks first, then the least
+/// loaded node, then the lowest id). Returns (task, subtask, node) triples.
 pub fn assign<S: Copy>(
     nodes: &[NodeView],
     admission: &Admission,
     pending: &BTreeMap<TaskId, Vec<S>>,
     usage: &mut Usage,
-    queue_per_slot: u32,
 ) -> Vec<(TaskId, S, NodeId)> {
+    let room_per_slot = admission.queue_per_slot.saturating_add(1);
     let slots: BTreeMap<NodeId, u32> = nodes
         .iter()
         .filter(|n| n.up)
-        .map(|n| {
-            (
-                n.id,
-                n.slots.saturating_mul(queue_per_slot.saturating_add(1)),
-            )
-        })
+        .map(|n| (n.id, n.slots.saturating_mul(room_per_slot)))
         .collect();
     let mut out = Vec::new();
     // One task's nodes at a time, read from `usage` once: (node, its
@@ -554,10 +552,10 @@ mod tests {
         );
         let pending = BTreeMap::from([(1, (0..10).collect::<Vec<u32>>())]);
         let mut usage = Usage::default();
-        let got = assign(&nodes, &a, &pending, &mut usage, 0);
+        let got = assign(&nodes, &a, &pending, &mut usage);
         assert_eq!(got, vec![(1, 0, 1), (1, 1, 2), (1, 2, 1), (1, 3, 2)]);
         // Full: nothing more.
-        assert!(assign(&nodes, &a, &pending, &mut usage, 0).is_empty());
+        assert!(assign(&nodes, &a, &pending, &mut usage).is_empty());
     }
 
     #[test]
@@ -645,7 +643,7 @@ mod tests {
         // Assignment fills the queues too, within slots x (1 + queue).
         let pending = BTreeMap::from([(1, (0..20).collect::<Vec<u32>>())]);
         let mut usage = Usage::default();
-        let got = assign(&nodes, &q, &pending, &mut usage, 1);
+        let got = assign(&nodes, &q, &pending, &mut usage);
         assert_eq!(got.len(), 10);
         assert_eq!(usage.per_node, BTreeMap::from([(1, 6), (2, 4)]));
     }
@@ -704,7 +702,7 @@ mod tests {
             };
             let queued = a.clone().with_queue(queue, stripe);
             let mut usage = Usage::default();
-            let got = assign(&nodes, &queued, &pending, &mut usage, queue);
+            let got = assign(&nodes, &queued, &pending, &mut usage);
             for n in &nodes {
                 let used = usage.per_node.get(&n.id).copied().unwrap_or(0);
                 assert!(used <= n.slots * (1 + queue));

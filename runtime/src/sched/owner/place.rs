@@ -62,9 +62,8 @@ impl Owner {
             .map(|c| (c.placement.rank.id, c.placement.concurrency))
             .collect();
         let slots: BTreeMap<NodeId, u32> = nodes.iter().map(|n| (n.id, n.slots)).collect();
-        let queue = self.ctx.config.queue_per_slot;
         let admission = admit_fair(&nodes, candidates, &tenant_of, &view.tenants).with_queue(
-            queue,
+            self.ctx.config.queue_per_slot,
             |task, node| {
                 let c = concurrency.get(&task).copied().unwrap_or(0);
                 c.min(slots.get(&node).copied().unwrap_or(0))
@@ -246,8 +245,7 @@ impl Owner {
                 pending.insert(t.task.id, list);
             }
         }
-        for (task, (step, ordinal), node) in assign(&nodes, &admission, &pending, &mut usage, queue)
-        {
+        for (task, (step, ordinal), node) in assign(&nodes, &admission, &pending, &mut usage) {
             commands.push(C::AssignSubtask(AssignSubtask {
                 subtask: Some(SubtaskRef {
                     task_id: task,
