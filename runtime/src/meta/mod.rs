@@ -32,6 +32,7 @@ mod subtasks;
 mod tasks;
 mod tenants;
 pub mod transport;
+pub mod tx;
 
 #[cfg(test)]
 mod cluster_tests;

@@ -14,6 +14,7 @@ use stoker_proto::meta::{
 };
 
 use super::queries::{self, TaskFilter};
+use super::tx::Tx;
 use super::*;
 use crate::model::{SubtaskState, TaskState};
 
@@ -50,7 +51,7 @@ impl Sm {
         self.index += 1;
         let mut tx = self.s.begin_apply().unwrap();
         let cmd = Command { kind: Some(kind) };
-        let r = state_machine::apply_command(tx.path(), tx.txn(), &cmd).unwrap();
+        let r = state_machine::apply_command(tx.path(), &Tx::new(tx.txn()), &cmd).unwrap();
         tx.set_applied(self.index, 1);
         tx.commit().unwrap();
         r

@@ -2,7 +2,9 @@
 //! the reassembled bytes, and deletion refused while an unfinished task
 //! uses the module.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
+
+use super::tx::Tx;
 use sha2::{Digest, Sha256};
 use stoker_proto::meta::{
     CommitModule, CommitModuleResult, CountResult, DeleteModule, Done, ModuleRecord,
@@ -37,7 +39,7 @@ fn check_hash(hash: &str) -> Applied<()> {
     }
 }
 
-pub(crate) fn put_module_chunk(txn: &WriteTransaction, c: &PutModuleChunk) -> Applied<Done> {
+pub(crate) fn put_module_chunk(txn: &Tx<'_>, c: &PutModuleChunk) -> Applied<Done> {
     check_hash(&c.hash)?;
     if c.index >= MAX_CHUNKS {
         return invalid(format!(
@@ -48,32 +50,29 @@ pub(crate) fn put_module_chunk(txn: &WriteTransaction, c: &PutModuleChunk) -> Ap
     if c.data.is_empty() || c.data.len() > MAX_CHUNK_BYTES {
         return invalid(format!("module chunk must be 1..={MAX_CHUNK_BYTES} bytes"));
     }
-    txn.open_table(MODULE_STAGING_TABLE)?
+    txn.table(MODULE_STAGING_TABLE)?
         .insert(chunk_key(&c.hash, c.index).as_slice(), c.data.as_slice())?;
-    txn.open_table(MODULE_STAGING_TIMES_TABLE)?
+    txn.table(MODULE_STAGING_TIMES_TABLE)?
         .insert(c.hash.as_bytes(), c.time_ms.to_be_bytes().as_slice())?;
     Ok(Done {})
 }
 
 /// Drops the staged chunks of `hash` and its staging time.
-fn drop_staged(txn: &WriteTransaction, hash: &str) -> Applied<()> {
+fn drop_staged(txn: &Tx<'_>, hash: &str) -> Applied<()> {
     let keys = staged_keys(txn, hash)?;
-    let mut staging = txn.open_table(MODULE_STAGING_TABLE)?;
+    let mut staging = txn.table(MODULE_STAGING_TABLE)?;
     for k in &keys {
         staging.remove(k.as_slice())?;
     }
-    txn.open_table(MODULE_STAGING_TIMES_TABLE)?
+    txn.table(MODULE_STAGING_TIMES_TABLE)?
         .remove(hash.as_bytes())?;
     Ok(())
 }
 
 /// Sweeps uploads abandoned before `before_ms`; counts them.
-pub(crate) fn sweep_module_staging(
-    txn: &WriteTransaction,
-    c: &SweepModuleStaging,
-) -> Applied<CountResult> {
+pub(crate) fn sweep_module_staging(txn: &Tx<'_>, c: &SweepModuleStaging) -> Applied<CountResult> {
     let mut stale = Vec::new();
-    for row in txn.open_table(MODULE_STAGING_TIMES_TABLE)?.iter()? {
+    for row in txn.table(MODULE_STAGING_TIMES_TABLE)?.iter()? {
         let (hash, time) = row?;
         if super::records::staging_time(time.value()) < c.before_ms {
             stale.push(String::from_utf8_lossy(hash.value()).into_owned());
@@ -88,8 +87,8 @@ pub(crate) fn sweep_module_staging(
 }
 
 /// The staged chunk keys of `hash`, in index order.
-fn staged_keys(txn: &WriteTransaction, hash: &str) -> Applied<Vec<Vec<u8>>> {
-    let table = txn.open_table(MODULE_STAGING_TABLE)?;
+fn staged_keys(txn: &Tx<'_>, hash: &str) -> Applied<Vec<Vec<u8>>> {
+    let table = txn.table(MODULE_STAGING_TABLE)?;
     let start = chunk_key(hash, 0);
     let end = chunk_key(hash, u32::MAX);
     let mut keys = Vec::new();
@@ -99,10 +98,7 @@ fn staged_keys(txn: &WriteTransaction, hash: &str) -> Applied<Vec<Vec<u8>>> {
     Ok(keys)
 }
 
-pub(crate) fn commit_module(
-    txn: &WriteTransaction,
-    c: &CommitModule,
-) -> Applied<CommitModuleResult> {
+pub(crate) fn commit_module(txn: &Tx<'_>, c: &CommitModule) -> Applied<CommitModuleResult> {
     check_hash(&c.hash)?;
     if c.name.is_empty() || c.name.len() > MAX_NAME || c.tag.len() > MAX_NAME {
         return invalid(format!(
@@ -152,7 +148,7 @@ pub(crate) fn commit_module(
     let mut hasher = Sha256::new();
     let mut size = 0usize;
     {
-        let staging = txn.open_table(MODULE_STAGING_TABLE)?;
+        let staging = txn.table(MODULE_STAGING_TABLE)?;
         for k in &keys {
             let v = staging.get(k.as_slice())?.expect("listed above");
             size += v.value().len();
@@ -168,14 +164,14 @@ pub(crate) fn commit_module(
     }
     check_module_quota(txn, &tenant, size as u64)?;
     {
-        let mut staging = txn.open_table(MODULE_STAGING_TABLE)?;
-        let mut chunks = txn.open_table(MODULE_CHUNKS_TABLE)?;
+        let mut staging = txn.table(MODULE_STAGING_TABLE)?;
+        let mut chunks = txn.table(MODULE_CHUNKS_TABLE)?;
         for k in &keys {
             let data = staging.remove(k.as_slice())?.expect("listed above");
             chunks.insert(k.as_slice(), data.value())?;
         }
     }
-    txn.open_table(MODULE_STAGING_TIMES_TABLE)?
+    txn.table(MODULE_STAGING_TIMES_TABLE)?
         .remove(c.hash.as_bytes())?;
     ensure_tenant(txn, &tenant)?;
     let record = ModuleRecord {
@@ -195,8 +191,8 @@ pub(crate) fn commit_module(
 
 /// The size of bytes with sha256 `hash` when some tenant committed them
 /// (their chunks are stored), from the chunks themselves.
-fn committed_size(txn: &WriteTransaction, hash: &str) -> Applied<Option<u64>> {
-    let table = txn.open_table(MODULE_CHUNKS_TABLE)?;
+fn committed_size(txn: &Tx<'_>, hash: &str) -> Applied<Option<u64>> {
+    let table = txn.table(MODULE_CHUNKS_TABLE)?;
     let (start, end) = (chunk_key(hash, 0), chunk_key(hash, u32::MAX));
     let mut size = None;
     for row in table.range(start.as_slice()..=end.as_slice())? {
@@ -206,8 +202,8 @@ fn committed_size(txn: &WriteTransaction, hash: &str) -> Applied<Option<u64>> {
 }
 
 /// Whether any tenant still has a module record with `hash`.
-fn hash_in_use(txn: &WriteTransaction, hash: &str) -> Applied<bool> {
-    let table = txn.open_table(MODULES_TABLE)?;
+fn hash_in_use(txn: &Tx<'_>, hash: &str) -> Applied<bool> {
+    let table = txn.table(MODULES_TABLE)?;
     for row in table.iter()? {
         if row?.0.value().ends_with(hash.as_bytes()) {
             return Ok(true);
@@ -216,7 +212,7 @@ fn hash_in_use(txn: &WriteTransaction, hash: &str) -> Applied<bool> {
     Ok(false)
 }
 
-fn check_module_quota(txn: &WriteTransaction, tenant: &str, size: u64) -> Applied<()> {
+fn check_module_quota(txn: &Tx<'_>, tenant: &str, size: u64) -> Applied<()> {
     let quota = quota_of(txn, tenant)?;
     let used = usage_of(txn, tenant)?.module_bytes;
     within(
@@ -228,7 +224,7 @@ fn check_module_quota(txn: &WriteTransaction, tenant: &str, size: u64) -> Applie
     )
 }
 
-pub(crate) fn delete_module(txn: &WriteTransaction, c: &DeleteModule) -> Applied<Done> {
+pub(crate) fn delete_module(txn: &Tx<'_>, c: &DeleteModule) -> Applied<Done> {
     let tenant = resolve_tenant(txn, &c.tenant)?;
     let Some(module) = get_module(txn, &tenant, &c.hash)? else {
         return Err(Rejection::NotFound {
@@ -238,7 +234,7 @@ pub(crate) fn delete_module(txn: &WriteTransaction, c: &DeleteModule) -> Applied
         .into());
     };
     let ids: Vec<u64> = {
-        let unfinished = txn.open_table(UNFINISHED_TABLE)?;
+        let unfinished = txn.table(UNFINISHED_TABLE)?;
         let mut ids = Vec::new();
         for row in unfinished.iter()? {
             ids.extend(id_of_rank_key(row?.0.value()));
@@ -255,11 +251,11 @@ pub(crate) fn delete_module(txn: &WriteTransaction, c: &DeleteModule) -> Applied
             .into());
         }
     }
-    txn.open_table(MODULES_TABLE)?
+    txn.table(MODULES_TABLE)?
         .remove(module_key(&tenant, &c.hash).as_slice())?;
     count_module(txn, &tenant, module.size, false)?;
     if !hash_in_use(txn, &c.hash)? {
-        let mut chunks = txn.open_table(MODULE_CHUNKS_TABLE)?;
+        let mut chunks = txn.table(MODULE_CHUNKS_TABLE)?;
         for i in 0..module.chunks {
             chunks.remove(chunk_key(&c.hash, i).as_slice())?;
         }

@@ -1,7 +1,7 @@
 //! Nodes (registration, heartbeats, down marks) and how commands name
 //! their tenant.
 
-use redb::WriteTransaction;
+use super::tx::Tx;
 use stoker_proto::meta::{
     Done, MarkNodeDown, NodeHeartbeat, NodeRecord, RegisterNode, TenantRecord,
 };
@@ -16,7 +16,7 @@ const MAX_NAME: usize = 256;
 
 /// The tenant a command names (empty: the default one), created on first
 /// use when it is the default tenant.
-pub(crate) fn resolve_tenant(txn: &WriteTransaction, tenant: &str) -> Applied<String> {
+pub(crate) fn resolve_tenant(txn: &Tx<'_>, tenant: &str) -> Applied<String> {
     let id = if tenant.is_empty() {
         DEFAULT_TENANT
     } else {
@@ -32,7 +32,7 @@ pub(crate) fn resolve_tenant(txn: &WriteTransaction, tenant: &str) -> Applied<St
 }
 
 /// Writes the default tenant's record if it is missing (after validation).
-pub(crate) fn ensure_tenant(txn: &WriteTransaction, id: &str) -> Applied<()> {
+pub(crate) fn ensure_tenant(txn: &Tx<'_>, id: &str) -> Applied<()> {
     if get_tenant(txn, id)?.is_none() {
         let record = TenantRecord {
             id: id.to_string(),
@@ -45,7 +45,7 @@ pub(crate) fn ensure_tenant(txn: &WriteTransaction, id: &str) -> Applied<()> {
     Ok(())
 }
 
-pub(crate) fn register_node(txn: &WriteTransaction, c: &RegisterNode) -> Applied<Done> {
+pub(crate) fn register_node(txn: &Tx<'_>, c: &RegisterNode) -> Applied<Done> {
     if c.id == 0 {
         return invalid("node id must not be 0");
     }
@@ -81,7 +81,7 @@ pub(crate) fn register_node(txn: &WriteTransaction, c: &RegisterNode) -> Applied
     Ok(Done {})
 }
 
-pub(crate) fn node_heartbeat(txn: &WriteTransaction, c: &NodeHeartbeat) -> Applied<Done> {
+pub(crate) fn node_heartbeat(txn: &Tx<'_>, c: &NodeHeartbeat) -> Applied<Done> {
     let mut node = get_node(txn, c.id)?;
     node.up = true;
     // Heartbeats may arrive out of order through forwarding; time only
@@ -94,7 +94,7 @@ pub(crate) fn node_heartbeat(txn: &WriteTransaction, c: &NodeHeartbeat) -> Appli
     Ok(Done {})
 }
 
-pub(crate) fn mark_node_down(txn: &WriteTransaction, c: &MarkNodeDown) -> Applied<Done> {
+pub(crate) fn mark_node_down(txn: &Tx<'_>, c: &MarkNodeDown) -> Applied<Done> {
     let mut node = get_node(txn, c.id)?;
     node.up = false;
     put(txn, NODES_TABLE, &node_key(c.id), &node)?;

@@ -9,7 +9,9 @@
 //! no rollback inside an apply transaction, so a command either validates
 //! completely and then writes, or writes nothing.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
+
+use super::tx::Tx;
 use stoker_proto::meta::{
     ModuleRecord, NodeRecord, SubtaskRecord, TaskRecord, TenantRecord, TokenRecord,
 };
@@ -277,11 +279,11 @@ pub fn subtask_name(task: TaskId, step: u32, ordinal: u32) -> String {
 
 /// Reads and decodes one record of a write transaction's table.
 pub(crate) fn get<M: Message + Default>(
-    txn: &WriteTransaction,
+    txn: &Tx<'_>,
     def: SmTable,
     key: &[u8],
 ) -> Applied<Option<M>> {
-    let table = txn.open_table(def)?;
+    let table = txn.table(def)?;
     let Some(v) = table.get(key)? else {
         return Ok(None);
     };
@@ -294,18 +296,13 @@ pub(crate) fn get<M: Message + Default>(
     })
 }
 
-pub(crate) fn put<M: Message>(
-    txn: &WriteTransaction,
-    def: SmTable,
-    key: &[u8],
-    record: &M,
-) -> Applied<()> {
-    txn.open_table(def)?
+pub(crate) fn put<M: Message>(txn: &Tx<'_>, def: SmTable, key: &[u8], record: &M) -> Applied<()> {
+    txn.table(def)?
         .insert(key, record.encode_to_vec().as_slice())?;
     Ok(())
 }
 
-pub(crate) fn get_task(txn: &WriteTransaction, id: TaskId) -> Applied<TaskRecord> {
+pub(crate) fn get_task(txn: &Tx<'_>, id: TaskId) -> Applied<TaskRecord> {
     get(txn, TASKS_TABLE, &task_key(id))?.ok_or_else(|| {
         Rejection::NotFound {
             what: "task",
@@ -315,7 +312,7 @@ pub(crate) fn get_task(txn: &WriteTransaction, id: TaskId) -> Applied<TaskRecord
     })
 }
 
-pub(crate) fn get_node(txn: &WriteTransaction, id: u64) -> Applied<NodeRecord> {
+pub(crate) fn get_node(txn: &Tx<'_>, id: u64) -> Applied<NodeRecord> {
     get(txn, NODES_TABLE, &node_key(id))?.ok_or_else(|| {
         Rejection::NotFound {
             what: "node",
@@ -325,18 +322,14 @@ pub(crate) fn get_node(txn: &WriteTransaction, id: u64) -> Applied<NodeRecord> {
     })
 }
 
-pub(crate) fn get_module(
-    txn: &WriteTransaction,
-    tenant: &str,
-    hash: &str,
-) -> Applied<Option<ModuleRecord>> {
+pub(crate) fn get_module(txn: &Tx<'_>, tenant: &str, hash: &str) -> Applied<Option<ModuleRecord>> {
     get(txn, MODULES_TABLE, &module_key(tenant, hash))
 }
 
-pub(crate) fn get_token(txn: &WriteTransaction, id: &str) -> Applied<Option<TokenRecord>> {
+pub(crate) fn get_token(txn: &Tx<'_>, id: &str) -> Applied<Option<TokenRecord>> {
     get(txn, TOKENS_TABLE, id.as_bytes())
 }
 
-pub(crate) fn get_tenant(txn: &WriteTransaction, id: &str) -> Applied<Option<TenantRecord>> {
+pub(crate) fn get_tenant(txn: &Tx<'_>, id: &str) -> Applied<Option<TenantRecord>> {
     get(txn, TENANTS_TABLE, id.as_bytes())
 }

@@ -2,7 +2,9 @@
 //! rule set after validating it again (deterministically: conflicts do not
 //! depend on the clock), so a rejected set changes nothing.
 
-use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable};
+
+use super::tx::Tx;
 use stoker_proto::meta::{Done, RuleRecord, SetRules};
 use stoker_proto::Message;
 
@@ -21,19 +23,19 @@ pub const RULES_META_TABLE: SmTable = redb::TableDefinition::new("sm_rules_meta"
 /// Largest rules source text kept, in bytes.
 pub const MAX_RULES_SOURCE: usize = 1024 * 1024;
 
-pub(crate) fn set_rules(txn: &WriteTransaction, c: &SetRules) -> Applied<Done> {
+pub(crate) fn set_rules(txn: &Tx<'_>, c: &SetRules) -> Applied<Done> {
     if c.source.len() > MAX_RULES_SOURCE {
         return invalid(format!("rules source exceeds {MAX_RULES_SOURCE} bytes"));
     }
     if let Err(e) = rules::from_records(&c.rules) {
         return invalid(e.to_string());
     }
-    let mut table = txn.open_table(RULES_TABLE)?;
+    let mut table = txn.table(RULES_TABLE)?;
     table.retain(|_, _| false)?;
     for r in &c.rules {
         table.insert(r.name.as_bytes(), r.encode_to_vec().as_slice())?;
     }
-    let mut meta = txn.open_table(RULES_META_TABLE)?;
+    let mut meta = txn.table(RULES_META_TABLE)?;
     meta.insert(b"source".as_slice(), c.source.as_bytes())?;
     meta.insert(b"time".as_slice(), c.time_ms.to_be_bytes().as_slice())?;
     Ok(Done {})

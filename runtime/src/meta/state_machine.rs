@@ -8,7 +8,8 @@
 //! 1. add its table definition to [`SM_TABLES`];
 //! 2. add its command(s) to `Command` in `proto/proto/meta.proto`;
 //! 3. add a match arm in [`apply_command`] calling a function of the form
-//!    `fn(&WriteTransaction, &TheCommand) -> Result<the_result, MetaError>`.
+//!    `fn(&Tx, &TheCommand) -> Result<the_result, MetaError>` ([`Tx`] opens each
+//!    table once per run of entries: take tables from it, never from redb).
 //!
 //! Application must be deterministic: it may read only the tables and the
 //! command, never the clock, randomness or local configuration. And a
@@ -30,6 +31,7 @@ use stoker_proto::Message;
 
 use super::error::storage_err;
 use super::records::{self, ApplyError};
+use super::tx::Tx;
 use super::MetaError;
 use super::{modules, nodes, rules, subtasks, tasks, tenants};
 
@@ -91,11 +93,7 @@ const MAX_CONFIG_VALUE: usize = 64 * 1024;
 ///
 /// # Errors
 /// Only storage failures; they stop the node.
-pub fn apply_command(
-    path: &Path,
-    txn: &WriteTransaction,
-    cmd: &Command,
-) -> Result<CommandResult, MetaError> {
+pub fn apply_command(path: &Path, txn: &Tx<'_>, cmd: &Command) -> Result<CommandResult, MetaError> {
     use command::Kind as C;
     use command_result::Kind as R;
     let outcome = match &cmd.kind {
@@ -137,38 +135,34 @@ pub fn apply_command(
     }
 }
 
-/// The request ids a run of proposals is checked against and recorded in:
-/// both tables opened once for every proposal applied in one transaction
-/// (opening a table is a good part of a small command's cost).
+/// A run of proposals applied in one transaction: their request ids
+/// checked and recorded, their commands applied, with every table opened
+/// once for the whole run (opening a table is a good part of a small
+/// command's cost).
 pub struct Requests<'txn> {
     path: &'txn Path,
-    txn: &'txn WriteTransaction,
+    /// The tables, each opened once for the whole run.
+    txn: Tx<'txn>,
     /// Ids remembered: each new one forgets the oldest beyond this.
     keep: u64,
-    /// Request id → applied index ‖ encoded result.
-    results: redb::Table<'txn, &'static [u8], &'static [u8]>,
-    /// Applied index ‖ request id, in application order.
-    order: redb::Table<'txn, &'static [u8], &'static [u8]>,
 }
 
 impl<'txn> Requests<'txn> {
-    /// Opens the tables in `txn` of the database at `path`, to remember
-    /// the last `keep` ids (a node keeps [`MAX_REMEMBERED_REQUESTS`]).
+    /// A run in `txn` of the database at `path`, remembering the last
+    /// `keep` ids (a node keeps [`MAX_REMEMBERED_REQUESTS`]). Tables open
+    /// as the run first needs them and close when it is dropped.
     ///
     /// # Errors
-    /// Storage failures.
+    /// Storage failures (none today; kept for callers that open eagerly).
     pub fn open(
         path: &'txn Path,
         txn: &'txn WriteTransaction,
         keep: u64,
     ) -> Result<Self, MetaError> {
-        let err = |e: redb::TableError| storage_err(path, e);
         Ok(Requests {
             path,
-            txn,
+            txn: Tx::new(txn),
             keep,
-            results: txn.open_table(REQUESTS_TABLE).map_err(err)?,
-            order: txn.open_table(REQUEST_ORDER_TABLE).map_err(err)?,
         })
     }
 
@@ -185,43 +179,49 @@ impl<'txn> Requests<'txn> {
         let none = Command::default();
         let cmd = p.command.as_ref().unwrap_or(&none);
         if p.request_id.is_empty() {
-            return apply_command(path, self.txn, cmd);
+            return apply_command(path, &self.txn, cmd);
         }
-        let err = |e: redb::StorageError| storage_err(path, e);
+        let err = |e: redb::Error| storage_err(path, e);
         let id = p.request_id.as_slice();
-        if let Some(v) = self.results.get(id).map_err(err)? {
-            return v
-                .value()
-                .get(8..)
-                .and_then(|b| CommandResult::decode(b).ok())
+        let remembered = {
+            let results = self.txn.table(REQUESTS_TABLE).map_err(|e| err(e.into()))?;
+            let found = results.get(id).map_err(|e| err(e.into()))?;
+            found.map(|v| v.value().get(8..).map(CommandResult::decode))
+        };
+        if let Some(first) = remembered {
+            return first
+                .and_then(Result::ok)
                 .ok_or_else(|| MetaError::Corrupt {
                     path: path.to_path_buf(),
                     what: "bad remembered request".into(),
                 });
         }
-        let result = apply_command(path, self.txn, cmd)?;
+        let result = apply_command(path, &self.txn, cmd)?;
         let mut record = index.to_be_bytes().to_vec();
         result.encode(&mut record).expect("vec grows");
         let mut order_key = index.to_be_bytes().to_vec();
         order_key.extend_from_slice(id);
-        self.results.insert(id, record.as_slice()).map_err(err)?;
-        self.order
+        let mut results = self.txn.table(REQUESTS_TABLE).map_err(|e| err(e.into()))?;
+        let mut order = self
+            .txn
+            .table(REQUEST_ORDER_TABLE)
+            .map_err(|e| err(e.into()))?;
+        results
+            .insert(id, record.as_slice())
+            .map_err(|e| err(e.into()))?;
+        order
             .insert(order_key.as_slice(), [].as_slice())
-            .map_err(err)?;
-        self.forget_old()?;
-        Ok(result)
-    }
-
-    /// Forgets the oldest request ids beyond `keep` (by application order).
-    fn forget_old(&mut self) -> Result<(), MetaError> {
-        let err = |e: redb::StorageError| storage_err(self.path, e);
-        while redb::ReadableTableMetadata::len(&self.order).map_err(err)? > self.keep {
-            let Some((key, _)) = self.order.pop_first().map_err(err)? else {
+            .map_err(|e| err(e.into()))?;
+        // Forget the oldest ids beyond `keep`, by application order.
+        while redb::ReadableTableMetadata::len(&*order).map_err(|e| err(e.into()))? > self.keep {
+            let Some((key, _)) = order.pop_first().map_err(|e| err(e.into()))? else {
                 break;
             };
-            self.results.remove(&key.value()[8..]).map_err(err)?;
+            results
+                .remove(&key.value()[8..])
+                .map_err(|e| err(e.into()))?;
         }
-        Ok(())
+        Ok(result)
     }
 }
 
@@ -240,7 +240,7 @@ fn framework<T>(
     }
 }
 
-fn set_config(txn: &WriteTransaction, c: &SetConfig) -> Applied<SetConfigResult> {
+fn set_config(txn: &Tx<'_>, c: &SetConfig) -> Applied<SetConfigResult> {
     if c.key.is_empty() || c.key.len() > MAX_CONFIG_KEY {
         return Ok(Err(format!(
             "config key must be 1..={MAX_CONFIG_KEY} bytes"
@@ -254,15 +254,15 @@ fn set_config(txn: &WriteTransaction, c: &SetConfig) -> Applied<SetConfigResult>
     if let Err(why) = super::stats::check_config_change(txn, &c.key, &c.value)? {
         return Ok(Err(why));
     }
-    let mut table = txn.open_table(CONFIG_TABLE)?;
+    let mut table = txn.table(CONFIG_TABLE)?;
     let previous = table
         .insert(c.key.as_bytes(), c.value.as_bytes())?
         .map(|v| String::from_utf8_lossy(v.value()).into_owned());
     Ok(Ok(SetConfigResult { previous }))
 }
 
-fn delete_config(txn: &WriteTransaction, c: &DeleteConfig) -> Applied<DeleteConfigResult> {
-    let mut table = txn.open_table(CONFIG_TABLE)?;
+fn delete_config(txn: &Tx<'_>, c: &DeleteConfig) -> Applied<DeleteConfigResult> {
+    let mut table = txn.table(CONFIG_TABLE)?;
     let existed = table.remove(c.key.as_bytes())?.is_some();
     Ok(Ok(DeleteConfigResult { existed }))
 }
@@ -384,8 +384,9 @@ pub fn import(path: &Path, txn: &WriteTransaction, data: &SnapshotData) -> Resul
         }
     }
     let err = |e: redb::Error| storage_err(path, e);
+    let tx = Tx::new(txn);
     for def in SM_TABLES {
-        let mut table = txn.open_table(*def).map_err(|e| err(e.into()))?;
+        let mut table = tx.table(*def).map_err(|e| err(e.into()))?;
         table.retain(|_, _| false).map_err(|e| err(e.into()))?;
         let name = redb::TableHandle::name(def);
         for dump in data.tables.iter().filter(|d| d.name == name) {
@@ -397,7 +398,7 @@ pub fn import(path: &Path, txn: &WriteTransaction, data: &SnapshotData) -> Resul
         }
     }
     // A snapshot of a build that did not keep some derived tables.
-    rebuild_missing(path, txn, |name| data.tables.iter().any(|d| d.name == name))
+    rebuild_in(path, &tx, |name| data.tables.iter().any(|d| d.name == name))
 }
 
 /// Recounts the derived tables (tenant usage; waiting subtasks and step
@@ -411,6 +412,10 @@ pub fn rebuild_missing(
     txn: &WriteTransaction,
     present: impl Fn(&str) -> bool,
 ) -> Result<(), MetaError> {
+    rebuild_in(path, &Tx::new(txn), present)
+}
+
+fn rebuild_in(path: &Path, txn: &Tx<'_>, present: impl Fn(&str) -> bool) -> Result<(), MetaError> {
     let has = |def: &SmTable| present(redb::TableHandle::name(def));
     if !has(&records::TENANT_USAGE_TABLE) {
         rebuilt(path, tenants::rebuild_usage(txn))?;

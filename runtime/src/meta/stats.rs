@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable};
+
+use super::tx::Tx;
 use stoker_proto::meta::{SubtaskRecord, TaskRecord};
 use stoker_proto::Message;
 
@@ -20,7 +22,7 @@ pub const TENANT_FUEL_TABLE: SmTable = redb::TableDefinition::new("sm_tenant_fue
 
 /// Adds `fuel` to `tenant`'s total (saturating; an empty tenant is the
 /// default one).
-pub(crate) fn add_tenant_fuel(txn: &WriteTransaction, tenant: &str, fuel: u64) -> Applied<()> {
+pub(crate) fn add_tenant_fuel(txn: &Tx<'_>, tenant: &str, fuel: u64) -> Applied<()> {
     if fuel == 0 {
         return Ok(());
     }
@@ -29,7 +31,7 @@ pub(crate) fn add_tenant_fuel(txn: &WriteTransaction, tenant: &str, fuel: u64) -
     } else {
         tenant
     };
-    let mut table = txn.open_table(TENANT_FUEL_TABLE)?;
+    let mut table = txn.table(TENANT_FUEL_TABLE)?;
     let before = table
         .get(tenant.as_bytes())?
         .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes))
@@ -142,7 +144,7 @@ pub fn state_counts(path: &Path, txn: &ReadTransaction) -> Result<StateCounts, M
 /// keys (see [`crate::resource::settings`]); other keys pass. The outer
 /// error is a storage failure, the inner one the rejection.
 pub(crate) fn check_config_change(
-    txn: &WriteTransaction,
+    txn: &Tx<'_>,
     key: &str,
     value: &str,
 ) -> Result<Result<(), String>, redb::Error> {
@@ -150,7 +152,7 @@ pub(crate) fn check_config_change(
     if !key.starts_with(RESOURCE_CONFIG_PREFIX) {
         return Ok(Ok(()));
     }
-    let table = txn.open_table(CONFIG_TABLE)?;
+    let table = txn.table(CONFIG_TABLE)?;
     let mut current = BTreeMap::new();
     for row in table.range(RESOURCE_CONFIG_PREFIX.as_bytes()..)? {
         let (k, v) = row?;

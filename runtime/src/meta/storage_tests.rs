@@ -7,6 +7,7 @@ use raft::{GetEntriesContext, Storage, StorageError};
 use stoker_proto::meta::{command, Command, SetConfig};
 
 use super::*;
+use crate::meta::tx::Tx;
 
 fn entry(index: u64, term: u64) -> Entry {
     Entry {
@@ -262,7 +263,7 @@ fn snapshot_moves_state_between_stores() {
                 value: "v".into(),
             })),
         };
-        let r = state_machine::apply_command(tx.path(), tx.txn(), &cmd).unwrap();
+        let r = state_machine::apply_command(tx.path(), &Tx::new(tx.txn()), &cmd).unwrap();
         assert!(r.error.is_empty());
         tx.set_applied(8, 6);
         tx.commit().unwrap();
@@ -494,10 +495,13 @@ fn a_snapshot_install_cut_short_before_the_log_file_is_finished_at_open() {
 
 fn apply_all(s: &RedbStorage, cmds: &[Command]) -> Vec<stoker_proto::meta::CommandResult> {
     let mut tx = s.begin_apply().unwrap();
-    let out = cmds
-        .iter()
-        .map(|c| state_machine::apply_command(tx.path(), tx.txn(), c).unwrap())
-        .collect();
+    let out = {
+        // One view for the run, as a node applies a run of entries.
+        let run = Tx::new(tx.txn());
+        cmds.iter()
+            .map(|c| state_machine::apply_command(tx.path(), &run, c).unwrap())
+            .collect()
+    };
     tx.set_applied(cmds.len() as u64, 1);
     tx.commit().unwrap();
     out

@@ -10,7 +10,9 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
+
+use super::tx::Tx;
 use stoker_proto::meta::{
     change_subtasks, AddSubtasks, AssignSubtask, ChangeSubtasks, ClaimSubtask, CountResult,
     ReportSubtask, RequeueSubtask, StepCountsRecord, SubtaskRecord, SubtaskRef, SubtaskStateResult,
@@ -31,7 +33,7 @@ pub const RETRY_BASE_MS: u64 = 1000;
 /// The longest retry backoff.
 pub const RETRY_MAX_MS: u64 = 60_000;
 
-fn get_subtask(txn: &WriteTransaction, r: &SubtaskRef) -> Applied<SubtaskRecord> {
+fn get_subtask(txn: &Tx<'_>, r: &SubtaskRef) -> Applied<SubtaskRecord> {
     get(
         txn,
         SUBTASKS_TABLE,
@@ -50,10 +52,10 @@ fn get_subtask(txn: &WriteTransaction, r: &SubtaskRef) -> Applied<SubtaskRecord>
 /// step: [`SUBTASKS_BY_NODE_TABLE`] (a subtask is listed under its node
 /// while it is assigned there and unfinished), [`SUBTASKS_WAITING_TABLE`]
 /// (pending, not assigned) and [`STEP_COUNTS_TABLE`].
-fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
+fn put_subtask(txn: &Tx<'_>, s: &SubtaskRecord) -> Applied<()> {
     let key = subtask_key(s.task_id, s.step, s.ordinal);
     // Each table is opened once: opening is a good part of a write's cost.
-    let mut rows = txn.open_table(SUBTASKS_TABLE)?;
+    let mut rows = txn.table(SUBTASKS_TABLE)?;
     let before = match rows.get(key.as_slice())? {
         Some(v) => Some(decode_subtask(&key, v.value())?),
         None => None,
@@ -66,7 +68,7 @@ fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
         None
     } else {
         let ck = step_key(s.task_id, s.step);
-        let table = txn.open_table(STEP_COUNTS_TABLE)?;
+        let table = txn.table(STEP_COUNTS_TABLE)?;
         let mut counts = match table.get(ck.as_slice())? {
             Some(v) => StepCountsRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
                 table: "sm_step_counts".into(),
@@ -83,7 +85,7 @@ fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
     };
     let (old, new) = (before.as_ref().and_then(node_index_key), node_index_key(s));
     if old != new {
-        let mut index = txn.open_table(SUBTASKS_BY_NODE_TABLE)?;
+        let mut index = txn.table(SUBTASKS_BY_NODE_TABLE)?;
         if let Some(k) = old {
             index.remove(k.as_slice())?;
         }
@@ -93,7 +95,7 @@ fn put_subtask(txn: &WriteTransaction, s: &SubtaskRecord) -> Applied<()> {
     }
     let (was, is) = (before.as_ref().is_some_and(is_waiting), is_waiting(s));
     if was != is {
-        let mut index = txn.open_table(SUBTASKS_WAITING_TABLE)?;
+        let mut index = txn.table(SUBTASKS_WAITING_TABLE)?;
         if is {
             index.insert(key.as_slice(), [].as_slice())?;
         } else {
@@ -150,8 +152,8 @@ struct SubtaskTables {
 /// The tables derived from the subtask rows, as the rows say: waiting keys
 /// and step counts (the by-node index is kept in snapshots since it was
 /// introduced with the rows).
-fn counted_subtask_tables(txn: &WriteTransaction) -> Applied<SubtaskTables> {
-    let table = txn.open_table(SUBTASKS_TABLE)?;
+fn counted_subtask_tables(txn: &Tx<'_>) -> Applied<SubtaskTables> {
+    let table = txn.table(SUBTASKS_TABLE)?;
     let mut waiting = Vec::new();
     let mut counts: BTreeMap<[u8; 12], StepCountsRecord> = BTreeMap::new();
     for row in table.iter()? {
@@ -169,15 +171,15 @@ fn counted_subtask_tables(txn: &WriteTransaction) -> Applied<SubtaskTables> {
 /// Rewrites [`SUBTASKS_WAITING_TABLE`] and [`STEP_COUNTS_TABLE`] from the
 /// subtask rows: for a snapshot or a database from a build that did not
 /// keep them.
-pub(crate) fn rebuild_subtask_tables(txn: &WriteTransaction) -> Applied<()> {
+pub(crate) fn rebuild_subtask_tables(txn: &Tx<'_>) -> Applied<()> {
     let SubtaskTables { waiting, counts } = counted_subtask_tables(txn)?;
-    let mut table = txn.open_table(SUBTASKS_WAITING_TABLE)?;
+    let mut table = txn.table(SUBTASKS_WAITING_TABLE)?;
     table.retain(|_, _| false)?;
     for k in &waiting {
         table.insert(k.as_slice(), [].as_slice())?;
     }
     drop(table);
-    txn.open_table(STEP_COUNTS_TABLE)?.retain(|_, _| false)?;
+    txn.table(STEP_COUNTS_TABLE)?.retain(|_, _| false)?;
     for (k, c) in &counts {
         put(txn, STEP_COUNTS_TABLE, k, c)?;
     }
@@ -190,11 +192,11 @@ fn subtask_ref(c: Option<&SubtaskRef>) -> Applied<&SubtaskRef> {
 
 /// Every subtask of one step (or of the task), in ordinal order.
 pub(crate) fn subtasks_of(
-    txn: &WriteTransaction,
+    txn: &Tx<'_>,
     task: u64,
     step: Option<u32>,
 ) -> Applied<Vec<SubtaskRecord>> {
-    let table = txn.open_table(SUBTASKS_TABLE)?;
+    let table = txn.table(SUBTASKS_TABLE)?;
     let (start, end) = subtask_range(task, step);
     let mut out = Vec::new();
     for row in table.range(start.as_slice()..=end.as_slice())? {
@@ -206,26 +208,26 @@ pub(crate) fn subtasks_of(
 
 /// Deletes every subtask of a task (garbage collection of history), with
 /// its rows in the derived tables.
-pub(crate) fn delete_subtasks_of(txn: &WriteTransaction, task: u64) -> Applied<()> {
+pub(crate) fn delete_subtasks_of(txn: &Tx<'_>, task: u64) -> Applied<()> {
     let all = subtasks_of(txn, task, None)?;
-    let mut index = txn.open_table(SUBTASKS_BY_NODE_TABLE)?;
+    let mut index = txn.table(SUBTASKS_BY_NODE_TABLE)?;
     for k in all.iter().filter_map(node_index_key) {
         index.remove(k.as_slice())?;
     }
     drop(index);
     let (start, end) = subtask_range(task, None);
-    txn.open_table(SUBTASKS_TABLE)?
+    txn.table(SUBTASKS_TABLE)?
         .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)?;
-    txn.open_table(SUBTASKS_WAITING_TABLE)?
+    txn.table(SUBTASKS_WAITING_TABLE)?
         .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)?;
     let (first, last) = (step_key(task, 0), step_key(task, u32::MAX));
-    txn.open_table(STEP_COUNTS_TABLE)?
+    txn.table(STEP_COUNTS_TABLE)?
         .retain_in(first.as_slice()..=last.as_slice(), |_, _| false)?;
     Ok(())
 }
 
 /// The subtasks of the task's current step that have not ended, if any.
-pub(crate) fn unfinished_in_step(txn: &WriteTransaction, task: &TaskRecord) -> Applied<usize> {
+pub(crate) fn unfinished_in_step(txn: &Tx<'_>, task: &TaskRecord) -> Applied<usize> {
     let mut n = 0;
     for s in subtasks_of(txn, task.id, Some(task.step))? {
         if !subtask_state(&s)?.is_finished() {
@@ -237,7 +239,7 @@ pub(crate) fn unfinished_in_step(txn: &WriteTransaction, task: &TaskRecord) -> A
 
 /// Which step a batch goes to: the current one while unplanned, the next
 /// one once the current one is planned and every subtask of it succeeded.
-fn target_step(txn: &WriteTransaction, task: &TaskRecord, step: u32) -> Applied<bool> {
+fn target_step(txn: &Tx<'_>, task: &TaskRecord, step: u32) -> Applied<bool> {
     if (!task.started && step == 0) || (task.started && !task.step_planned && step == task.step) {
         return Ok(false);
     }
@@ -265,7 +267,7 @@ fn target_step(txn: &WriteTransaction, task: &TaskRecord, step: u32) -> Applied<
     ))
 }
 
-pub(crate) fn add_subtasks(txn: &WriteTransaction, c: &AddSubtasks) -> Applied<CountResult> {
+pub(crate) fn add_subtasks(txn: &Tx<'_>, c: &AddSubtasks) -> Applied<CountResult> {
     let task = get_task(txn, c.task_id)?;
     let state = task_state(&task)?;
     if !matches!(state, TaskState::Pending | TaskState::Running) {
@@ -288,7 +290,7 @@ pub(crate) fn add_subtasks(txn: &WriteTransaction, c: &AddSubtasks) -> Applied<C
     }
     let advance = target_step(txn, &task, c.step)?;
     {
-        let table = txn.open_table(SUBTASKS_TABLE)?;
+        let table = txn.table(SUBTASKS_TABLE)?;
         let mut seen = std::collections::BTreeSet::new();
         for n in &c.subtasks {
             if n.payload.len() > MAX_INLINE_BYTES {
@@ -337,10 +339,7 @@ fn state_result(s: &SubtaskRecord) -> SubtaskStateResult {
     }
 }
 
-pub(crate) fn assign_subtask(
-    txn: &WriteTransaction,
-    c: &AssignSubtask,
-) -> Applied<SubtaskStateResult> {
+pub(crate) fn assign_subtask(txn: &Tx<'_>, c: &AssignSubtask) -> Applied<SubtaskStateResult> {
     let r = subtask_ref(c.subtask.as_ref())?;
     let task = get_task(txn, r.task_id)?;
     if !records::accepts_work(&task)? {
@@ -393,10 +392,7 @@ fn fence(
     .into())
 }
 
-pub(crate) fn claim_subtask(
-    txn: &WriteTransaction,
-    c: &ClaimSubtask,
-) -> Applied<SubtaskStateResult> {
+pub(crate) fn claim_subtask(txn: &Tx<'_>, c: &ClaimSubtask) -> Applied<SubtaskStateResult> {
     let r = subtask_ref(c.subtask.as_ref())?;
     let mut s = get_subtask(txn, r)?;
     let task = get_task(txn, r.task_id)?;
@@ -434,10 +430,7 @@ fn claim(
     Ok(())
 }
 
-pub(crate) fn report_subtask(
-    txn: &WriteTransaction,
-    c: &ReportSubtask,
-) -> Applied<SubtaskStateResult> {
+pub(crate) fn report_subtask(txn: &Tx<'_>, c: &ReportSubtask) -> Applied<SubtaskStateResult> {
     let r = subtask_ref(c.subtask.as_ref())?;
     let mut s = get_subtask(txn, r)?;
     let unclaimed = c.start_time_ms != 0;
@@ -507,10 +500,7 @@ pub fn retry_backoff_ms(retry: u32) -> u64 {
     (RETRY_BASE_MS << doublings).min(RETRY_MAX_MS)
 }
 
-pub(crate) fn requeue_subtask(
-    txn: &WriteTransaction,
-    c: &RequeueSubtask,
-) -> Applied<SubtaskStateResult> {
+pub(crate) fn requeue_subtask(txn: &Tx<'_>, c: &RequeueSubtask) -> Applied<SubtaskStateResult> {
     let r = subtask_ref(c.subtask.as_ref())?;
     let mut s = get_subtask(txn, r)?;
     if c.attempt != 0 && c.attempt != s.attempt {
@@ -575,7 +565,7 @@ fn bulk_edges(
     }
 }
 
-pub(crate) fn change_subtasks(txn: &WriteTransaction, c: &ChangeSubtasks) -> Applied<CountResult> {
+pub(crate) fn change_subtasks(txn: &Tx<'_>, c: &ChangeSubtasks) -> Applied<CountResult> {
     let kind = change_subtasks::Kind::try_from(c.kind)
         .map_err(|_| Rejection::Invalid(format!("unknown subtask change {}", c.kind)))?;
     let task = get_task(txn, c.task_id)?;

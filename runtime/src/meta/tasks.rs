@@ -2,7 +2,9 @@
 //! against the task state machine, modification, finishing into history and
 //! its garbage collection.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
+
+use super::tx::Tx;
 use stoker_proto::meta::{
     CountResult, Done, FinishTask, GcHistory, ModifyTask, SetTaskState, SubmitTask,
     SubmitTaskResult, TaskModification, TaskRecord,
@@ -29,8 +31,8 @@ const MAX_ATTEMPTS: u32 = 100;
 const DEFAULT_GC_LIMIT: u32 = 1000;
 
 /// Takes the next value of a counter (starting at 1).
-fn next_id(txn: &WriteTransaction, name: &str) -> Applied<u64> {
-    let mut table = txn.open_table(COUNTERS_TABLE)?;
+fn next_id(txn: &Tx<'_>, name: &str) -> Applied<u64> {
+    let mut table = txn.table(COUNTERS_TABLE)?;
     let current = table
         .get(name.as_bytes())?
         .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes))
@@ -61,7 +63,7 @@ fn check_priority(p: u32) -> Applied<()> {
     }
 }
 
-fn check_submit(txn: &WriteTransaction, c: &SubmitTask) -> Applied<String> {
+fn check_submit(txn: &Tx<'_>, c: &SubmitTask) -> Applied<String> {
     let tenant = resolve_tenant(txn, &c.tenant)?;
     if c.priority != 0 {
         check_priority(c.priority)?;
@@ -142,7 +144,7 @@ fn capped(asked: u64, cap: u64) -> u64 {
     }
 }
 
-pub(crate) fn submit_task(txn: &WriteTransaction, c: &SubmitTask) -> Applied<SubmitTaskResult> {
+pub(crate) fn submit_task(txn: &Tx<'_>, c: &SubmitTask) -> Applied<SubmitTaskResult> {
     let tenant = check_submit(txn, c)?;
     let quota = quota_of(txn, &tenant)?;
     ensure_tenant(txn, &tenant)?;
@@ -181,20 +183,20 @@ pub(crate) fn submit_task(txn: &WriteTransaction, c: &SubmitTask) -> Applied<Sub
     };
     put(txn, TASKS_TABLE, &task_key(id), &task)?;
     if !c.input.is_empty() {
-        txn.open_table(TASK_INPUTS_TABLE)?
+        txn.table(TASK_INPUTS_TABLE)?
             .insert(task_key(id).as_slice(), c.input.as_slice())?;
     }
-    txn.open_table(UNFINISHED_TABLE)?
+    txn.table(UNFINISHED_TABLE)?
         .insert(rank_key(&rank_of(&task)).as_slice(), [].as_slice())?;
     count_unfinished(txn, &task.tenant, true)?;
     Ok(SubmitTaskResult { id })
 }
 
 /// Writes a task whose rank may have changed since `old` was read.
-fn put_unfinished(txn: &WriteTransaction, old: &TaskRecord, new: &TaskRecord) -> Applied<()> {
+fn put_unfinished(txn: &Tx<'_>, old: &TaskRecord, new: &TaskRecord) -> Applied<()> {
     let (before, after) = (rank_key(&rank_of(old)), rank_key(&rank_of(new)));
     if before != after {
-        let mut index = txn.open_table(UNFINISHED_TABLE)?;
+        let mut index = txn.table(UNFINISHED_TABLE)?;
         index.remove(before.as_slice())?;
         index.insert(after.as_slice(), [].as_slice())?;
     }
@@ -238,12 +240,12 @@ fn transition(task: &TaskRecord, to: TaskState) -> Applied<TaskRecord> {
 
 /// A pending task whose first step was just sealed starts running (the
 /// `start` of an `AddSubtasks`); `task` is its record as written by it.
-pub(crate) fn start_planned(txn: &WriteTransaction, task: &TaskRecord) -> Applied<()> {
+pub(crate) fn start_planned(txn: &Tx<'_>, task: &TaskRecord) -> Applied<()> {
     let next = transition(task, TaskState::Running)?;
     put_unfinished(txn, task, &next)
 }
 
-pub(crate) fn set_task_state(txn: &WriteTransaction, c: &SetTaskState) -> Applied<Done> {
+pub(crate) fn set_task_state(txn: &Tx<'_>, c: &SetTaskState) -> Applied<Done> {
     let task = get_task(txn, c.id)?;
     let to = parse_state(&c.state)?;
     if to.is_finished() {
@@ -263,7 +265,7 @@ pub(crate) fn set_task_state(txn: &WriteTransaction, c: &SetTaskState) -> Applie
     Ok(Done {})
 }
 
-pub(crate) fn modify_task(txn: &WriteTransaction, c: &ModifyTask) -> Applied<Done> {
+pub(crate) fn modify_task(txn: &Tx<'_>, c: &ModifyTask) -> Applied<Done> {
     let task = get_task(txn, c.id)?;
     let m = c.modification.unwrap_or_default();
     check_modification(&m)?;
@@ -276,7 +278,7 @@ pub(crate) fn modify_task(txn: &WriteTransaction, c: &ModifyTask) -> Applied<Don
     Ok(Done {})
 }
 
-pub(crate) fn finish_task(txn: &WriteTransaction, c: &FinishTask) -> Applied<Done> {
+pub(crate) fn finish_task(txn: &Tx<'_>, c: &FinishTask) -> Applied<Done> {
     let task = get_task(txn, c.id)?;
     let to = parse_state(&c.state)?;
     if !to.is_finished() {
@@ -300,23 +302,23 @@ pub(crate) fn finish_task(txn: &WriteTransaction, c: &FinishTask) -> Applied<Don
         next.error = c.error.clone();
     }
     next.finish_time_ms = c.time_ms;
-    txn.open_table(UNFINISHED_TABLE)?
+    txn.table(UNFINISHED_TABLE)?
         .remove(rank_key(&rank_of(&task)).as_slice())?;
     count_unfinished(txn, &task.tenant, false)?;
-    txn.open_table(HISTORY_TABLE)?
+    txn.table(HISTORY_TABLE)?
         .insert(history_key(c.time_ms, c.id).as_slice(), [].as_slice())?;
     put(txn, TASKS_TABLE, &task_key(c.id), &next)?;
     Ok(Done {})
 }
 
-pub(crate) fn gc_history(txn: &WriteTransaction, c: &GcHistory) -> Applied<CountResult> {
+pub(crate) fn gc_history(txn: &Tx<'_>, c: &GcHistory) -> Applied<CountResult> {
     let limit = if c.limit == 0 {
         DEFAULT_GC_LIMIT
     } else {
         c.limit
     };
     let old: Vec<Vec<u8>> = {
-        let history = txn.open_table(HISTORY_TABLE)?;
+        let history = txn.table(HISTORY_TABLE)?;
         let end = history_key(c.before_ms, 0);
         let mut keys = Vec::new();
         for row in history.range(..end.as_slice())?.take(limit as usize) {
@@ -327,17 +329,16 @@ pub(crate) fn gc_history(txn: &WriteTransaction, c: &GcHistory) -> Applied<Count
     for key in &old {
         let id = TaskId::from_be_bytes(key[8..16].try_into().expect("history key"));
         delete_task(txn, id)?;
-        txn.open_table(HISTORY_TABLE)?.remove(key.as_slice())?;
+        txn.table(HISTORY_TABLE)?.remove(key.as_slice())?;
     }
     Ok(CountResult {
         count: old.len() as u64,
     })
 }
 
-fn delete_task(txn: &WriteTransaction, id: TaskId) -> Applied<()> {
-    txn.open_table(TASKS_TABLE)?
-        .remove(task_key(id).as_slice())?;
-    txn.open_table(TASK_INPUTS_TABLE)?
+fn delete_task(txn: &Tx<'_>, id: TaskId) -> Applied<()> {
+    txn.table(TASKS_TABLE)?.remove(task_key(id).as_slice())?;
+    txn.table(TASK_INPUTS_TABLE)?
         .remove(task_key(id).as_slice())?;
     subtasks::delete_subtasks_of(txn, id)
 }

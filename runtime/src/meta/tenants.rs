@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
+
+use super::tx::Tx;
 use stoker_proto::meta::{
     CreateTenant, CreateToken, Done, ModuleRecord, RevokeToken, SetTenant, TaskRecord,
     TenantRecord, TenantUsage, TokenRecord,
@@ -53,7 +55,7 @@ fn check_weight(w: u32) -> Applied<()> {
     Ok(())
 }
 
-pub(crate) fn create_tenant(txn: &WriteTransaction, c: &CreateTenant) -> Applied<Done> {
+pub(crate) fn create_tenant(txn: &Tx<'_>, c: &CreateTenant) -> Applied<Done> {
     check_id("tenant", &c.id)?;
     if c.name.len() > MAX_TEXT {
         return invalid(format!("tenant name must be at most {MAX_TEXT} bytes"));
@@ -77,7 +79,7 @@ pub(crate) fn create_tenant(txn: &WriteTransaction, c: &CreateTenant) -> Applied
     Ok(Done {})
 }
 
-fn tenant_or_not_found(txn: &WriteTransaction, id: &str) -> Applied<TenantRecord> {
+fn tenant_or_not_found(txn: &Tx<'_>, id: &str) -> Applied<TenantRecord> {
     get_tenant(txn, id)?.ok_or_else(|| {
         Rejection::NotFound {
             what: "tenant",
@@ -87,7 +89,7 @@ fn tenant_or_not_found(txn: &WriteTransaction, id: &str) -> Applied<TenantRecord
     })
 }
 
-pub(crate) fn set_tenant(txn: &WriteTransaction, c: &SetTenant) -> Applied<Done> {
+pub(crate) fn set_tenant(txn: &Tx<'_>, c: &SetTenant) -> Applied<Done> {
     let mut record = tenant_or_not_found(txn, &c.id)?;
     if let Some(w) = c.weight {
         check_weight(w)?;
@@ -100,7 +102,7 @@ pub(crate) fn set_tenant(txn: &WriteTransaction, c: &SetTenant) -> Applied<Done>
     Ok(Done {})
 }
 
-pub(crate) fn create_token(txn: &WriteTransaction, c: &CreateToken) -> Applied<Done> {
+pub(crate) fn create_token(txn: &Tx<'_>, c: &CreateToken) -> Applied<Done> {
     check_id("token", &c.id)?;
     tenant_or_not_found(txn, &c.tenant)?;
     if c.sha256.len() != 64 || !c.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -125,7 +127,7 @@ pub(crate) fn create_token(txn: &WriteTransaction, c: &CreateToken) -> Applied<D
     Ok(Done {})
 }
 
-pub(crate) fn revoke_token(txn: &WriteTransaction, c: &RevokeToken) -> Applied<Done> {
+pub(crate) fn revoke_token(txn: &Tx<'_>, c: &RevokeToken) -> Applied<Done> {
     let not_found = || -> Applied<Done> {
         Err(Rejection::NotFound {
             what: "token",
@@ -138,16 +140,13 @@ pub(crate) fn revoke_token(txn: &WriteTransaction, c: &RevokeToken) -> Applied<D
         Some(t) if c.tenant.is_empty() || t.tenant == c.tenant => {}
         _ => return not_found(),
     }
-    txn.open_table(TOKENS_TABLE)?.remove(c.id.as_bytes())?;
+    txn.table(TOKENS_TABLE)?.remove(c.id.as_bytes())?;
     Ok(Done {})
 }
 
 /// A tenant's quota (all zero, i.e. unlimited, when it has none or the
 /// tenant has no record yet, like the implicit default tenant).
-pub(crate) fn quota_of(
-    txn: &WriteTransaction,
-    tenant: &str,
-) -> Applied<stoker_proto::meta::TenantQuota> {
+pub(crate) fn quota_of(txn: &Tx<'_>, tenant: &str) -> Applied<stoker_proto::meta::TenantQuota> {
     Ok(get_tenant(txn, tenant)?
         .and_then(|t| t.quota)
         .unwrap_or_default())
@@ -155,23 +154,18 @@ pub(crate) fn quota_of(
 
 /// What `tenant` uses of its count quotas (unfinished tasks, module
 /// bytes): one read, whatever the number of its tasks and modules.
-pub(crate) fn usage_of(txn: &WriteTransaction, tenant: &str) -> Applied<TenantUsage> {
+pub(crate) fn usage_of(txn: &Tx<'_>, tenant: &str) -> Applied<TenantUsage> {
     Ok(get(txn, TENANT_USAGE_TABLE, tenant.as_bytes())?.unwrap_or_default())
 }
 
 /// Changes `tenant`'s usage row by `f`. Called in the write phase of the
 /// command that changes the counted rows, after it validated; a usage of
 /// nothing leaves no row (as [`rebuild_usage`] would).
-fn change_usage(
-    txn: &WriteTransaction,
-    tenant: &str,
-    f: impl FnOnce(&mut TenantUsage),
-) -> Applied<()> {
+fn change_usage(txn: &Tx<'_>, tenant: &str, f: impl FnOnce(&mut TenantUsage)) -> Applied<()> {
     let mut usage = usage_of(txn, tenant)?;
     f(&mut usage);
     if usage == TenantUsage::default() {
-        txn.open_table(TENANT_USAGE_TABLE)?
-            .remove(tenant.as_bytes())?;
+        txn.table(TENANT_USAGE_TABLE)?.remove(tenant.as_bytes())?;
         Ok(())
     } else {
         put(txn, TENANT_USAGE_TABLE, tenant.as_bytes(), &usage)
@@ -180,7 +174,7 @@ fn change_usage(
 
 /// A task of `tenant` entered (`true`) or left (`false`) the unfinished
 /// index.
-pub(crate) fn count_unfinished(txn: &WriteTransaction, tenant: &str, entered: bool) -> Applied<()> {
+pub(crate) fn count_unfinished(txn: &Tx<'_>, tenant: &str, entered: bool) -> Applied<()> {
     change_usage(txn, tenant, |u| {
         u.unfinished_tasks = if entered {
             u.unfinished_tasks + 1
@@ -192,12 +186,7 @@ pub(crate) fn count_unfinished(txn: &WriteTransaction, tenant: &str, entered: bo
 
 /// A module record of `size` bytes of `tenant` was stored (`true`) or
 /// deleted (`false`).
-pub(crate) fn count_module(
-    txn: &WriteTransaction,
-    tenant: &str,
-    size: u64,
-    stored: bool,
-) -> Applied<()> {
+pub(crate) fn count_module(txn: &Tx<'_>, tenant: &str, size: u64, stored: bool) -> Applied<()> {
     change_usage(txn, tenant, |u| {
         u.module_bytes = if stored {
             u.module_bytes + size
@@ -209,10 +198,10 @@ pub(crate) fn count_module(
 
 /// Every tenant's usage counted from the rows themselves: the unfinished
 /// index and the module records. What [`TENANT_USAGE_TABLE`] must hold.
-pub(crate) fn counted_usage(txn: &WriteTransaction) -> Applied<BTreeMap<String, TenantUsage>> {
+pub(crate) fn counted_usage(txn: &Tx<'_>) -> Applied<BTreeMap<String, TenantUsage>> {
     let mut out: BTreeMap<String, TenantUsage> = BTreeMap::new();
     let ids: Vec<u64> = {
-        let unfinished = txn.open_table(UNFINISHED_TABLE)?;
+        let unfinished = txn.table(UNFINISHED_TABLE)?;
         let mut ids = Vec::new();
         for row in unfinished.iter()? {
             ids.extend(id_of_rank_key(row?.0.value()));
@@ -224,7 +213,7 @@ pub(crate) fn counted_usage(txn: &WriteTransaction) -> Applied<BTreeMap<String, 
             out.entry(task.tenant).or_default().unfinished_tasks += 1;
         }
     }
-    let modules = txn.open_table(MODULES_TABLE)?;
+    let modules = txn.table(MODULES_TABLE)?;
     for row in modules.iter()? {
         let (k, v) = row?;
         let m = ModuleRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
@@ -238,9 +227,9 @@ pub(crate) fn counted_usage(txn: &WriteTransaction) -> Applied<BTreeMap<String, 
 
 /// Replaces [`TENANT_USAGE_TABLE`] by [`counted_usage`]: for a snapshot or
 /// a database from a build that did not keep it.
-pub(crate) fn rebuild_usage(txn: &WriteTransaction) -> Applied<()> {
+pub(crate) fn rebuild_usage(txn: &Tx<'_>) -> Applied<()> {
     let usage = counted_usage(txn)?;
-    txn.open_table(TENANT_USAGE_TABLE)?.retain(|_, _| false)?;
+    txn.table(TENANT_USAGE_TABLE)?.retain(|_, _| false)?;
     for (tenant, u) in &usage {
         put(txn, TENANT_USAGE_TABLE, tenant.as_bytes(), u)?;
     }

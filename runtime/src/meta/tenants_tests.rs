@@ -13,6 +13,7 @@ use stoker_proto::Message;
 
 use super::model_tests::{hash_of, submit_spec, Sm, C};
 use super::records::TENANT_USAGE_TABLE;
+use super::tx::Tx;
 use super::{queries, state_machine, tenants};
 
 fn tenant(sm: &mut Sm, id: &str, quota: TenantQuota) {
@@ -223,7 +224,7 @@ fn usage(sm: &Sm) -> BTreeMap<String, TenantUsage> {
 /// Every tenant's usage counted from the rows.
 fn counted(sm: &Sm) -> BTreeMap<String, TenantUsage> {
     let tx = sm.s.begin_apply().unwrap();
-    let counted = tenants::counted_usage(tx.txn())
+    let counted = tenants::counted_usage(&Tx::new(tx.txn()))
         .map_err(|_| "count")
         .unwrap();
     drop(tx);
