@@ -295,8 +295,9 @@ pub fn fingerprint(assignments: &[Assignment]) -> u64 {
         }
     };
     eat(&(assignments.len() as u64).to_be_bytes());
+    let none = SubtaskRecord::default();
     for a in assignments {
-        let s = a.subtask.clone().unwrap_or_default();
+        let s = a.subtask.as_ref().unwrap_or(&none);
         eat(&s.task_id.to_be_bytes());
         eat(&s.step.to_be_bytes());
         eat(&s.ordinal.to_be_bytes());

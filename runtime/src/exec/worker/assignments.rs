@@ -172,7 +172,10 @@ pub(super) fn reconcile(shared: &Arc<Shared>) {
         // A run adopted while its task is pausing reports paused at once.
         let pausing = task_state_is(&a, &[TaskState::Pausing]);
         let (pause, pause_rx) = watch::channel(pausing);
+        // A root span: the loop may run inside another run's span (a run's
+        // release starts the next one), and runs do not nest.
         let span = tracing::info_span!(
+            parent: None,
             "subtask",
             node_id = shared.id,
             task_id = key.0,

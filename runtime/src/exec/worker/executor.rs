@@ -176,7 +176,8 @@ impl Executor {
                     .await;
             }
         };
-        info!(adopted = self.adopt, claimed = !lazy, "subtask running");
+        // Per subtask: debug, or a busy node's log is mostly these lines.
+        debug!(adopted = self.adopt, claimed = !lazy, "subtask running");
         let start_time_ms = now_ms();
         if lazy {
             self.started(Instant::now());
@@ -321,7 +322,7 @@ impl Executor {
         let fuel_used = report.fuel_used;
         match report.result {
             Ok(output) if output.len() <= MAX_INLINE_BYTES => {
-                info!(fuel_used, bytes = output.len(), "subtask succeeded");
+                debug!(fuel_used, bytes = output.len(), "subtask succeeded");
                 Outcome {
                     state: SubtaskState::Succeed.as_str(),
                     output,
@@ -335,7 +336,7 @@ impl Executor {
                 let size = output.len();
                 match blobs.put(&key, Bytes::from(output)).await {
                     Ok(()) => {
-                        info!(fuel_used, bytes = size, blob = %key, "subtask succeeded");
+                        debug!(fuel_used, bytes = size, blob = %key, "subtask succeeded");
                         Outcome {
                             state: SubtaskState::Succeed.as_str(),
                             output_blob: key,
