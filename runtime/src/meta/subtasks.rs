@@ -109,6 +109,50 @@ fn put_subtask(txn: &Tx<'_>, s: &SubtaskRecord) -> Applied<()> {
     Ok(())
 }
 
+/// Writes a checked batch of new subtasks (none of them exists yet): what
+/// [`put_subtask`] does for each, with the step's counts read and written
+/// once for the batch. New subtasks are pending and unassigned: waiting,
+/// and in no node's index.
+fn put_new_subtasks(txn: &Tx<'_>, c: &AddSubtasks) -> Applied<()> {
+    if c.subtasks.is_empty() {
+        return Ok(());
+    }
+    let ck = step_key(c.task_id, c.step);
+    let mut counts_table = txn.table(STEP_COUNTS_TABLE)?;
+    let mut counts = match counts_table.get(ck.as_slice())? {
+        Some(v) => StepCountsRecord::decode(v.value()).map_err(|_| Rejection::Corrupt {
+            table: "sm_step_counts".into(),
+            key: hex::encode(ck),
+        })?,
+        None => StepCountsRecord::default(),
+    };
+    let added = u32::try_from(c.subtasks.len()).unwrap_or(u32::MAX);
+    counts.pending = counts.pending.saturating_add(added);
+    let mut rows = txn.table(SUBTASKS_TABLE)?;
+    let mut waiting = txn.table(SUBTASKS_WAITING_TABLE)?;
+    let pending = SubtaskState::Pending.to_string();
+    let mut value = Vec::new();
+    for n in &c.subtasks {
+        let s = SubtaskRecord {
+            task_id: c.task_id,
+            step: c.step,
+            ordinal: n.ordinal,
+            payload: n.payload.clone(),
+            state: pending.clone(),
+            idempotent: n.idempotent,
+            ..Default::default()
+        };
+        debug_assert!(is_waiting(&s) && node_index_key(&s).is_none());
+        let key = subtask_key(s.task_id, s.step, s.ordinal);
+        value.clear();
+        s.encode(&mut value).expect("vec grows");
+        waiting.insert(key.as_slice(), [].as_slice())?;
+        rows.insert(key.as_slice(), value.as_slice())?;
+    }
+    counts_table.insert(ck.as_slice(), counts.encode_to_vec().as_slice())?;
+    Ok(())
+}
+
 fn decode_subtask(key: &[u8], bytes: &[u8]) -> Applied<SubtaskRecord> {
     SubtaskRecord::decode(bytes).map_err(|_| {
         Rejection::Corrupt {
@@ -305,18 +349,7 @@ pub(crate) fn add_subtasks(txn: &Tx<'_>, c: &AddSubtasks) -> Applied<CountResult
             }
         }
     }
-    for n in &c.subtasks {
-        let s = SubtaskRecord {
-            task_id: c.task_id,
-            step: c.step,
-            ordinal: n.ordinal,
-            payload: n.payload.clone(),
-            state: SubtaskState::Pending.to_string(),
-            idempotent: n.idempotent,
-            ..Default::default()
-        };
-        put_subtask(txn, &s)?;
-    }
+    put_new_subtasks(txn, c)?;
     let mut next = task;
     if advance {
         next.step = c.step;
