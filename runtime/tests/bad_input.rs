@@ -418,3 +418,26 @@ async fn modules_compile_once_and_are_cached_on_disk() {
         "the corrupt file was rewritten"
     );
 }
+
+/// Every run is a fresh instance from the module's image: nothing a run
+/// leaves in a static or in memory it grew is seen by the next one, however
+/// the freed slot is reset (madvise, or rewriting the pages it dirtied).
+#[tokio::test]
+async fn runs_never_see_what_an_earlier_run_left_in_memory() {
+    let sandbox = Arc::new(sandbox());
+    let module = sandbox.load(&misbehave()).await.unwrap();
+    for round in 0..3 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..6 {
+            let (sandbox, module) = (sandbox.clone(), module.clone());
+            calls.spawn(async move {
+                let payload = format!("remember:secret-{round}-{i}");
+                run_payload(&sandbox, &module, &payload, limits()).await
+            });
+        }
+        while let Some(joined) = calls.join_next().await {
+            let out = joined.unwrap().expect("remember runs");
+            assert_eq!(String::from_utf8_lossy(&out), "|0", "round {round}");
+        }
+    }
+}

@@ -31,6 +31,7 @@
 //! | `checkpoint` | without a checkpoint: save `checkpoint from attempt <k>` and fail retryable; with one: output it |
 //! | `exit:<code>` | call `std::process::exit(code)` (WASI `proc_exit`) |
 //! | `spin:<n>` | burn `n` million loop iterations, output `spun <n>` (a subtask that takes a while) |
+//! | `remember:<text>` | output `<what an earlier run left in a static>\|<nonzero bytes in 2 MiB of fresh zeroed heap>`, then leave `<text>` in the static and dirty that heap: every run is a fresh instance, so this is always `\|0` |
 //!
 //! # Revert
 //!
@@ -120,8 +121,28 @@ pub fn behave(behaviour: &str, ctx: &RunCtx) -> Result<Vec<u8>, Error> {
             }
         }
         "exit" => std::process::exit(arg.parse().unwrap_or(1)),
+        "remember" => Ok(remember(arg)),
         _ => Err(Error::fatal(format!("unknown behaviour {behaviour:?}"))),
     }
+}
+
+/// What an earlier run in the same instance left: a static, and heap the
+/// allocator takes fresh from `memory.grow` (which it trusts to be zero, so
+/// `vec![0; n]` does not clear it). Then leaves `text` and dirty heap for
+/// the next run to find, if instances were ever reused unreset.
+fn remember(text: &str) -> Vec<u8> {
+    static LEFT: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+    let mut left = LEFT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let before = std::mem::replace(&mut *left, text.as_bytes().to_vec());
+    let mut heap = black_box(vec![0u8; 2 << 20]);
+    let dirty = heap.iter().filter(|b| **b != 0).count();
+    heap.fill(0xab);
+    std::mem::forget(black_box(heap));
+    let mut out = before;
+    out.extend_from_slice(format!("|{dirty}").as_bytes());
+    out
 }
 
 /// Never returns; `black_box` keeps the loop from being optimised away.
@@ -303,6 +324,16 @@ mod tests {
         assert!(!run_one("fail-fatal").unwrap_err().is_retryable());
         assert!(!run_one("nonsense").unwrap_err().is_retryable());
         assert!(!run_one("big:x").unwrap_err().is_retryable());
+    }
+
+    #[test]
+    fn remember_reports_what_an_earlier_run_in_the_same_process_left() {
+        // One process, one instance: the second run sees the first's text
+        // (the host's test checks that sandboxed runs never do).
+        let first = run_one("remember:left behind").unwrap();
+        assert!(first.ends_with(b"|0"), "{first:?}");
+        let second = run_one("remember:again").unwrap();
+        assert!(second.starts_with(b"left behind|"), "{second:?}");
     }
 
     #[test]
