@@ -24,8 +24,15 @@ pub mod guest {
 pub mod meta {
     include!(concat!(env!("OUT_DIR"), "/stoker.meta.v1.rs"));
 
-    /// The version of [`EntryBatch`] this build writes and understands.
-    pub const COMMAND_VERSION: u32 = 1;
+    /// The newest version of [`EntryBatch`] this build writes and
+    /// understands: 2 added [`CommandBatch`]. An entry is written at the
+    /// lowest version that can hold it (1 unless it carries a batch), so a
+    /// node of the previous release applies every entry it can.
+    pub const COMMAND_VERSION: u32 = 2;
+    /// The oldest version of [`EntryBatch`] this build still applies.
+    pub const OLDEST_COMMAND_VERSION: u32 = 1;
+    /// Most commands in one [`CommandBatch`].
+    pub const MAX_BATCH_COMMANDS: usize = 4096;
     /// The version of [`SnapshotData`] this build writes and understands.
     pub const SNAPSHOT_VERSION: u32 = 1;
 }

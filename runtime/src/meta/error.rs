@@ -28,7 +28,9 @@ pub enum MetaError {
     #[error("raft error: {0}")]
     Raft(#[from] raft::Error),
     /// A log entry or snapshot was written by a newer version of stoker.
-    #[error("unsupported {what} version {version} (this build understands {supported})")]
+    #[error(
+        "unsupported {what} version {version} (this build understands versions up to {supported})"
+    )]
     UnsupportedVersion {
         what: &'static str,
         version: u32,

@@ -26,8 +26,8 @@ use raft::eraftpb::{
 };
 use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 use stoker_proto::meta::{
-    membership_request::Kind as MemberKind, Command, CommandResult, ConfChangeContext, EntryBatch,
-    Proposal, COMMAND_VERSION,
+    command, membership_request::Kind as MemberKind, Command, CommandResult, ConfChangeContext,
+    EntryBatch, Proposal, COMMAND_VERSION, OLDEST_COMMAND_VERSION,
 };
 use stoker_proto::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -472,8 +472,20 @@ impl Driver {
             });
             ids.push((id, reply));
         }
+        // The lowest version that holds these commands, so that a node of
+        // the previous release still applies every entry it can.
+        let batched = proposals.iter().any(|p| {
+            matches!(
+                p.command.as_ref().and_then(|c| c.kind.as_ref()),
+                Some(command::Kind::Batch(_))
+            )
+        });
         let data = EntryBatch {
-            version: COMMAND_VERSION,
+            version: if batched {
+                COMMAND_VERSION
+            } else {
+                OLDEST_COMMAND_VERSION
+            },
             proposer: self.id,
             proposals,
         }
@@ -736,7 +748,7 @@ impl Driver {
             what: "log entry",
             reason: format!("index {}: {e}", entry.index),
         })?;
-        if batch.version != COMMAND_VERSION {
+        if !(OLDEST_COMMAND_VERSION..=COMMAND_VERSION).contains(&batch.version) {
             return Err(MetaError::UnsupportedVersion {
                 what: "command",
                 version: batch.version,

@@ -23,9 +23,10 @@ use std::path::Path;
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use sha2::{Digest, Sha256};
 use stoker_proto::meta::{
-    command, command_result, query, query_result, Command, CommandResult, DeleteConfig,
-    DeleteConfigResult, GetConfigResult, KeyValue, ListConfigResult, MemberRecord, Proposal, Query,
-    QueryResult, SetConfig, SetConfigResult, SnapshotData, TableDump, SNAPSHOT_VERSION,
+    command, command_result, query, query_result, Command, CommandBatch, CommandResult,
+    CommandResults, DeleteConfig, DeleteConfigResult, GetConfigResult, KeyValue, ListConfigResult,
+    MemberRecord, Proposal, Query, QueryResult, SetConfig, SetConfigResult, SnapshotData,
+    TableDump, MAX_BATCH_COMMANDS, SNAPSHOT_VERSION,
 };
 use stoker_proto::Message;
 
@@ -82,6 +83,12 @@ pub const SM_TABLES: &[SmTable] = &[
 /// request timeout.
 pub const MAX_REMEMBERED_REQUESTS: u64 = 100_000;
 
+/// The rejection of a command of no kind. A release before
+/// `CommandBatch` decodes a batch as such a command (it drops the field it
+/// does not know), so a proposer takes this answer to a batch as "the
+/// leader does not take batches" and proposes the commands one by one.
+pub const EMPTY_COMMAND: &str = "empty command";
+
 /// Longest accepted config key, in bytes.
 const MAX_CONFIG_KEY: usize = 1024;
 /// Longest accepted config value, in bytes.
@@ -124,7 +131,8 @@ pub fn apply_command(path: &Path, txn: &Tx<'_>, cmd: &Command) -> Result<Command
         Some(C::RequeueSubtask(c)) => framework(subtasks::requeue_subtask(txn, c), R::SubtaskState),
         Some(C::ChangeSubtasks(c)) => framework(subtasks::change_subtasks(txn, c), R::Count),
         Some(C::SetRules(c)) => framework(rules::set_rules(txn, c), R::Done),
-        None => Ok(Err("empty command".to_string())),
+        Some(C::Batch(b)) => return apply_batch(path, txn, b),
+        None => Ok(Err(EMPTY_COMMAND.to_string())),
     };
     match outcome.map_err(|e| storage_err(path, e))? {
         Ok(kind) => Ok(CommandResult {
@@ -133,6 +141,33 @@ pub fn apply_command(path: &Path, txn: &Tx<'_>, cmd: &Command) -> Result<Command
         }),
         Err(error) => Ok(CommandResult { kind: None, error }),
     }
+}
+
+/// Applies a batch's commands in order, each exactly as if proposed
+/// alone; a batch that is too big or holds a batch is rejected whole.
+fn apply_batch(path: &Path, txn: &Tx<'_>, b: &CommandBatch) -> Result<CommandResult, MetaError> {
+    let rejected = |error: String| Ok(CommandResult { kind: None, error });
+    if b.commands.len() > MAX_BATCH_COMMANDS {
+        return rejected(format!(
+            "a batch holds at most {MAX_BATCH_COMMANDS} commands, not {}",
+            b.commands.len()
+        ));
+    }
+    if b.commands
+        .iter()
+        .any(|c| matches!(c.kind, Some(command::Kind::Batch(_))))
+    {
+        return rejected("a batch cannot hold a batch".into());
+    }
+    let results = b
+        .commands
+        .iter()
+        .map(|c| apply_command(path, txn, c))
+        .collect::<Result<_, _>>()?;
+    Ok(CommandResult {
+        kind: Some(command_result::Kind::Batch(CommandResults { results })),
+        error: String::new(),
+    })
 }
 
 /// A run of proposals applied in one transaction: their request ids

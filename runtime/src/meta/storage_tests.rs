@@ -556,6 +556,91 @@ fn applying_the_same_commands_gives_the_same_results_and_digest() {
 }
 
 #[test]
+fn a_batch_applies_each_command_as_if_proposed_alone() {
+    use stoker_proto::meta::{
+        command_result, CommandBatch, CommandResult, Proposal, MAX_BATCH_COMMANDS,
+    };
+    let set = |key: &str, value: &str| Command {
+        kind: Some(command::Kind::SetConfig(SetConfig {
+            key: key.into(),
+            value: value.into(),
+        })),
+    };
+    let batch = |commands: Vec<Command>| Command {
+        kind: Some(command::Kind::Batch(CommandBatch { commands })),
+    };
+    // Some accepted, some rejected (an empty key), keys overwritten within
+    // and across batches.
+    let cmds: Vec<Command> = (0..40)
+        .map(|i| match i % 6 {
+            0 => set("", "rejected"),
+            _ => set(&format!("k{}", i % 9), &i.to_string()),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let alone = RedbStorage::open(&dir.path().join("alone.redb")).unwrap();
+    let batched = RedbStorage::open(&dir.path().join("batched.redb")).unwrap();
+    let one_by_one = apply_all(&alone, &cmds);
+    let batches: Vec<Command> = cmds.chunks(7).map(|c| batch(c.to_vec())).collect();
+    let together: Vec<CommandResult> = {
+        let mut tx = batched.begin_apply().unwrap();
+        let mut requests = state_machine::Requests::open(tx.path(), tx.txn(), 100).unwrap();
+        let mut out = Vec::new();
+        for (i, b) in batches.iter().enumerate() {
+            let p = Proposal {
+                id: 0,
+                command: Some(b.clone()),
+                request_id: vec![i as u8 + 1; 16],
+            };
+            let r = requests.apply(i as u64 + 1, &p).unwrap();
+            assert!(r.error.is_empty(), "{}", r.error);
+            // The same request id again: the first answer, nothing applied.
+            assert_eq!(requests.apply(i as u64 + 1, &p).unwrap(), r);
+            match r.kind {
+                Some(command_result::Kind::Batch(b)) => out.extend(b.results),
+                k => panic!("unexpected {k:?}"),
+            }
+        }
+        drop(requests);
+        tx.set_applied(cmds.len() as u64, 1);
+        tx.commit().unwrap();
+        out
+    };
+    assert_eq!(together, one_by_one);
+    assert!(together.iter().any(|r| !r.error.is_empty()));
+    // The same settings (the request tables differ: one id per batch).
+    let config = |s: &RedbStorage| {
+        let data = state_machine::export(&s.read().unwrap()).unwrap();
+        data.tables
+            .into_iter()
+            .find(|t| t.name == "sm_config")
+            .unwrap()
+            .entries
+    };
+    assert_eq!(config(&alone), config(&batched));
+    assert!(!config(&alone).is_empty());
+
+    // A batch in a batch, or one too big, is rejected whole: nothing of it
+    // is applied.
+    let before = batched.digest().unwrap();
+    let nested = batch(vec![set("n", "1"), batch(vec![set("m", "1")])]);
+    let too_big = batch(vec![set("b", "1"); MAX_BATCH_COMMANDS + 1]);
+    let rejected = apply_all(&batched, &[nested, too_big]);
+    assert!(
+        rejected[0].error.contains("cannot hold a batch"),
+        "{:?}",
+        rejected[0]
+    );
+    assert!(rejected[1].error.contains("at most"), "{:?}", rejected[1]);
+    assert!(rejected.iter().all(|r| r.kind.is_none()));
+    // apply_all set the applied index back to 2; put it back to compare.
+    let mut tx = batched.begin_apply().unwrap();
+    tx.set_applied(cmds.len() as u64, 1);
+    tx.commit().unwrap();
+    assert_eq!(batched.digest().unwrap(), before);
+}
+
+#[test]
 fn a_request_id_is_applied_once_and_old_ids_are_forgotten() {
     use stoker_proto::meta::{command_result, Proposal};
     let dir = tempfile::tempdir().unwrap();

@@ -133,11 +133,16 @@ pub(super) fn next_backoff(b: Duration) -> Duration {
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Shared {
-    /// Proposes `cmd` through the current endpoint, retrying under one
-    /// request id (on the next endpoint) until the cluster answers. A
-    /// rejection is in the result's `error`; `Err` is a request the cluster
-    /// refuses outright.
+    /// Proposes `cmd` together with the other executors' claims and
+    /// reports (see [`super::combine`]). A rejection is in the result's
+    /// `error`; `Err` is a request the cluster refuses outright.
     pub(super) async fn propose(&self, cmd: Kind) -> Result<CommandResult, String> {
+        self.combiner.propose(cmd).await
+    }
+
+    /// Proposes `cmd` alone through the current endpoint, retrying under
+    /// one request id (on the next endpoint) until the cluster answers.
+    pub(super) async fn propose_alone(&self, cmd: Kind) -> Result<CommandResult, String> {
         let request_id = RequestId::new(self.id);
         let mut backoff = Duration::from_millis(50);
         loop {

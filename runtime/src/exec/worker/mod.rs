@@ -40,6 +40,7 @@
 //!   retried across them.
 
 mod assignments;
+mod combine;
 mod config;
 mod decide;
 mod endpoints;
@@ -59,6 +60,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use self::assignments::assignment_loop;
+use self::combine::Combiner;
 pub use self::config::WorkerConfig;
 pub use self::decide::{decide, key_of, Decision, LocalRun, Start, SubtaskKey};
 use self::endpoints::Endpoints;
@@ -139,6 +141,8 @@ struct Shared {
     /// its own node: claims, reports and the assignment poll go to it
     /// directly instead of over RPC to itself.
     local: Option<MetaNode>,
+    /// Claims and reports, proposed together.
+    combiner: Combiner,
     modules: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskModule>>>>>,
     state: Mutex<State>,
     /// Wakes the assignment loop to poll again at once.
@@ -238,6 +242,7 @@ pub fn start(
     // Validated with the server config.
     let bearer = Bearer::new(cfg.token.as_ref().map(Secret::expose)).unwrap_or_default();
     let enabled = cfg.enabled;
+    let (combiner, proposals) = Combiner::new();
     let shared = Arc::new(Shared {
         id,
         addr: advertise_addr,
@@ -249,6 +254,7 @@ pub fn start(
         stats: WorkerStats::default(),
         endpoints: Endpoints::new(addrs, timeout, bearer),
         local,
+        combiner,
         modules: Mutex::new(HashMap::new()),
         state: Mutex::new(State::default()),
         repoll: Notify::new(),
@@ -257,6 +263,8 @@ pub fn start(
     let (stop, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
     if enabled {
+        // Ends when the worker is dropped.
+        tokio::spawn(Combiner::drain(Arc::downgrade(&shared), proposals));
         info!(
             node_id = id,
             slots = shared.cfg.slots,

@@ -3,12 +3,13 @@
 
 use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::{
-    change_subtasks, ChangeSubtasks, Command, CommandResult, RequeueSubtask, SetTaskState,
-    SubtaskRef,
+    change_subtasks, command_result, ChangeSubtasks, Command, CommandBatch, CommandResult,
+    RequeueSubtask, SetTaskState, SubtaskRef, MAX_BATCH_COMMANDS,
 };
 use tracing::{debug, warn};
 
-use crate::meta::{now_ms, MetaNode};
+use crate::meta::state_machine::EMPTY_COMMAND;
+use crate::meta::{now_ms, MetaError, MetaNode};
 use crate::model::{TaskId, TaskState};
 
 /// Takes (step, ordinal) back from the node it holds at `attempt`;
@@ -61,9 +62,83 @@ pub(super) async fn propose_for(node: &MetaNode, kind: C) -> Option<CommandResul
     }
 }
 
-/// Proposes many commands at once (they share log entries).
-pub(super) async fn propose_all(node: &MetaNode, commands: Vec<C>) {
-    futures::future::join_all(commands.into_iter().map(|c| propose(node, c))).await;
+/// [`propose_for`] for many commands (each rejection or failure logged), as one [`CommandBatch`] proposal (a
+/// few for very many): each is applied as if proposed alone, but the batch
+/// costs every replica one request id and the leader one proposal. The
+/// results are in the order of `commands`.
+pub(super) async fn propose_batch(node: &MetaNode, commands: Vec<C>) -> Vec<Option<CommandResult>> {
+    if commands.len() <= 1 {
+        return futures::future::join_all(commands.into_iter().map(|c| propose_for(node, c))).await;
+    }
+    let mut chunks = Vec::new();
+    let mut commands = commands.into_iter().peekable();
+    while commands.peek().is_some() {
+        chunks.push(
+            commands
+                .by_ref()
+                .take(MAX_BATCH_COMMANDS)
+                .collect::<Vec<_>>(),
+        );
+    }
+    let answers = futures::future::join_all(chunks.into_iter().map(|chunk| async move {
+        let names: Vec<_> = chunk.iter().map(command_name).collect();
+        let batch = C::Batch(CommandBatch {
+            commands: chunk
+                .iter()
+                .map(|k| Command {
+                    kind: Some(k.clone()),
+                })
+                .collect(),
+        });
+        let answer = node.propose(Command { kind: Some(batch) }).await;
+        if matches!(&answer, Ok(r) if r.kind.is_none() && r.error == EMPTY_COMMAND) {
+            // A leader of a release before batches (see `EMPTY_COMMAND`).
+            debug!("the leader does not take batches; proposing one by one");
+            return futures::future::join_all(chunk.into_iter().map(|c| propose_for(node, c)))
+                .await;
+        }
+        split(names, answer)
+    }))
+    .await;
+    answers.into_iter().flatten().collect()
+}
+
+/// One result per command of a batch from the batch's answer; a failure or
+/// a rejection of the whole batch is every command's.
+fn split(
+    names: Vec<&'static str>,
+    answer: Result<CommandResult, MetaError>,
+) -> Vec<Option<CommandResult>> {
+    let n = names.len();
+    match answer {
+        Ok(CommandResult {
+            kind: Some(command_result::Kind::Batch(b)),
+            ..
+        }) if b.results.len() == n => names
+            .into_iter()
+            .zip(b.results)
+            .map(|(what, r)| {
+                if !r.error.is_empty() {
+                    debug!(command = what, error = %r.error, "owner command rejected");
+                }
+                Some(r)
+            })
+            .collect(),
+        Ok(r) => {
+            let error = if r.error.is_empty() {
+                format!("a batch of {n} commands was answered with another result")
+            } else {
+                r.error
+            };
+            warn!(commands = n, error = %error, "owner batch rejected");
+            let rejected = CommandResult { kind: None, error };
+            vec![Some(rejected); n]
+        }
+        Err(e) => {
+            warn!(commands = n, error = %e, "owner batch failed");
+            vec![None; n]
+        }
+    }
 }
 
 fn command_name(kind: &C) -> &'static str {
@@ -95,4 +170,63 @@ pub(super) fn change(id: TaskId, kind: change_subtasks::Kind, include_running: b
         include_running,
         time_ms: now_ms(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use stoker_proto::meta::{CommandResults, CountResult};
+
+    use super::*;
+
+    fn count(n: u64) -> CommandResult {
+        CommandResult {
+            kind: Some(command_result::Kind::Count(CountResult { count: n })),
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_batch_answer_is_split_per_command() {
+        let rejected = CommandResult {
+            kind: None,
+            error: "no such subtask".into(),
+        };
+        let answer = CommandResult {
+            kind: Some(command_result::Kind::Batch(CommandResults {
+                results: vec![count(1), rejected.clone(), count(3)],
+            })),
+            error: String::new(),
+        };
+        let names = vec!["assign_subtask"; 3];
+        assert_eq!(
+            split(names, Ok(answer)),
+            vec![Some(count(1)), Some(rejected), Some(count(3))]
+        );
+    }
+
+    #[test]
+    fn a_batch_rejected_or_failed_whole_is_every_commands_outcome() {
+        let whole = CommandResult {
+            kind: None,
+            error: "a batch cannot hold a batch".into(),
+        };
+        let out = split(vec!["a"; 2], Ok(whole.clone()));
+        assert_eq!(out, vec![Some(whole.clone()), Some(whole)]);
+        // An answer of the wrong shape (fewer results) is a rejection.
+        let short = CommandResult {
+            kind: Some(command_result::Kind::Batch(CommandResults {
+                results: vec![count(1)],
+            })),
+            error: String::new(),
+        };
+        let out = split(vec!["a"; 2], Ok(short));
+        assert!(out.iter().all(|r| r
+            .as_ref()
+            .is_some_and(|r| r.error.contains("another result"))));
+        // Not applied: no result for any.
+        assert_eq!(
+            split(vec!["a"; 2], Err(MetaError::LeaderChanged)),
+            vec![None, None]
+        );
+    }
 }

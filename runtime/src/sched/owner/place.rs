@@ -8,7 +8,7 @@ use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::{command_result, AssignSubtask, MarkNodeDown, RequeueSubtask, SubtaskRef};
 use tracing::{info, warn};
 
-use super::commands::{propose_all, propose_for, requeue};
+use super::commands::{propose_batch, propose_for, requeue};
 use super::view::{accepts_work, is_state, parse_sub, ClusterView};
 use super::Owner;
 use crate::meta::queries;
@@ -255,20 +255,18 @@ impl Owner {
                 node,
             }));
         }
-        let moved = futures::future::join_all(moves.iter().map(|(_, s, to)| {
-            propose_for(
-                &self.ctx.node,
-                C::AssignSubtask(AssignSubtask {
-                    subtask: Some(SubtaskRef {
-                        task_id: s.task,
-                        step: s.step,
-                        ordinal: s.ordinal,
-                    }),
-                    node: *to,
+        let n = commands.len();
+        commands.extend(moves.iter().map(|(_, s, to)| {
+            C::AssignSubtask(AssignSubtask {
+                subtask: Some(SubtaskRef {
+                    task_id: s.task,
+                    step: s.step,
+                    ordinal: s.ordinal,
                 }),
-            )
+                node: *to,
+            })
         }));
-        let (moved, ()) = tokio::join!(moved, propose_all(&self.ctx.node, commands));
+        let moved = propose_batch(&self.ctx.node, commands).await.split_off(n);
         for ((op, s, _), result) in moves.iter().zip(moved) {
             // Refused: it started (or went away) first, nothing moved. A
             // move that landed at another attempt than the next one raced
@@ -316,8 +314,7 @@ impl Owner {
                 })),
                 _ => None,
             });
-            let results =
-                futures::future::join_all(takes.map(|c| propose_for(&self.ctx.node, c))).await;
+            let results = propose_batch(&self.ctx.node, takes.collect()).await;
             applied &= results.iter().all(Option::is_some);
             self.coordinator.operators.carried_out(op.id, applied);
         }
