@@ -640,6 +640,51 @@ fn a_batch_applies_each_command_as_if_proposed_alone() {
     assert_eq!(batched.digest().unwrap(), before);
 }
 
+/// What `EMPTY_COMMAND` promises proposers: a leader of a release before
+/// batches (whose `Command` lacks the field) decodes a batch as a command
+/// of no kind, so it proposes, and every node applies, a rejection that
+/// changes nothing.
+#[test]
+fn a_release_before_batches_sees_a_batch_as_an_empty_command() {
+    use stoker_proto::meta::CommandBatch;
+    use stoker_proto::Message as _;
+    /// `Command` as it was before `CommandBatch` (two of its kinds suffice).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct OldCommand {
+        #[prost(oneof = "OldKind", tags = "1, 2")]
+        kind: Option<OldKind>,
+    }
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    enum OldKind {
+        #[prost(message, tag = "1")]
+        SetConfig(SetConfig),
+        #[prost(message, tag = "2")]
+        DeleteConfig(stoker_proto::meta::DeleteConfig),
+    }
+    let set = Command {
+        kind: Some(command::Kind::SetConfig(SetConfig {
+            key: "k".into(),
+            value: "v".into(),
+        })),
+    };
+    let batch = Command {
+        kind: Some(command::Kind::Batch(CommandBatch {
+            commands: vec![set.clone(), set],
+        })),
+    };
+    let old = OldCommand::decode(batch.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(old.kind, None);
+    // What the old leader writes to the log, as any node decodes it.
+    let logged = Command::decode(old.encode_to_vec().as_slice()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStorage::open(&dir.path().join("s.redb")).unwrap();
+    let before = s.digest().unwrap();
+    let r = apply_all(&s, &[logged]);
+    assert_eq!(r[0].kind, None);
+    assert_eq!(r[0].error, state_machine::EMPTY_COMMAND);
+    assert_eq!(s.digest().unwrap(), before, "nothing applied");
+}
+
 #[test]
 fn a_request_id_is_applied_once_and_old_ids_are_forgotten() {
     use stoker_proto::meta::{command_result, Proposal};

@@ -9,6 +9,7 @@
 //! every node alike); the commands are then proposed one by one, and no
 //! batch is tried again for [`UNBATCHED_FOR`].
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -87,30 +88,21 @@ impl Combiner {
             };
             tokio::spawn(async move {
                 let _permit = permit;
-                shared.propose_together(batch).await;
+                let alone = |cmd| shared.propose_alone(cmd);
+                shared.combiner.propose_together(batch, alone).await;
             });
         }
     }
 
-    fn batching(&self) -> bool {
-        let mut until = self.unbatched_until.lock().expect("combiner lock");
-        match *until {
-            Some(t) if Instant::now() < t => false,
-            Some(_) => {
-                *until = None;
-                true
-            }
-            None => true,
-        }
-    }
-}
-
-impl Shared {
     /// Proposes `batch`'s commands (as one batch when there are several)
-    /// and answers each.
-    async fn propose_together(&self, batch: Vec<(Kind, oneshot::Sender<Answer>)>) {
-        if batch.len() == 1 || !self.combiner.batching() {
-            return self.one_by_one(batch).await;
+    /// with `alone`, which proposes one command, and answers each.
+    async fn propose_together<F, Fut>(&self, batch: Vec<(Kind, oneshot::Sender<Answer>)>, alone: F)
+    where
+        F: Fn(Kind) -> Fut,
+        Fut: Future<Output = Answer>,
+    {
+        if batch.len() == 1 || !self.batching() {
+            return one_by_one(batch, alone).await;
         }
         let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = commands.len();
@@ -122,7 +114,7 @@ impl Shared {
                 })
                 .collect(),
         });
-        match self.propose_alone(cmd).await {
+        match alone(cmd).await {
             Ok(CommandResult {
                 kind: Some(command_result::Kind::Batch(b)),
                 ..
@@ -132,14 +124,10 @@ impl Shared {
                 }
             }
             Ok(r) if r.kind.is_none() && r.error == EMPTY_COMMAND => {
-                debug!(
-                    node_id = self.id,
-                    "the leader does not take batches; proposing one by one"
-                );
-                *self.combiner.unbatched_until.lock().expect("combiner lock") =
+                debug!("the leader does not take batches; proposing one by one");
+                *self.unbatched_until.lock().expect("combiner lock") =
                     Some(Instant::now() + UNBATCHED_FOR);
-                self.one_by_one(commands.into_iter().zip(replies).collect())
-                    .await;
+                one_by_one(commands.into_iter().zip(replies).collect(), alone).await;
             }
             Ok(r) => {
                 let error = if r.error.is_empty() {
@@ -162,10 +150,149 @@ impl Shared {
         }
     }
 
-    async fn one_by_one(&self, batch: Vec<(Kind, oneshot::Sender<Answer>)>) {
-        futures::future::join_all(batch.into_iter().map(|(cmd, reply)| async move {
-            let _ = reply.send(self.propose_alone(cmd).await);
-        }))
-        .await;
+    fn batching(&self) -> bool {
+        let mut until = self.unbatched_until.lock().expect("combiner lock");
+        match *until {
+            Some(t) if Instant::now() < t => false,
+            Some(_) => {
+                *until = None;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
+async fn one_by_one<F, Fut>(batch: Vec<(Kind, oneshot::Sender<Answer>)>, alone: F)
+where
+    F: Fn(Kind) -> Fut,
+    Fut: Future<Output = Answer>,
+{
+    futures::future::join_all(batch.into_iter().map(|(cmd, reply)| {
+        let answer = alone(cmd);
+        async move {
+            let _ = reply.send(answer.await);
+        }
+    }))
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use stoker_proto::meta::{CommandResults, CountResult, SetConfig};
+
+    use super::*;
+
+    fn set(key: &str) -> Kind {
+        Kind::SetConfig(SetConfig {
+            key: key.into(),
+            value: String::new(),
+        })
+    }
+
+    fn count(n: u64) -> CommandResult {
+        CommandResult {
+            kind: Some(command_result::Kind::Count(CountResult { count: n })),
+            error: String::new(),
+        }
+    }
+
+    /// What a leader answers one command: a batch, result by result (the
+    /// key's length as a count), when it takes batches; otherwise the
+    /// rejection a release before batches gives.
+    fn leader(takes_batches: bool, calls: &AtomicUsize, cmd: Kind) -> Answer {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let one = |k: &Kind| match k {
+            Kind::SetConfig(c) => count(c.key.len() as u64),
+            _ => unreachable!("the test proposes settings only"),
+        };
+        Ok(match &cmd {
+            Kind::Batch(b) if takes_batches => CommandResult {
+                kind: Some(command_result::Kind::Batch(CommandResults {
+                    results: b
+                        .commands
+                        .iter()
+                        .map(|c| one(c.kind.as_ref().unwrap()))
+                        .collect(),
+                })),
+                error: String::new(),
+            },
+            Kind::Batch(_) => CommandResult {
+                kind: None,
+                error: EMPTY_COMMAND.into(),
+            },
+            k => one(k),
+        })
+    }
+
+    /// Queues `keys` and proposes them together; each one's answer.
+    async fn together(
+        c: &Combiner,
+        keys: &[&str],
+        takes: bool,
+        calls: &AtomicUsize,
+    ) -> Vec<Answer> {
+        let (batch, answers): (Vec<_>, Vec<_>) = keys
+            .iter()
+            .map(|k| {
+                let (tx, rx) = oneshot::channel();
+                ((set(k), tx), rx)
+            })
+            .unzip();
+        let alone = |cmd| std::future::ready(leader(takes, calls, cmd));
+        c.propose_together(batch, alone).await;
+        let mut out = Vec::new();
+        for a in answers {
+            out.push(a.await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn commands_go_as_one_batch_and_each_gets_its_own_result() {
+        let (c, _rx) = Combiner::new();
+        let calls = AtomicUsize::new(0);
+        let answers = together(&c, &["a", "bb", "ccc"], true, &calls).await;
+        assert_eq!(answers, vec![Ok(count(1)), Ok(count(2)), Ok(count(3))]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one proposal");
+    }
+
+    #[tokio::test]
+    async fn a_leader_without_batches_gets_them_one_by_one_for_a_while() {
+        let (c, _rx) = Combiner::new();
+        let calls = AtomicUsize::new(0);
+        let answers = together(&c, &["a", "bb"], false, &calls).await;
+        assert_eq!(answers, vec![Ok(count(1)), Ok(count(2))]);
+        // The refused batch, then each alone.
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // No batch is tried meanwhile.
+        let calls = AtomicUsize::new(0);
+        let answers = together(&c, &["ddd", "e"], true, &calls).await;
+        assert_eq!(answers, vec![Ok(count(3)), Ok(count(1))]);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Until the time is up.
+        *c.unbatched_until.lock().unwrap() = Some(Instant::now());
+        let calls = AtomicUsize::new(0);
+        together(&c, &["f", "g"], true, &calls).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_is_every_commands_failure() {
+        let (c, _rx) = Combiner::new();
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b"]
+            .iter()
+            .map(|k| {
+                let (tx, rx) = oneshot::channel();
+                ((set(k), tx), rx)
+            })
+            .unzip();
+        let alone = |_| std::future::ready(Err("refused".to_string()));
+        c.propose_together(batch, alone).await;
+        for a in answers {
+            assert_eq!(a.await.unwrap(), Err("refused".to_string()));
+        }
     }
 }
