@@ -1,10 +1,11 @@
 //! The assignment loop: long polls of the subtasks assigned to this node,
 //! reconciled with the local runs by [`decide`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustc_hash::{FxHashMap, FxHashSet};
 use stoker_proto::api::AssignmentsRequest;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -121,13 +122,13 @@ pub(super) fn reconcile(shared: &Arc<Shared>) {
     }
     let now = Instant::now();
     st.blocked.retain(|_, until| *until > now);
-    let listed: HashSet<(SubtaskKey, u32)> = st
+    let listed: FxHashSet<(SubtaskKey, u32)> = st
         .latest
         .iter()
         .filter_map(|a| a.subtask.as_ref().map(|s| (key_of(s), s.attempt)))
         .collect();
     st.finished.retain(|k| listed.contains(k));
-    let skip: HashSet<(SubtaskKey, u32)> = st
+    let skip: FxHashSet<(SubtaskKey, u32)> = st
         .finished
         .iter()
         .chain(st.blocked.keys())
@@ -155,7 +156,7 @@ pub(super) fn reconcile(shared: &Arc<Shared>) {
             let _ = e.pause.send(true);
         }
     }
-    let mut per_task: HashMap<u64, u32> = HashMap::new();
+    let mut per_task: FxHashMap<u64, u32> = FxHashMap::default();
     for a in &st.latest {
         if let Some(s) = &a.subtask {
             *per_task.entry(s.task_id).or_default() += 1;

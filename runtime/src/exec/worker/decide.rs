@@ -1,8 +1,10 @@
 //! The decision of the assignment loop: which executors to start, which
 //! local runs to stop or pause, given the latest assignments (pure).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+use std::hash::BuildHasher;
 
+use rustc_hash::FxHashMap;
 use stoker_proto::api::Assignment;
 use stoker_proto::meta::SubtaskRecord;
 
@@ -61,11 +63,11 @@ pub(super) fn task_state_is(a: &Assignment, states: &[TaskState]) -> bool {
 pub fn decide(
     assignments: &[Assignment],
     local: &BTreeMap<SubtaskKey, LocalRun>,
-    skip: &HashSet<(SubtaskKey, u32)>,
+    skip: &HashSet<(SubtaskKey, u32), impl BuildHasher>,
     slots: usize,
 ) -> Decision {
     let mut d = Decision::default();
-    let assigned: HashMap<SubtaskKey, &Assignment> = assignments
+    let assigned: FxHashMap<SubtaskKey, &Assignment> = assignments
         .iter()
         .filter_map(|a| a.subtask.as_ref().map(|s| (key_of(s), a)))
         .collect();
@@ -117,7 +119,7 @@ pub fn decide(
     claim.sort_by_key(rank);
     // Runs per task: a task's queued subtasks start only while fewer than
     // its concurrency run here.
-    let mut per_task: HashMap<u64, usize> = HashMap::new();
+    let mut per_task: FxHashMap<u64, usize> = FxHashMap::default();
     for key in local.keys().filter(|k| !d.stop.contains(k)) {
         *per_task.entry(key.0).or_default() += 1;
     }

@@ -48,10 +48,11 @@ mod executor;
 mod heartbeat;
 mod modules;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustc_hash::{FxHashMap, FxHashSet};
 use stoker_proto::api::Assignment;
 use stoker_proto::meta::NodeLoad;
 use tokio::sync::{watch, Notify, OnceCell};
@@ -102,12 +103,12 @@ struct State {
     running: BTreeMap<SubtaskKey, Entry>,
     /// Runs that ended and whose report is being committed: their slot is
     /// free already, and they are not started again meanwhile.
-    reporting: HashMap<(SubtaskKey, u32), AbortHandle>,
+    reporting: FxHashMap<(SubtaskKey, u32), AbortHandle>,
     /// Runs this process ended (reported, dropped or stopped), until the
     /// assignments no longer list them.
-    finished: HashSet<(SubtaskKey, u32)>,
+    finished: FxHashSet<(SubtaskKey, u32)>,
     /// Refused claims, not retried before the instant.
-    blocked: HashMap<(SubtaskKey, u32), Instant>,
+    blocked: FxHashMap<(SubtaskKey, u32), Instant>,
     next_run: u64,
     stopped: bool,
     /// The operator steps of the latest heartbeat reply.
