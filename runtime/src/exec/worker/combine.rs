@@ -23,9 +23,12 @@ use crate::meta::state_machine::EMPTY_COMMAND;
 
 /// Batches in flight at once; more proposals wait and leave together.
 const MAX_IN_FLIGHT: usize = 2;
-/// Commands in one batch (well under `MAX_BATCH_COMMANDS`; a report may
-/// carry up to an inline output).
+/// Commands in one batch (well under `MAX_BATCH_COMMANDS`).
 const MAX_BATCH: usize = 64;
+/// Encoded bytes in one batch: a report may carry a large inline output
+/// and checkpoint, and the batch is one log entry; a command beyond this
+/// leaves in a batch of its own.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Proposals waiting; executors wait beyond this.
 const QUEUE: usize = 1024;
 /// How long commands go one by one after a leader refused a batch.
@@ -71,16 +74,28 @@ impl Combiner {
         mut rx: mpsc::Receiver<(Kind, oneshot::Sender<Answer>)>,
     ) {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let mut carried = None;
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let Some(first) = rx.recv().await else {
-                return;
+            let first = match carried.take() {
+                Some(q) => q,
+                None => match rx.recv().await {
+                    Some(q) => q,
+                    None => return,
+                },
             };
+            let mut bytes = first.0.encoded_len();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 let Ok(q) = rx.try_recv() else { break };
+                let size = q.0.encoded_len();
+                if bytes + size > MAX_BATCH_BYTES {
+                    carried = Some(q);
+                    break;
+                }
+                bytes += size;
                 batch.push(q);
             }
             let Some(shared) = shared.upgrade() else {

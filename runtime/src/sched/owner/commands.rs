@@ -62,10 +62,11 @@ pub(super) async fn propose_for(node: &MetaNode, kind: C) -> Option<CommandResul
     }
 }
 
-/// [`propose_for`] for many commands (each rejection or failure logged), as one [`CommandBatch`] proposal (a
-/// few for very many): each is applied as if proposed alone, but the batch
-/// costs every replica one request id and the leader one proposal. The
-/// results are in the order of `commands`.
+/// [`propose_for`] for many commands (each rejection or failure logged),
+/// as one [`CommandBatch`] proposal (a few for very many): each is applied
+/// as if proposed alone, but the batch costs every replica one request id
+/// and the leader one proposal. The results are in the order of
+/// `commands`.
 pub(super) async fn propose_batch(node: &MetaNode, commands: Vec<C>) -> Vec<Option<CommandResult>> {
     if commands.len() <= 1 {
         return futures::future::join_all(commands.into_iter().map(|c| propose_for(node, c))).await;
