@@ -8,8 +8,8 @@ use raft::eraftpb::Entry;
 use raft::Storage as _;
 use stoker_proto::meta::membership_request::Kind as MemberKind;
 use stoker_proto::meta::{
-    command, query, query_result, Command, EntryBatch, GetConfig, Proposal, Query, SetConfig,
-    COMMAND_VERSION,
+    command, query, query_result, Command, CommandBatch, EntryBatch, GetConfig, Proposal, Query,
+    SetConfig, COMMAND_VERSION, OLDEST_COMMAND_VERSION,
 };
 use stoker_proto::Message as _;
 
@@ -267,9 +267,41 @@ async fn membership_changes_and_leader_transfer() {
     c.shutdown();
 }
 
+/// What a crash between a log write and the apply leaves on a stopped
+/// single node: `entries` (format version, command) appended with a
+/// commit index covering them, the state machine behind. The last index.
+fn write_unapplied(c: &SimCluster, entries: &[(u32, Command)]) -> u64 {
+    let storage = RedbStorage::open(&c.data_path(1)).unwrap();
+    let mut hs = storage.initial_state().unwrap().hard_state;
+    let last = storage.last_index().unwrap();
+    assert_eq!(storage.applied().0, last);
+    let entries: Vec<Entry> = (last + 1..)
+        .zip(entries)
+        .map(|(index, (version, cmd))| Entry {
+            index,
+            term: hs.term,
+            data: EntryBatch {
+                version: *version,
+                proposer: 99,
+                proposals: vec![Proposal {
+                    id: index,
+                    command: Some(cmd.clone()),
+                    request_id: vec![index as u8; 16],
+                }],
+            }
+            .encode_to_vec()
+            .into(),
+            ..Default::default()
+        })
+        .collect();
+    hs.commit = last + entries.len() as u64;
+    storage.persist(None, &entries, Some(&hs)).unwrap();
+    hs.commit
+}
+
 /// A single voter commits on its own log write alone (the writer's report),
 /// and a crash between that write and the apply loses nothing: on restart
-/// the node applies the committed entry from its log.
+/// the node applies the committed entries from its log, of either format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_written_but_not_applied_is_applied_after_a_restart() {
     let mut c = SimCluster::start(1, test_config(), 13);
@@ -278,34 +310,18 @@ async fn an_entry_written_but_not_applied_is_applied_after_a_restart() {
         c.node(1).propose(set(&format!("s{i}"), "v")).await.unwrap();
     }
     c.stop_node(1);
-    // What such a crash leaves: the entry and a commit index covering it
-    // in the log, the state machine one entry behind.
-    let index = {
-        let storage = RedbStorage::open(&c.data_path(1)).unwrap();
-        let hs = storage.initial_state().unwrap().hard_state;
-        let last = storage.last_index().unwrap();
-        assert_eq!(storage.applied().0, last);
-        let data = EntryBatch {
-            version: COMMAND_VERSION,
-            proposer: 99,
-            proposals: vec![Proposal {
-                id: 1,
-                command: Some(set("crash", "after-write")),
-                request_id: vec![7; 16],
-            }],
-        }
-        .encode_to_vec();
-        let entry = Entry {
-            index: last + 1,
-            term: hs.term,
-            data: data.into(),
-            ..Default::default()
-        };
-        let mut hs = hs;
-        hs.commit = last + 1;
-        storage.persist(None, &[entry], Some(&hs)).unwrap();
-        last + 1
+    let batch = Command {
+        kind: Some(command::Kind::Batch(CommandBatch {
+            commands: vec![set("batched", "1"), set("batched", "2")],
+        })),
     };
+    let index = write_unapplied(
+        &c,
+        &[
+            (OLDEST_COMMAND_VERSION, set("crash", "after-write")),
+            (COMMAND_VERSION, batch),
+        ],
+    );
     let node = c.start_node(1, &[]);
     let mut applied = node.applied_watch();
     tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|a| *a >= index))
@@ -316,6 +332,10 @@ async fn an_entry_written_but_not_applied_is_applied_after_a_restart() {
         get(&node, "crash", Consistency::Stale).await.unwrap(),
         Some("after-write".into())
     );
+    assert_eq!(
+        get(&node, "batched", Consistency::Stale).await.unwrap(),
+        Some("2".into())
+    );
     c.wait_leader(&[1], Duration::from_secs(10)).await;
     node.propose(set("after", "restart")).await.unwrap();
     assert_eq!(
@@ -324,5 +344,27 @@ async fn an_entry_written_but_not_applied_is_applied_after_a_restart() {
             .unwrap(),
         Some("restart".into())
     );
+    c.shutdown();
+}
+
+/// An entry of a newer command format than this build's stops the node's
+/// loop with an error naming it instead of being misapplied or skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_of_a_newer_format_is_refused_not_misapplied() {
+    let mut c = SimCluster::start(1, test_config(), 13);
+    c.wait_leader(&[1], Duration::from_secs(10)).await;
+    c.node(1).propose(set("before", "v")).await.unwrap();
+    c.stop_node(1);
+    let index = write_unapplied(&c, &[(COMMAND_VERSION + 1, set("newer", "x"))]);
+    let node = c.start_node(1, &[]);
+    let mut applied = node.applied_watch();
+    let reached =
+        tokio::time::timeout(Duration::from_secs(2), applied.wait_for(|a| *a >= index)).await;
+    assert!(!matches!(reached, Ok(Ok(_))), "the newer entry was applied");
+    assert!(*node.applied_watch().borrow() < index);
+    assert!(!matches!(
+        get(&node, "newer", Consistency::Stale).await,
+        Ok(Some(_))
+    ));
     c.shutdown();
 }
