@@ -66,6 +66,37 @@ impl ProposeBatcher {
     }
 }
 
+/// The next batch from `rx`: the item `carried` over from the last batch
+/// or the next one to arrive, then whatever else is queued, up to `max`
+/// items and `max_bytes` by `size` (an item that would go beyond is
+/// carried to the next batch; one bigger than that leaves alone). `None`
+/// once the queue is closed and empty.
+pub(crate) async fn next_batch<T>(
+    rx: &mut mpsc::Receiver<T>,
+    carried: &mut Option<T>,
+    size: impl Fn(&T) -> usize,
+    max: usize,
+    max_bytes: usize,
+) -> Option<Vec<T>> {
+    let first = match carried.take() {
+        Some(q) => q,
+        None => rx.recv().await?,
+    };
+    let mut bytes = size(&first);
+    let mut batch = vec![first];
+    while batch.len() < max {
+        let Ok(q) = rx.try_recv() else { break };
+        let n = size(&q);
+        if bytes + n > max_bytes {
+            *carried = Some(q);
+            break;
+        }
+        bytes += n;
+        batch.push(q);
+    }
+    Some(batch)
+}
+
 async fn drain(client: MetaClient<AuthChannel>, forwarded: bool, mut rx: mpsc::Receiver<Queued>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carried: Option<Queued> = None;
@@ -73,24 +104,11 @@ async fn drain(client: MetaClient<AuthChannel>, forwarded: bool, mut rx: mpsc::R
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let first = match carried.take() {
-            Some(q) => q,
-            None => match rx.recv().await {
-                Some(q) => q,
-                None => return,
-            },
+        let size = |q: &Queued| q.size;
+        let next = next_batch(&mut rx, &mut carried, size, MAX_BATCH, MAX_BATCH_BYTES);
+        let Some(batch) = next.await else {
+            return;
         };
-        let mut bytes = first.size;
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            let Ok(q) = rx.try_recv() else { break };
-            if bytes + q.size > MAX_BATCH_BYTES {
-                carried = Some(q);
-                break;
-            }
-            bytes += q.size;
-            batch.push(q);
-        }
         let mut client = client.clone();
         tokio::spawn(async move {
             let _permit = permit;

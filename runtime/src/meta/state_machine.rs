@@ -170,6 +170,49 @@ fn apply_batch(path: &Path, txn: &Tx<'_>, b: &CommandBatch) -> Result<CommandRes
     })
 }
 
+/// The command that proposes `commands` as one [`CommandBatch`].
+pub fn batch_of<'a>(commands: impl IntoIterator<Item = &'a command::Kind>) -> command::Kind {
+    command::Kind::Batch(CommandBatch {
+        commands: commands
+            .into_iter()
+            .map(|k| Command {
+                kind: Some(k.clone()),
+            })
+            .collect(),
+    })
+}
+
+/// The applied answer to a batch, as its proposer reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchAnswer {
+    /// Each command's own result, in order.
+    Each(Vec<CommandResult>),
+    /// The leader runs a release before batches and applied none of it
+    /// (see [`EMPTY_COMMAND`]): propose the commands one by one.
+    NotTaken,
+    /// The batch was rejected whole (too big, nested) or answered in
+    /// another shape: this is every command's rejection.
+    Rejected(CommandResult),
+}
+
+/// Reads `answer`, the applied result of a batch of `n` commands.
+pub fn read_batch_answer(answer: CommandResult, n: usize) -> BatchAnswer {
+    match answer {
+        CommandResult {
+            kind: Some(command_result::Kind::Batch(b)),
+            ..
+        } if b.results.len() == n => BatchAnswer::Each(b.results),
+        CommandResult { kind: None, error } if error == EMPTY_COMMAND => BatchAnswer::NotTaken,
+        CommandResult { kind: None, error } if !error.is_empty() => {
+            BatchAnswer::Rejected(CommandResult { kind: None, error })
+        }
+        _ => BatchAnswer::Rejected(CommandResult {
+            kind: None,
+            error: format!("a batch of {n} commands was answered with another result"),
+        }),
+    }
+}
+
 /// A run of proposals applied in one transaction: their request ids
 /// checked and recorded, their commands applied, with every table opened
 /// once for the whole run (opening a table is a good part of a small

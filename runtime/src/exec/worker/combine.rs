@@ -8,18 +8,21 @@
 //! [`EMPTY_COMMAND`] (it cannot decode the batch and applies nothing, on
 //! every node alike); the commands are then proposed one by one, and no
 //! batch is tried again for [`UNBATCHED_FOR`].
+//!
+//! [`EMPTY_COMMAND`]: crate::meta::state_machine::EMPTY_COMMAND
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use stoker_proto::meta::command::Kind;
-use stoker_proto::meta::{command_result, Command, CommandBatch, CommandResult};
+use stoker_proto::meta::CommandResult;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::debug;
 
 use super::Shared;
-use crate::meta::state_machine::EMPTY_COMMAND;
+use crate::api::batch::next_batch;
+use crate::meta::state_machine::{batch_of, read_batch_answer, BatchAnswer};
 
 /// Batches in flight at once; more proposals wait and leave together.
 const MAX_IN_FLIGHT: usize = 2;
@@ -35,10 +38,12 @@ const QUEUE: usize = 1024;
 const UNBATCHED_FOR: Duration = Duration::from_secs(60);
 
 type Answer = Result<CommandResult, String>;
+/// A command waiting to be proposed, and where its answer goes.
+type Queued = (Kind, oneshot::Sender<Answer>);
 
 /// A queue of proposals drained by a task that ends with the worker.
 pub(super) struct Combiner {
-    queue: mpsc::Sender<(Kind, oneshot::Sender<Answer>)>,
+    queue: mpsc::Sender<Queued>,
     /// Until when commands go one by one (a leader refused a batch).
     unbatched_until: Mutex<Option<Instant>>,
 }
@@ -46,7 +51,7 @@ pub(super) struct Combiner {
 impl Combiner {
     /// A combiner and the receiving end its drain task takes
     /// ([`Combiner::drain`]).
-    pub(super) fn new() -> (Self, mpsc::Receiver<(Kind, oneshot::Sender<Answer>)>) {
+    pub(super) fn new() -> (Self, mpsc::Receiver<Queued>) {
         let (queue, rx) = mpsc::channel(QUEUE);
         let combiner = Combiner {
             queue,
@@ -69,35 +74,18 @@ impl Combiner {
     }
 
     /// Drains the queue of `shared`'s combiner until the worker is gone.
-    pub(super) async fn drain(
-        shared: Weak<Shared>,
-        mut rx: mpsc::Receiver<(Kind, oneshot::Sender<Answer>)>,
-    ) {
+    pub(super) async fn drain(shared: Weak<Shared>, mut rx: mpsc::Receiver<Queued>) {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut carried = None;
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let first = match carried.take() {
-                Some(q) => q,
-                None => match rx.recv().await {
-                    Some(q) => q,
-                    None => return,
-                },
+            let size = |q: &Queued| q.0.encoded_len();
+            let next = next_batch(&mut rx, &mut carried, size, MAX_BATCH, MAX_BATCH_BYTES);
+            let Some(batch) = next.await else {
+                return;
             };
-            let mut bytes = first.0.encoded_len();
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                let Ok(q) = rx.try_recv() else { break };
-                let size = q.0.encoded_len();
-                if bytes + size > MAX_BATCH_BYTES {
-                    carried = Some(q);
-                    break;
-                }
-                bytes += size;
-                batch.push(q);
-            }
             let Some(shared) = shared.upgrade() else {
                 return;
             };
@@ -111,7 +99,7 @@ impl Combiner {
 
     /// Proposes `batch`'s commands (as one batch when there are several)
     /// with `alone`, which proposes one command, and answers each.
-    async fn propose_together<F, Fut>(&self, batch: Vec<(Kind, oneshot::Sender<Answer>)>, alone: F)
+    async fn propose_together<F, Fut>(&self, batch: Vec<Queued>, alone: F)
     where
         F: Fn(Kind) -> Fut,
         Fut: Future<Output = Answer>,
@@ -121,45 +109,30 @@ impl Combiner {
         }
         let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = commands.len();
-        let cmd = Kind::Batch(CommandBatch {
-            commands: commands
-                .iter()
-                .map(|k| Command {
-                    kind: Some(k.clone()),
-                })
-                .collect(),
-        });
-        match alone(cmd).await {
-            Ok(CommandResult {
-                kind: Some(command_result::Kind::Batch(b)),
-                ..
-            }) if b.results.len() == n => {
-                for (reply, r) in replies.into_iter().zip(b.results) {
+        let answer = match alone(batch_of(&commands)).await {
+            Ok(r) => read_batch_answer(r, n),
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        match answer {
+            BatchAnswer::Each(results) => {
+                for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(r));
                 }
             }
-            Ok(r) if r.kind.is_none() && r.error == EMPTY_COMMAND => {
+            BatchAnswer::NotTaken => {
                 debug!("the leader does not take batches; proposing one by one");
                 *self.unbatched_until.lock().expect("combiner lock") =
                     Some(Instant::now() + UNBATCHED_FOR);
                 one_by_one(commands.into_iter().zip(replies).collect(), alone).await;
             }
-            Ok(r) => {
-                let error = if r.error.is_empty() {
-                    format!("a batch of {n} commands was answered with another result")
-                } else {
-                    r.error
-                };
+            BatchAnswer::Rejected(r) => {
                 for reply in replies {
-                    let _ = reply.send(Ok(CommandResult {
-                        kind: None,
-                        error: error.clone(),
-                    }));
-                }
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
+                    let _ = reply.send(Ok(r.clone()));
                 }
             }
         }
@@ -178,7 +151,7 @@ impl Combiner {
     }
 }
 
-async fn one_by_one<F, Fut>(batch: Vec<(Kind, oneshot::Sender<Answer>)>, alone: F)
+async fn one_by_one<F, Fut>(batch: Vec<Queued>, alone: F)
 where
     F: Fn(Kind) -> Fut,
     Fut: Future<Output = Answer>,
@@ -196,9 +169,10 @@ where
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use stoker_proto::meta::{CommandResults, CountResult, SetConfig};
+    use stoker_proto::meta::{command_result, CommandResults, CountResult, SetConfig};
 
     use super::*;
+    use crate::meta::state_machine::EMPTY_COMMAND;
 
     fn set(key: &str) -> Kind {
         Kind::SetConfig(SetConfig {

@@ -3,12 +3,12 @@
 
 use stoker_proto::meta::command::Kind as C;
 use stoker_proto::meta::{
-    change_subtasks, command_result, ChangeSubtasks, Command, CommandBatch, CommandResult,
-    RequeueSubtask, SetTaskState, SubtaskRef, MAX_BATCH_COMMANDS,
+    change_subtasks, ChangeSubtasks, Command, CommandResult, RequeueSubtask, SetTaskState,
+    SubtaskRef, MAX_BATCH_COMMANDS,
 };
 use tracing::{debug, warn};
 
-use crate::meta::state_machine::EMPTY_COMMAND;
+use crate::meta::state_machine::{batch_of, read_batch_answer, BatchAnswer};
 use crate::meta::{now_ms, MetaError, MetaNode};
 use crate::model::{TaskId, TaskState};
 
@@ -82,62 +82,53 @@ pub(super) async fn propose_batch(node: &MetaNode, commands: Vec<C>) -> Vec<Opti
         );
     }
     let answers = futures::future::join_all(chunks.into_iter().map(|chunk| async move {
-        let names: Vec<_> = chunk.iter().map(command_name).collect();
-        let batch = C::Batch(CommandBatch {
-            commands: chunk
-                .iter()
-                .map(|k| Command {
-                    kind: Some(k.clone()),
-                })
-                .collect(),
-        });
+        let batch = batch_of(&chunk);
         let answer = node.propose(Command { kind: Some(batch) }).await;
-        if matches!(&answer, Ok(r) if r.kind.is_none() && r.error == EMPTY_COMMAND) {
-            // A leader of a release before batches (see `EMPTY_COMMAND`).
-            debug!("the leader does not take batches; proposing one by one");
-            return futures::future::join_all(chunk.into_iter().map(|c| propose_for(node, c)))
-                .await;
+        let names = chunk.iter().map(command_name).collect();
+        match split(names, answer) {
+            Some(results) => results,
+            None => {
+                debug!("the leader does not take batches; proposing one by one");
+                futures::future::join_all(chunk.into_iter().map(|c| propose_for(node, c))).await
+            }
         }
-        split(names, answer)
     }))
     .await;
     answers.into_iter().flatten().collect()
 }
 
-/// One result per command of a batch from the batch's answer; a failure or
-/// a rejection of the whole batch is every command's.
+/// One result per command of a batch from the batch's answer (a failure
+/// or a rejection of the whole batch is every command's); `None` when the
+/// leader does not take batches and applied none of it.
 fn split(
     names: Vec<&'static str>,
     answer: Result<CommandResult, MetaError>,
-) -> Vec<Option<CommandResult>> {
+) -> Option<Vec<Option<CommandResult>>> {
     let n = names.len();
-    match answer {
-        Ok(CommandResult {
-            kind: Some(command_result::Kind::Batch(b)),
-            ..
-        }) if b.results.len() == n => names
-            .into_iter()
-            .zip(b.results)
-            .map(|(what, r)| {
-                if !r.error.is_empty() {
-                    debug!(command = what, error = %r.error, "owner command rejected");
-                }
-                Some(r)
-            })
-            .collect(),
-        Ok(r) => {
-            let error = if r.error.is_empty() {
-                format!("a batch of {n} commands was answered with another result")
-            } else {
-                r.error
-            };
-            warn!(commands = n, error = %error, "owner batch rejected");
-            let rejected = CommandResult { kind: None, error };
-            vec![Some(rejected); n]
-        }
+    let answer = match answer {
+        Ok(r) => r,
         Err(e) => {
             warn!(commands = n, error = %e, "owner batch failed");
-            vec![None; n]
+            return Some(vec![None; n]);
+        }
+    };
+    match read_batch_answer(answer, n) {
+        BatchAnswer::Each(results) => Some(
+            names
+                .into_iter()
+                .zip(results)
+                .map(|(what, r)| {
+                    if !r.error.is_empty() {
+                        debug!(command = what, error = %r.error, "owner command rejected");
+                    }
+                    Some(r)
+                })
+                .collect(),
+        ),
+        BatchAnswer::NotTaken => None,
+        BatchAnswer::Rejected(r) => {
+            warn!(commands = n, error = %r.error, "owner batch rejected");
+            Some(vec![Some(r); n])
         }
     }
 }
@@ -175,7 +166,9 @@ pub(super) fn change(id: TaskId, kind: change_subtasks::Kind, include_running: b
 
 #[cfg(test)]
 mod tests {
-    use stoker_proto::meta::{CommandResults, CountResult};
+    use stoker_proto::meta::{command_result, CommandResults, CountResult};
+
+    use crate::meta::state_machine::EMPTY_COMMAND;
 
     use super::*;
 
@@ -201,8 +194,14 @@ mod tests {
         let names = vec!["assign_subtask"; 3];
         assert_eq!(
             split(names, Ok(answer)),
-            vec![Some(count(1)), Some(rejected), Some(count(3))]
+            Some(vec![Some(count(1)), Some(rejected), Some(count(3))])
         );
+        // A leader of a release before batches.
+        let old = CommandResult {
+            kind: None,
+            error: EMPTY_COMMAND.into(),
+        };
+        assert_eq!(split(vec!["a"; 2], Ok(old)), None);
     }
 
     #[test]
@@ -212,7 +211,7 @@ mod tests {
             error: "a batch cannot hold a batch".into(),
         };
         let out = split(vec!["a"; 2], Ok(whole.clone()));
-        assert_eq!(out, vec![Some(whole.clone()), Some(whole)]);
+        assert_eq!(out, Some(vec![Some(whole.clone()), Some(whole)]));
         // An answer of the wrong shape (fewer results) is a rejection.
         let short = CommandResult {
             kind: Some(command_result::Kind::Batch(CommandResults {
@@ -220,14 +219,14 @@ mod tests {
             })),
             error: String::new(),
         };
-        let out = split(vec!["a"; 2], Ok(short));
+        let out = split(vec!["a"; 2], Ok(short)).unwrap();
         assert!(out.iter().all(|r| r
             .as_ref()
             .is_some_and(|r| r.error.contains("another result"))));
         // Not applied: no result for any.
         assert_eq!(
             split(vec!["a"; 2], Err(MetaError::LeaderChanged)),
-            vec![None, None]
+            Some(vec![None, None])
         );
     }
 }
