@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use stoker_proto::meta::command::Kind;
 use stoker_proto::meta::CommandResult;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::debug;
 
 use super::Shared;
@@ -73,8 +73,14 @@ impl Combiner {
             .map_err(|_| "the worker is stopping".to_string())?
     }
 
-    /// Drains the queue of `shared`'s combiner until the worker is gone.
-    pub(super) async fn drain(shared: Weak<Shared>, mut rx: mpsc::Receiver<Queued>) {
+    /// Drains the queue of `shared`'s combiner until the worker is gone;
+    /// `stop` ends the proposals in flight too (they would otherwise retry
+    /// for as long as the cluster does not answer).
+    pub(super) async fn drain(
+        shared: Weak<Shared>,
+        mut rx: mpsc::Receiver<Queued>,
+        stop: watch::Receiver<bool>,
+    ) {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut carried = None;
         loop {
@@ -89,10 +95,14 @@ impl Combiner {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
+            let mut stop = stop.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let alone = |cmd| shared.propose_alone(cmd);
-                shared.combiner.propose_together(batch, alone).await;
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {}
+                    () = shared.combiner.propose_together(batch, alone) => {}
+                }
             });
         }
     }

@@ -265,7 +265,8 @@ pub fn start(
     let mut loops = Vec::new();
     if enabled {
         // Ends when the worker is dropped.
-        tokio::spawn(Combiner::drain(Arc::downgrade(&shared), proposals));
+        let drain = Combiner::drain(Arc::downgrade(&shared), proposals, stop_rx.clone());
+        tokio::spawn(drain);
         info!(
             node_id = id,
             slots = shared.cfg.slots,
