@@ -348,7 +348,7 @@ async fn an_entry_written_but_not_applied_is_applied_after_a_restart() {
 }
 
 /// An entry of a newer command format than this build's stops the node's
-/// loop with an error naming it instead of being misapplied or skipped.
+/// apply loop short of it: it is neither misapplied nor skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_of_a_newer_format_is_refused_not_misapplied() {
     let mut c = SimCluster::start(1, test_config(), 13);

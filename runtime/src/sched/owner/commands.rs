@@ -71,29 +71,22 @@ pub(super) async fn propose_batch(node: &MetaNode, commands: Vec<C>) -> Vec<Opti
     if commands.len() <= 1 {
         return futures::future::join_all(commands.into_iter().map(|c| propose_for(node, c))).await;
     }
-    let mut chunks = Vec::new();
-    let mut commands = commands.into_iter().peekable();
-    while commands.peek().is_some() {
-        chunks.push(
-            commands
-                .by_ref()
-                .take(MAX_BATCH_COMMANDS)
-                .collect::<Vec<_>>(),
-        );
-    }
-    let answers = futures::future::join_all(chunks.into_iter().map(|chunk| async move {
-        let batch = batch_of(&chunk);
-        let answer = node.propose(Command { kind: Some(batch) }).await;
-        let names = chunk.iter().map(command_name).collect();
-        match split(names, answer) {
-            Some(results) => results,
-            None => {
-                debug!("the leader does not take batches; proposing one by one");
-                futures::future::join_all(chunk.into_iter().map(|c| propose_for(node, c))).await
+    let answers =
+        futures::future::join_all(commands.chunks(MAX_BATCH_COMMANDS).map(|chunk| async move {
+            let answer = node.propose(Command {
+                kind: Some(batch_of(chunk)),
+            });
+            let names = chunk.iter().map(command_name).collect();
+            match split(names, answer.await) {
+                Some(results) => results,
+                None => {
+                    debug!("the leader does not take batches; proposing one by one");
+                    let each = chunk.iter().map(|c| propose_for(node, c.clone()));
+                    futures::future::join_all(each).await
+                }
             }
-        }
-    }))
-    .await;
+        }))
+        .await;
     answers.into_iter().flatten().collect()
 }
 
